@@ -1,0 +1,199 @@
+"""The ``facellm`` command line: one thin function per subcommand, one exit point.
+
+Commands resolve their config, call one library function and render the
+result: results to stdout, progress and logs to stderr. Heavy libraries are
+imported inside commands so ``facellm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from ._options import (
+    AdapterOpt,
+    BatchSizeOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    ModelOpt,
+    QuantOpt,
+    SetOpt,
+    SubfolderOpt,
+    SystemOpt,
+    TemperatureOpt,
+    model_flags,
+)
+from .errors import FacellmError
+
+app = typer.Typer(
+    name="facellm",
+    help="FaceLLM as a tool: annotate faces, build datasets, fine-tune, ask, serve and evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dev_app = typer.Typer(help="Developer tools: throwaway models and data for testing pipelines.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+
+
+def err_console():  # noqa: ANN201 - rich is imported lazily
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' own progress bars and info logs off stderr unless debugging."""
+    if os.environ.get("FACELLM_DEBUG"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"facellm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """FaceLLM as a tool (paper: arXiv 2507.10300)."""
+
+
+@app.command()
+def ask(
+    inputs: Annotated[list[str], typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question.")],
+    model: ModelOpt = None,
+    subfolder: SubfolderOpt = None,
+    adapter: AdapterOpt = None,
+    quantization: QuantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    system: SystemOpt = None,
+    batch_size: BatchSizeOpt = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer a question about face images. One image streams its answer; several print one line each."""
+    from .config import AskConfig, resolve_config
+    from .infer.ask import ask_many, ask_stream, resolve_inputs
+
+    if len(inputs) < 2:
+        raise typer.BadParameter("give at least one image and a question: facellm ask face.jpg 'what expression is this?'")
+    *image_args, question = inputs
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags.update({"generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+                  "generation.system": system, "batch_size": batch_size})
+    cfg = resolve_config(AskConfig, config, flags, set_)
+    images = resolve_inputs(image_args)
+    stdin_bytes = sys.stdin.buffer.read() if "-" in images else None
+    lm = _load(cfg.model)
+    if len(images) == 1 and not json_out:
+        for piece in ask_stream(lm, cfg, images[0], question, stdin_bytes):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    failed = []
+    for r in ask_many(lm, cfg, images, question, stdin_bytes):
+        if r.error:
+            failed.append(r.image)
+            err_console().print(f"[red]error:[/red] {r.error} (skipped)")
+            if json_out:
+                print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
+            continue
+        if json_out:
+            print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
+        else:
+            print(f"{r.image}\t{' '.join((r.answer or '').split())}", flush=True)
+    if failed:
+        raise FacellmError(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
+
+
+def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
+    quiet_libraries()
+    from .models.loader import load_model_and_processor
+
+    with err_console().status(f"loading {model_cfg.model} ..."):
+        return load_model_and_processor(model_cfg)
+
+
+@dev_app.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    family: Annotated[str, typer.Option("--family", help="internvl | qwen2_vl.")] = "internvl",
+    seed: Annotated[int, typer.Option("--seed", help="Weights seed.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input image side in pixels.")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
+) -> None:
+    """Build a randomly initialised few-MB model of a real VLM family (for testing pipelines offline)."""
+    from .errors import OutputExistsError
+    from .testing import build_tiny_model
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise OutputExistsError(f"output folder is not empty: {out_dir} (choose another or pass --force)")
+    quiet_libraries()
+    path = build_tiny_model(out_dir, family, seed=seed, image_size=image_size)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    err_console().print(f"tiny {family} model written ({size / 1e6:.1f} MB)")
+    print(path)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; the single place known errors are rendered.
+
+    Usage errors are rendered by typer (exit 2); FacellmError prints one red line
+    per problem (exit 1); anything else shows its traceback. FACELLM_DEBUG=1
+    shows tracebacks for known errors too.
+    """
+    try:
+        app(args=argv, prog_name="facellm")
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except FacellmError as e:
+        if os.environ.get("FACELLM_DEBUG"):
+            raise
+        console = err_console()
+        for line in str(e).splitlines() or [type(e).__name__]:
+            console.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err_console().print("[yellow]interrupted[/yellow]")
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Batched generation shared by ``ask``, ``evaluate`` and ``serve``."""

@@ -1,0 +1,142 @@
+"""Prompt building and batched / streamed generation over a :class:`LoadedModel`.
+
+Prompts are rendered with the checkpoint's own chat template through its
+processor, so any ``AutoModelForImageTextToText`` family works unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import GenerationConfig
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from ..models.loader import LoadedModel
+
+
+@dataclass
+class Prompt:
+    """One request: images (in order) and the user's text, plus an optional system prompt."""
+
+    images: Sequence[PILImage.Image]
+    text: str
+    system: str | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos) or "length"
+
+
+def build_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """Chat messages in the transformers multimodal format: image parts first, then the text."""
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in prompt.images]
+    content.append({"type": "text", "text": prompt.text})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
+    return lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> Any:
+    """Tokenize texts (left-padded) with their images, on the model's device."""
+    tok = lm.tokenizer
+    if getattr(tok, "padding_side", "left") != "left":
+        tok.padding_side = "left"
+    batch = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    batch.pop("token_type_ids", None)
+    return batch.to(lm.device)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(lm.model.generation_config, "eos_token_id", None)
+    for value in (gen_eos, lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _generate_kwargs(lm: LoadedModel, cfg: GenerationConfig) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": lm.tokenizer.pad_token_id}
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def generate_batch(lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Generation]:
+    """Answer several prompts in one ``generate`` call."""
+    import torch
+
+    if not prompts:
+        return []
+    texts = [render_prompt(lm, p) for p in prompts]
+    images = [img for p in prompts for img in p.images]
+    batch = encode(lm, texts, images)
+    with torch.inference_mode():
+        out = lm.model.generate(**batch, **_generate_kwargs(lm, cfg))
+    prompt_len = batch["input_ids"].shape[1]
+    new = out[:, prompt_len:]
+    eos = _eos_ids(lm)
+    pad = lm.tokenizer.pad_token_id
+    results = []
+    for row, mask in zip(new.tolist(), batch["attention_mask"].tolist()):
+        n = 0
+        finish = "length"
+        for t in row:
+            if t in eos:
+                finish = "stop"
+                break
+            if t == pad and pad not in eos:
+                finish = "stop"
+                break
+            n += 1
+        text = lm.tokenizer.decode(row[:n], skip_special_tokens=True)
+        results.append(Generation(text=text.strip(), prompt_tokens=int(sum(mask)), completion_tokens=n, finish_reason=finish))
+    return results
+
+
+def stream_generate(lm: LoadedModel, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
+    """Yield text pieces as they are generated (one prompt). Generation runs in a worker thread."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    batch = encode(lm, [render_prompt(lm, prompt)], list(prompt.images))
+    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                lm.model.generate(**batch, **_generate_kwargs(lm, cfg), streamer=streamer)
+        except BaseException as e:  # surfaced in the caller's thread below
+            error.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from (piece for piece in streamer if piece)
+    thread.join()
+    if error:
+        raise error[0]

@@ -1,0 +1,1 @@
+"""Model loading. Import from :mod:`facellm_cli.models.loader`; torch is imported lazily."""

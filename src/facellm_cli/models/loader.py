@@ -1,0 +1,328 @@
+"""``load_model_and_processor``: the single way every command gets a model.
+
+Works for any ``AutoModelForImageTextToText`` checkpoint (hub id or local
+folder). torch/transformers are imported inside functions so ``facellm --help``
+stays fast.
+
+Processors: transformers 5 multimodal processors carry a video processor that
+needs torchvision. When torchvision is not importable (the CPU torch wheel has
+no matching torchvision) the processor is built image-only: the checkpoint's
+own processor class with the video slot removed and the PIL image-processor
+backend. Image inputs then go through the same class and code as with
+torchvision; only videos are unsupported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import AdapterError, MissingDependencyError, ModelLoadError, QuantizationError
+
+log = logging.getLogger("facellm.loader")
+
+# Module-name fragments kept unquantized (and frozen by default in finetune):
+# vision towers, projectors and lm_head across InternVL, Qwen2-VL, LLaVA, SmolVLM/Idefics3.
+VISION_MODULE_KEYS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "mlp1")
+SKIP_QUANT_MODULES = (*VISION_MODULE_KEYS, "lm_head")
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-use model with its processor and what was chosen for it."""
+
+    model: Any
+    processor: Any
+    config: ModelConfig
+    device: str
+    dtype: str
+    model_type: str
+    name: str
+    image_only_processor: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def require_model_extras(what: str = "this command") -> None:
+    """Raise MissingDependencyError unless torch and transformers import."""
+    for mod in ("torch", "transformers"):
+        if importlib.util.find_spec(mod) is None:
+            raise MissingDependencyError(what, "models", mod)
+
+
+@cache
+def torchvision_available() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # torchvision built for another torch fails with RuntimeError/OSError
+        return False
+    return True
+
+
+def choose_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device '{requested}' asked for but CUDA is not available here; use --device cpu")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' asked for but MPS is not available here; use --device cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def choose_dtype(requested: str, device: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """Return (path or hub id, from_pretrained kwargs). Local folders are checked for config.json."""
+    kwargs: dict[str, Any] = {}
+    if cfg.subfolder:
+        kwargs["subfolder"] = cfg.subfolder
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    p = Path(cfg.model).expanduser()
+    looks_local = p.exists() or cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1
+    if looks_local:
+        if not p.exists():
+            raise ModelLoadError(f"model folder not found: {cfg.model} (check the path given to --model)")
+        root = p / cfg.subfolder if cfg.subfolder else p
+        if not (root / "config.json").is_file():
+            hint = ""
+            if not cfg.subfolder:
+                subs = sorted(c.parent.name for c in p.glob("*/config.json"))
+                if subs:
+                    hint = f"; it has one in subfolder '{subs[0]}' (pass --subfolder {subs[0]})"
+            raise ModelLoadError(f"no config.json in model folder {root}{hint}")
+        return str(p), kwargs
+    return cfg.model, kwargs
+
+
+def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
+    sub = f" --include '{cfg.subfolder}/*'" if cfg.subfolder else ""
+    return ModelLoadError(
+        f"model '{cfg.model}' is not a local folder and could not be loaded from the Hugging Face hub "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Download it where the hub is reachable "
+        f"with: hf download {cfg.model}{sub} --local-dir ./{cfg.model.split('/')[-1]} and pass that folder to --model"
+    )
+
+
+def read_model_type(source: str, kwargs: dict[str, Any], cfg: ModelConfig) -> str:
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise _hub_error(cfg, e) from None
+    except ValueError as e:
+        raise ModelLoadError(f"cannot read the config of '{cfg.model}': {e}") from None
+    return str(conf.model_type)
+
+
+def _image_only_class(cls: type) -> type:
+    """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
+
+    @classmethod  # type: ignore[misc]
+    def get_attributes(c: type) -> list[str]:
+        return [a for a in cls.get_attributes.__func__(c) if "video" not in a]  # type: ignore[attr-defined]
+
+    return type(cls.__name__, (cls,), {"get_attributes": get_attributes, "__module__": cls.__module__})
+
+
+def _processor_class_name(source: str, kwargs: dict[str, Any], model_type: str) -> str | None:
+    """processor_class recorded in the checkpoint, else the auto mapping for its model type."""
+    from transformers.utils import cached_file
+
+    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            resolved = cached_file(source, fname, _raise_exceptions_for_missing_entries=False, **kwargs)
+        except OSError:
+            resolved = None
+        if resolved:
+            data = json.loads(Path(resolved).read_text(encoding="utf-8"))
+            name = data.get("processor_class")
+            if name:
+                return str(name)
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    return PROCESSOR_MAPPING_NAMES.get(model_type)
+
+
+def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_type: str) -> tuple[Any, bool]:
+    """Load the checkpoint's processor; image-only when torchvision is missing. Returns (processor, image_only)."""
+    import transformers
+    from transformers import AutoProcessor
+
+    if torchvision_available() or cfg.trust_remote_code:
+        try:
+            return AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs), False
+        except OSError as e:
+            raise _hub_error(cfg, e) from None
+    name = _processor_class_name(source, kwargs, model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise ModelLoadError(
+            f"no processor class known for model type '{model_type}' of '{cfg.model}' without torchvision; "
+            "install a torch/torchvision pair that import together, or pass --trust-remote-code for custom code"
+        )
+    try:
+        proc = _image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
+    except OSError as e:
+        raise _hub_error(cfg, e) from None
+    return proc, True
+
+
+def quantization_config(cfg: ModelConfig, device: str) -> Any:
+    """BitsAndBytesConfig for 4/8-bit, or None. Raises QuantizationError where bitsandbytes cannot run."""
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationError(
+            f"--quantization {cfg.quantization} needs bitsandbytes: pip install 'facellm[quant]' "
+            "(or use --quantization none)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # a broken native library surfaces as many exception types
+        raise QuantizationError(
+            f"--quantization {cfg.quantization}: bitsandbytes is installed but cannot run here "
+            f"({type(e).__name__}: {e}); use --quantization none, or reinstall bitsandbytes for this platform"
+        ) from None
+    if device == "mps":
+        raise QuantizationError(f"--quantization {cfg.quantization} is not supported on mps; use --quantization none")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(SKIP_QUANT_MODULES)
+    if cfg.quantization == "4bit":
+        compute = torch.bfloat16 if (not device.startswith("cuda") or torch.cuda.is_bf16_supported()) else torch.float16
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _apply_adapter(model: Any, cfg: ModelConfig, source: str) -> Any:
+    adapter = Path(cfg.adapter or "").expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise AdapterError(
+            f"adapter folder not found or not a PEFT adapter: {cfg.adapter} (expected adapter_config.json inside; "
+            "point --adapter at a finetune output folder)"
+        )
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MissingDependencyError("loading an adapter", "models", "peft") from None
+    try:
+        base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except ValueError:
+        base_name = None
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        trained_on = f" (it was trained on '{base_name}')" if base_name else ""
+        raise AdapterError(
+            f"adapter {cfg.adapter} does not match base model {cfg.model}{trained_on}: {first}. "
+            "Load the base model the adapter was trained on"
+        ) from None
+    if cfg.merge_adapter:
+        model = model.merge_and_unload()
+    return model
+
+
+def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
+    """Load model + processor as ``cfg`` says; every failure is a ModelLoadError that names the fix."""
+    require_model_extras("loading a model")
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    source, kwargs = resolve_source(cfg)
+    model_type = read_model_type(source, kwargs, cfg)
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.dtype, device)
+    qconf = quantization_config(cfg, device)
+    processor, image_only = load_processor(source, kwargs, cfg, model_type)
+
+    load_kwargs: dict[str, Any] = dict(
+        dtype=getattr(torch, dtype),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+    if qconf is not None:
+        load_kwargs["quantization_config"] = qconf
+        load_kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+    except OSError as e:
+        raise _hub_error(cfg, e) from None
+    except ValueError as e:
+        msg = str(e)
+        if "attn" in msg.lower() or "attention" in msg.lower():
+            if cfg.attn_implementation == "sdpa":
+                log.warning("sdpa attention not supported by %s; using eager", model_type)
+                load_kwargs["attn_implementation"] = "eager"
+                model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+            else:
+                raise ModelLoadError(
+                    f"attention '{cfg.attn_implementation}' cannot be used for '{cfg.model}': {msg.splitlines()[0]}; "
+                    "use --attn-implementation sdpa or eager"
+                ) from None
+        elif qconf is not None:
+            raise QuantizationError(
+                f"--quantization {cfg.quantization} failed for '{cfg.model}': {msg.splitlines()[0]}; "
+                "use --quantization none"
+            ) from None
+        else:
+            raise ModelLoadError(f"cannot load '{cfg.model}': {msg.splitlines()[0]}") from None
+    except (RuntimeError, ImportError) as e:
+        if qconf is not None:
+            raise QuantizationError(
+                f"--quantization {cfg.quantization} cannot run here ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "use --quantization none"
+            ) from None
+        raise
+    if qconf is None:
+        model.to(device)
+    if cfg.adapter:
+        model = _apply_adapter(model, cfg, source)
+    model.eval()
+    tok = getattr(processor, "tokenizer", None)
+    gen = getattr(model, "generation_config", None)
+    if tok is not None and gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        config=cfg,
+        device=device,
+        dtype=dtype,
+        model_type=model_type,
+        name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
+        image_only_processor=image_only,
+    )

@@ -1,0 +1,59 @@
+"""Records that pass between stages (annotate -> build-dataset -> finetune / evaluate).
+
+These are the on-disk contracts: JSONL lines are ``Model.model_dump(mode="json")``.
+Field names are stable; add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LETTERS = "ABCDEFGHIJ"
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Annotation(BaseModel):
+    """One line of an annotate JSONL: one (image, aspect) question-answer pair, or a failure."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(description="Image path as given to annotate (relative to the image root when one is set).")
+    image_sha256: str = Field(description="SHA-256 of the image file bytes.")
+    aspect: str = Field(description="Aspect key, e.g. 'expression'.")
+    question: str = Field(description="The question stored for training (not the prompt that was sent).")
+    answer: str = Field("", description="The model's answer; empty when status is 'failed'.")
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = Field(None, description="Why the item failed, when it did.")
+    model: str = Field("", description="Model name that wrote the answer.")
+    provider: str = Field("openai", description="'openai' (any compatible endpoint) or 'template'.")
+    prompt_version: str = Field("", description="Version of the prompt set used.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Known attributes of the image (age, gender, race...).")
+    usage: Usage = Field(default_factory=Usage)
+    attempts: int = 1
+    created: str = Field("", description="UTC ISO-8601 time the record was written.")
+
+
+class MCQuestion(BaseModel):
+    """One multiple-choice question, from FaceXBench, build-dataset's export or a user's JSONL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    images: list[str] = Field(default_factory=list, description="Image paths, resolved against the set's root.")
+    question: str
+    options: list[str] = Field(min_length=2, max_length=len(LETTERS))
+    answer: str = Field(description="Correct option letter, 'A'...")
+    task: str = Field("default", description="Sub-task name (FaceXBench file stem for FaceXBench).")
+    category: str = Field("default", description="Category key, e.g. 'attributes_expression'.")
+    context: str | None = None
+    prepend_text: str | None = None
+    postpend_text: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="Demographic labels for fairness reports.")
