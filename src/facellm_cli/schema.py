@@ -57,3 +57,25 @@ class MCQuestion(BaseModel):
     prepend_text: str | None = None
     postpend_text: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Demographic labels for fairness reports.")
+
+
+DEFAULT_MCQ_POSTPEND = "Please answer the question and provide only the correct option letter, e.g., A, B, C, D."
+
+
+def format_mcq_prompt(q: MCQuestion, *, with_task_description: bool = False) -> str:
+    """The user text for a multiple-choice question, in FaceXBench's order.
+
+    context, optional task description (prepend_text), question, postpend text,
+    then one ``(A) option`` line per option. Training data exported by
+    build-dataset and evaluation both use this, so a model is asked at test time
+    exactly as it was taught.
+    """
+    parts: list[str] = []
+    if q.context:
+        parts.append(q.context.strip())
+    if with_task_description and q.prepend_text:
+        parts.append(q.prepend_text.strip())
+    parts.append(q.question.strip())
+    parts.append((q.postpend_text if q.postpend_text is not None else DEFAULT_MCQ_POSTPEND).strip())
+    parts.extend(f"({LETTERS[i]}) {opt}" for i, opt in enumerate(q.options))
+    return "\n".join(p for p in parts if p)
