@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: ``create_app(cfg, lm)`` and ``serve(cfg, lm)``.
+"""The OpenAI-compatible HTTP app: ``create_app(cfg, lm)`` and ``serve_forever(cfg, lm)``.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
 ``GET /v1/models/{id}`` and ``GET /health`` (open, for load balancers; it carries the
@@ -347,12 +347,19 @@ async def _sse(
             job.cancel()
 
 
-def serve(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None, on_ready: Any = None) -> None:
-    """Bind ``cfg.host:cfg.port`` and serve until interrupted. ``on_ready(url)`` is called once listening."""
+def serve_forever(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None, on_ready: Any = None) -> None:
+    """Bind ``cfg.host:cfg.port`` and serve until interrupted, logging requests to stderr.
+
+    ``on_ready(url)`` is called once the port is bound (with the real port when ``port`` is 0).
+    """
     require_serve_extras()
     import socket
 
     import uvicorn
+
+    from .logs import configure_logging
+
+    configure_logging(cfg.log_json)
 
     app = create_app(cfg, lm, api_key=api_key)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
