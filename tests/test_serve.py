@@ -1,0 +1,441 @@
+"""``facellm serve``: a real uvicorn server on 127.0.0.1 with the tiny model, driven by the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from serve_helpers import image_message, png_data_uri, running_server
+
+KEY = "sk-test-7f3c9a"
+QUESTIONS = ["What is the facial expression?", "Are the eyes open?", "Describe the face.", "Is the head tilted?"]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_internvl: Path) -> Any:
+    """The tiny model with its matrices scaled up, so different inputs give visibly different answers.
+
+    (With its small random init, every prompt decodes to the same run of newlines; a sharper
+    random model makes the cross-talk test below able to tell answers apart.)
+    """
+    import torch
+
+    from facellm_cli.config import ModelConfig
+    from facellm_cli.models.loader import load_model_and_processor
+
+    loaded = load_model_and_processor(ModelConfig(model=str(tiny_internvl)))
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def server(lm: Any) -> Any:
+    from facellm_cli.config import ServeConfig
+    from facellm_cli.serve.logs import configure_logging
+
+    cfg = ServeConfig.model_validate(
+        {
+            "model": {"model": "unused-here"},
+            "served_model_name": "facellm-tiny",
+            "generation": {"max_new_tokens": 6},
+            "max_batch_size": 8,
+            "max_wait_ms": 300,
+            "max_body_mb": 0.2,
+            "max_images_per_request": 2,
+            "max_image_pixels": 100 * 100,
+            "max_tokens_limit": 512,
+        }
+    )
+    logs = io.StringIO()
+    handler = configure_logging(log_json=True, stream=logs)
+    with running_server(cfg, lm, api_key=KEY) as (url, app):
+        yield {"url": url, "app": app, "logs": logs, "cfg": cfg}
+    import logging
+
+    logging.getLogger("facellm.serve").removeHandler(handler)
+
+
+@pytest.fixture
+def client(server: dict[str, Any]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+
+
+def raw(url: str, body: bytes | None = None, key: str | None = KEY, method: str | None = None) -> tuple[int, Any, bytes]:
+    """(status, parsed JSON or None, raw bytes) for a request sent without the SDK."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        data, status = e.read(), e.code
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    return status, parsed, data
+
+
+def health(server: dict[str, Any]) -> dict[str, Any]:
+    status, body, _ = raw(server["url"].removesuffix("/v1") + "/health", key=None)
+    assert status == 200
+    return body
+
+
+def direct_answer(lm: Any, color: tuple[int, int, int], question: str, max_tokens: int) -> str:
+    """The same prompt answered by generate_batch directly, without the server."""
+    from facellm_cli.config import GenerationConfig
+    from facellm_cli.images import open_image
+    from facellm_cli.infer.generate import Prompt, generate_batch
+
+    raw_png = base64.b64decode(png_data_uri(color).split(",", 1)[1])
+    prompt = Prompt(images=[open_image(raw_png)], text=question)
+    return generate_batch(lm, [prompt], GenerationConfig(max_new_tokens=max_tokens))[0].text
+
+
+def ask(client: openai.OpenAI, color: tuple[int, int, int], question: str, **kw: Any) -> Any:
+    return client.chat.completions.create(
+        model="facellm-tiny", messages=image_message(question, png_data_uri(color)), **kw
+    )
+
+
+def assert_alive(client: openai.OpenAI) -> None:
+    r = ask(client, (10, 20, 30), QUESTIONS[0], max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_completion_with_image_matches_direct_generation(client: openai.OpenAI, lm: Any) -> None:
+    r = ask(client, (200, 30, 30), QUESTIONS[2], max_tokens=5)
+    assert r.object == "chat.completion"
+    assert r.id.startswith("chatcmpl-")
+    assert r.model == "facellm-tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == direct_answer(lm, (200, 30, 30), QUESTIONS[2], 5)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    # the prompt counts the image's tokens too: 64x64 tiny InternVL image = 16 context tokens + markup
+    text_only = client.chat.completions.create(
+        model="facellm-tiny", messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=1
+    )
+    assert r.usage.prompt_tokens >= text_only.usage.prompt_tokens + 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_any_model_name_is_served_by_the_one_model(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.model == "facellm-tiny"
+
+
+def test_models_endpoint(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["facellm-tiny"]
+    assert client.models.retrieve("facellm-tiny").owned_by == "facellm"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("other")
+    assert e.value.code == "model_not_found"
+
+
+def test_streaming_gives_the_same_answer_in_openai_chunks(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    whole = ask(client, (30, 200, 30), QUESTIONS[1], max_tokens=6)
+    stream = ask(client, (30, 200, 30), QUESTIONS[1], max_tokens=6, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    # on the wire: SSE data lines ending with [DONE]
+    body = json.dumps({"model": "m", "messages": image_message(QUESTIONS[1], png_data_uri((30, 200, 30))),
+                       "max_tokens": 6, "stream": True}).encode()
+    status, _, data = raw(server["url"] + "/chat/completions", body)
+    assert status == 200
+    events = [e for e in data.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert "usage" not in json.loads(events[-2][6:])  # usage only when stream_options asks for it
+
+
+def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
+    for color in [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 0)]:
+        for q in QUESTIONS:
+            full = ask(client, color, q, max_tokens=8).choices[0].message.content
+            # an ASCII-letter pair that first appears after the start of the answer
+            cands = [full[i : i + 2] for i in range(1, len(full) - 1) if full[i : i + 2].isascii()
+                     and full[i : i + 2].isalpha() and full.find(full[i : i + 2]) == i]
+            if cands:
+                stop = cands[0]
+                r = ask(client, color, q, max_tokens=8, stop=[stop, "never-appears"])
+                assert r.choices[0].message.content == full[: full.find(stop)].strip()
+                assert r.choices[0].finish_reason == "stop"
+                assert r.usage.completion_tokens < 8
+                return
+    pytest.fail("no answer of the tiny model had a usable stop string")
+
+
+def test_response_format_json_is_validated_and_passed_as_instruction(client: openai.OpenAI) -> None:
+    plain = ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2)
+    schema = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
+    r = ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": schema}})
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 10  # the schema instruction is in the prompt
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": {"type": "dict"}}})
+    assert "schema.type 'dict' is not a JSON schema type" in e.value.message
+    assert e.value.param == "response_format.json_schema.schema"
+    assert ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2, response_format={"type": "json_object"}).choices
+
+
+def test_401_without_the_key(server: dict[str, Any], client: openai.OpenAI) -> None:
+    bad = openai.OpenAI(base_url=server["url"], api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    status, body, _ = raw(server["url"] + "/models", key=None)
+    assert status == 401
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert health(server)["status"] == "ok"  # /health stays open for load balancers
+    assert_alive(client)
+
+
+def _noise_png(side: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _b64(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _truncated_png() -> str:
+    full = base64.b64decode(png_data_uri((9, 9, 9), (90, 90)).split(",", 1)[1])
+    return _b64(full[: len(full) // 2])
+
+
+BAD_REQUESTS = {
+    # name: (create kwargs, status, code or param)
+    "body-too-large": (dict(messages=image_message("q", _noise_png(300))), 413, "request_too_large"),
+    "image-too-many-pixels": (dict(messages=image_message("q", png_data_uri((5, 5, 5), (120, 120)))), 413,
+                              "image_too_large"),
+    "too-many-images": (dict(messages=image_message("q", *[png_data_uri((1, 1, 1))] * 3)), 400, "too_many_images"),
+    "malformed-base64": (dict(messages=image_message("q", "data:image/png;base64,iVBOR%%%w0KGgo=")), 400,
+                         "invalid_base64"),
+    "not-an-image": (dict(messages=image_message("q", _b64(b"hello, I am text"))), 400, "invalid_image_format"),
+    "gif-not-accepted": (dict(messages=image_message("q", png_data_uri((1, 1, 1), fmt="GIF"))), 400,
+                         "invalid_image_format"),
+    "truncated-png": (dict(messages=image_message("q", _truncated_png())), 400, "invalid_image"),
+    "not-a-data-uri": (dict(messages=image_message("q", "file:///etc/passwd")), 400, "invalid_image_url"),
+    "remote-url-refused": (dict(messages=image_message("q", "http://127.0.0.1:9/face.png")), 400,
+                           "remote_images_disabled"),
+    "unknown-field": (dict(messages=[{"role": "user", "content": "q"}], extra_body={"best_of": 3}), 400, "best_of"),
+    "unknown-part-field": (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "q", "x": 1}]}]), 400,
+                           "messages.0.content.0.x"),
+    "tool-role": (dict(messages=[{"role": "tool", "content": "q", "tool_call_id": "1"}]), 400, "messages.0"),
+    "n-above-1": (dict(messages=[{"role": "user", "content": "q"}], n=2), 400, "n"),
+    "max-tokens-over-limit": (dict(messages=[{"role": "user", "content": "q"}], max_tokens=100_000), 400, "max_tokens"),
+    "tools": (dict(messages=[{"role": "user", "content": "q"}],
+                   tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    "temperature-range": (dict(messages=[{"role": "user", "content": "q"}], temperature=3), 400, "temperature"),
+    "no-user-message": (dict(messages=[{"role": "system", "content": "q"}]), 400, "messages"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(client: openai.OpenAI, case: str) -> None:
+    kwargs, status, code_or_param = BAD_REQUESTS[case]
+    kwargs = dict(kwargs)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="facellm-tiny", max_tokens=kwargs.pop("max_tokens", 2), **kwargs)
+    assert e.value.status_code == status
+    body = e.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    assert code_or_param in (body["error"]["code"], body["error"]["param"]), body
+    assert_alive(client)
+
+
+def test_malformed_bodies(server: dict[str, Any], client: openai.OpenAI) -> None:
+    url = server["url"] + "/chat/completions"
+    status, body, _ = raw(url, b'{"model": "m", "messages": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body, _ = raw(url, b"[1, 2]")
+    assert status == 400 and "must be a JSON object" in body["error"]["message"]
+    status, body, _ = raw(url, b"\xff\xfe\x00garbage")
+    assert status == 400
+    status, body, _ = raw(server["url"] + "/nope", key=KEY)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body, _ = raw(url, key=KEY, method="GET")
+    assert status == 405 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert_alive(client)
+
+
+def test_concurrent_requests_are_batched_without_cross_talk(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 0), (0, 200, 200), (90, 30, 160)]
+    jobs = [(c, QUESTIONS[i % len(QUESTIONS)], i % 3 == 2) for i, c in enumerate(colors)]  # every 3rd one streams
+
+    def one(job: tuple[tuple[int, int, int], str, bool]) -> str:
+        color, q, stream = job
+        if not stream:
+            return ask(client, color, q, max_tokens=6).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in ask(client, color, q, max_tokens=6, stream=True)
+                       if c.choices).strip()
+
+    alone = [one(j) for j in jobs]  # one by one: each request is a batch of its own
+    assert len(set(alone)) >= 4, alone  # answers differ, so a mix-up would show
+    before = health(server)["batcher"]
+    barrier = threading.Barrier(len(jobs))
+
+    def together(job: tuple[tuple[int, int, int], str, bool]) -> str:
+        barrier.wait()
+        return one(job)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(together, jobs))
+    after = health(server)["batcher"]
+    assert batched == alone
+    new_batches = after["batches"] - before["batches"]
+    assert after["requests"] - before["requests"] == len(jobs)
+    assert new_batches < len(jobs), (before, after)  # at least one batch held more than one request
+    grew = {k: v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert any(int(k) > 1 and v > 0 for k, v in grew.items()), grew
+
+
+def _open_stream(server: dict[str, Any], max_tokens: int, stream: bool) -> socket.socket:
+    host, port = server["url"].removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"model": "m", "messages": image_message("Describe the face.", png_data_uri((3, 4, 5))),
+                       "max_tokens": max_tokens, "stream": stream}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _wait_for(server: dict[str, Any], key: str, at_least: int, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = health(server)["batcher"]
+        if stats[key] >= at_least:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"{key} never reached {at_least}: {health(server)['batcher']}")
+
+
+def test_disconnected_clients_free_their_slot(server: dict[str, Any], client: openai.OpenAI) -> None:
+    start = health(server)["batcher"]
+    # 1. a streaming client that leaves after its first generated text: its row stops long before 400 tokens
+    sock = _open_stream(server, 400, stream=True)
+    received = b""
+    while b'"delta": {"content": ' not in received:
+        piece = sock.recv(65536)
+        assert piece, received
+        received += piece
+    t0 = time.monotonic()
+    sock.close()
+    _wait_for(server, "cancelled_during_generation", start["cancelled_during_generation"] + 1)
+    assert time.monotonic() - t0 < 20
+    # 2. a client that leaves while queued behind a long request is dropped before batching
+    busy = _open_stream(server, 250, stream=False)
+    time.sleep(0.5)  # the long request is generating now
+    queued = _open_stream(server, 5, stream=False)
+    time.sleep(0.2)
+    queued.close()
+    busy.close()  # and the long one leaves too, so the test does not wait for it
+    _wait_for(server, "cancelled_before_batch", start["cancelled_before_batch"] + 1)
+    assert_alive(client)
+
+
+def test_one_log_line_per_request_and_never_the_key(server: dict[str, Any], client: openai.OpenAI) -> None:
+    logs: io.StringIO = server["logs"]
+    n_before = len(logs.getvalue().splitlines())
+    r = ask(client, (7, 7, 7), QUESTIONS[0], max_tokens=3)
+    raw(server["url"] + "/models", key="sk-wrong-key-123")
+    lines = [json.loads(x) for x in logs.getvalue().splitlines()[n_before:]]
+    ok = [x for x in lines if x.get("id") == r.id]
+    assert len(ok) == 1
+    assert ok[0]["status"] == 200 and ok[0]["images"] == 1
+    assert ok[0]["prompt_tokens"] == r.usage.prompt_tokens and ok[0]["completion_tokens"] == 3
+    assert ok[0]["latency_ms"] > 0 and ok[0]["batch"] >= 1
+    assert any(x["status"] == 401 for x in lines)
+    everything = logs.getvalue()
+    assert KEY not in everything and "sk-wrong-key-123" not in everything
+
+
+def test_serve_cli_help_and_config_errors(cli: Any, tiny_internvl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = cli("serve", "--help")
+    assert r.code == 0 and "--api-key-env" in r.out and "--max-batch-size" in r.out
+    monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
+    r = cli("serve", "--model", tiny_internvl, "--api-key-env", "FACELLM_TEST_UNSET_KEY")
+    assert r.code == 1 and "environment variable FACELLM_TEST_UNSET_KEY is not set or empty" in r.err
+    r = cli("serve", "--model", tiny_internvl, "--max-batch-size", "0")
+    assert r.code == 1 and "max_batch_size: Input should be greater than 0" in r.err
+    r = cli("serve", "--model", tiny_internvl, "--set", "nope=1")
+    assert r.code == 1 and "nope: unknown key" in r.err
+
+
+def test_serve_config_defaults_bind_localhost() -> None:
+    from facellm_cli.config import ServeConfig
+
+    cfg = ServeConfig()
+    assert cfg.host == "127.0.0.1" and cfg.api_key_env is None and not cfg.allow_remote_images
+
+
+@pytest.mark.slow
+def test_cli_serve_subprocess_end_to_end(tiny_internvl: Path, tmp_path: Path) -> None:
+    """The real ``facellm serve`` process: starts, answers the openai client, logs JSON lines, stops on SIGINT."""
+    import signal
+
+    env = dict(os.environ, FACELLM_SERVE_TEST_KEY=KEY, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "facellm_cli", "serve", "--model", str(tiny_internvl), "--port", "0",
+             "--api-key-env", "FACELLM_SERVE_TEST_KEY", "--log-json", "--set", "generation.max_new_tokens=3"],
+            stdout=subprocess.DEVNULL, stderr=err, env=env,
+        )
+    try:
+        url = None
+        deadline = time.monotonic() + 90
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            for word in err_path.read_text().split():
+                if word.startswith("http://127.0.0.1:"):
+                    url = word
+            time.sleep(0.2)
+        assert url, err_path.read_text()
+        c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=5)
+        r = c.chat.completions.create(model="x", messages=image_message("q", png_data_uri((1, 2, 3))))
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode in (0, 130)  # uvicorn re-raises the SIGINT after a graceful shutdown
+    text = err_path.read_text()
+    assert "Traceback" not in text
+    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    assert [x["id"] for x in lines] == [r.id] and lines[0]["images"] == 1
+    assert KEY not in text
