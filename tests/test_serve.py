@@ -19,6 +19,7 @@ from typing import Any
 
 import openai
 import pytest
+
 from serve_helpers import image_message, png_data_uri, running_server
 
 KEY = "sk-test-7f3c9a"
@@ -77,7 +78,9 @@ def client(server: dict[str, Any]) -> openai.OpenAI:
     return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
 
 
-def raw(url: str, body: bytes | None = None, key: str | None = KEY, method: str | None = None) -> tuple[int, Any, bytes]:
+def raw(
+    url: str, body: bytes | None = None, key: str | None = KEY, method: str | None = None
+) -> tuple[int, Any, bytes]:
     """(status, parsed JSON or None, raw bytes) for a request sent without the SDK."""
     headers = {"Content-Type": "application/json"}
     if key:

@@ -21,8 +21,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..config import ServeConfig
@@ -379,3 +379,40 @@ def serve_forever(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = 
         host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
         on_ready(f"http://{host}:{port}/v1")
     server.run(sockets=[sock])
+
+
+@contextmanager
+def background_server(
+    cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None, start_timeout_s: float = 60.0
+) -> Iterator[tuple[str, Any]]:
+    """Serve on 127.0.0.1 at a free port from a background thread until the block ends.
+
+    Yields ``(base_url, app)`` with ``base_url`` like ``http://127.0.0.1:PORT/v1``. Tests and
+    ``bench/serve_load.py`` use it to talk to the real server with a real HTTP client.
+    """
+    require_serve_extras()
+    import socket
+    import threading
+
+    import uvicorn
+
+    app = create_app(cfg, lm, api_key=api_key)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="facellm-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise FacellmError("the background server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
