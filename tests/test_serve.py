@@ -442,3 +442,32 @@ def test_cli_serve_subprocess_end_to_end(tiny_internvl: Path, tmp_path: Path) ->
     lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
     assert [x["id"] for x in lines] == [r.id] and lines[0]["images"] == 1
     assert KEY not in text
+
+
+def test_seeded_sampling_is_repeatable(client: openai.OpenAI) -> None:
+    a = ask(client, (50, 60, 70), QUESTIONS[2], max_tokens=6, temperature=1.5, seed=7).choices[0].message.content
+    b = ask(client, (50, 60, 70), QUESTIONS[2], max_tokens=6, temperature=1.5, seed=7).choices[0].message.content
+    assert a == b
+
+
+def test_qwen2_vl_family_serves_text_image_and_stream(tiny_qwen2_vl: Path) -> None:
+    from facellm_cli.config import ModelConfig, ServeConfig
+    from facellm_cli.models.loader import load_model_and_processor
+
+    cfg = ServeConfig(model=ModelConfig(model=str(tiny_qwen2_vl)))
+    qlm = load_model_and_processor(cfg.model)
+    with running_server(cfg, qlm) as (url, _app):
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        messages = [
+            {"role": "system", "content": "You describe faces."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": png_data_uri((9, 9, 9), (80, 48))}},
+            ]},
+            {"role": "assistant", "content": "A face."},
+            {"role": "user", "content": "More detail?"},
+        ]
+        r = c.chat.completions.create(model=tiny_qwen2_vl.name, messages=messages, max_tokens=3)
+        assert r.model == tiny_qwen2_vl.name and r.usage.completion_tokens <= 3
+        chunks = list(c.chat.completions.create(model="x", messages=messages, max_tokens=3, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
