@@ -471,3 +471,22 @@ def test_qwen2_vl_family_serves_text_image_and_stream(tiny_qwen2_vl: Path) -> No
         assert r.model == tiny_qwen2_vl.name and r.usage.completion_tokens <= 3
         chunks = list(c.chat.completions.create(model="x", messages=messages, max_tokens=3, stream=True))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
+    from types import SimpleNamespace
+
+    import jinja2
+
+    from facellm_cli.infer.generate import Prompt
+    from facellm_cli.serve.app import _check_template
+    from facellm_cli.serve.protocol import ProtocolError
+
+    def refuse(*_a: Any, **_k: Any) -> str:
+        raise jinja2.TemplateError("Conversation roles must alternate user/assistant/user/assistant")
+
+    lm = SimpleNamespace(processor=SimpleNamespace(apply_chat_template=refuse))
+    with pytest.raises(ProtocolError) as e:
+        _check_template(lm, Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]))
+    assert e.value.status == 400 and e.value.code == "invalid_messages"
+    assert "cannot render these messages: Conversation roles must alternate" in e.value.message

@@ -160,6 +160,19 @@ def _sampling(req: ChatCompletionRequest, cfg: ServeConfig) -> SamplingParams:
     )
 
 
+def _check_template(lm: "LoadedModel", prompt: Any) -> None:
+    """Render the conversation now, so a chat template that refuses it (e.g. roles that must
+    alternate) is this request's 400 instead of a failure inside a shared batch."""
+    from ..infer.generate import render_prompt
+
+    try:
+        render_prompt(lm, prompt)
+    except Exception as e:  # noqa: BLE001 - jinja raises its own types (TemplateError, ...)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ProtocolError(f"the model's chat template cannot render these messages: {first}",
+                            param="messages", code="invalid_messages") from None
+
+
 async def _watch_disconnect(request: Any, job: Job) -> None:
     """Cancel the job when its client goes away (frees its place in the queue or its row)."""
     while True:
@@ -258,6 +271,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
                 fields["requested_model"] = req.model
             params = _sampling(req, cfg)
             prompt = await asyncio.to_thread(to_prompt, req, limits, cfg.generation.system)
+            await asyncio.to_thread(_check_template, lm, prompt)
         except ProtocolError as e:
             done(e.status, error=e.message)
             return _error(e.status, e.message, e.type, e.param, e.code)
