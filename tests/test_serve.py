@@ -490,3 +490,50 @@ def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
         _check_template(lm, Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]))
     assert e.value.status == 400 and e.value.code == "invalid_messages"
     assert "cannot render these messages: Conversation roles must alternate" in e.value.message
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If generate fails for a batch, each request is retried alone: only the culprit gets the error."""
+    import asyncio
+
+    from facellm_cli.infer.generate import Prompt
+    from facellm_cli.serve import batcher as batcher_mod
+
+    real = batcher_mod.generate_batch
+    calls: list[int] = []
+
+    def flaky(lm_: Any, prompts: Any, cfg: Any, **kw: Any) -> Any:
+        calls.append(len(prompts))
+        if any(p.text == "poison" for p in prompts):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(lm_, prompts, cfg, **kw)
+
+    monkeypatch.setattr(batcher_mod, "generate_batch", flaky)
+
+    async def main() -> list[Any]:
+        b = batcher_mod.Batcher(lm, max_batch_size=4, max_wait_s=0.5)
+        b.start()
+        loop = asyncio.get_running_loop()
+        jobs = [batcher_mod.Job(id=str(i), prompt=Prompt(images=[], text=t), loop=loop,
+                                params=batcher_mod.SamplingParams(max_tokens=3))
+                for i, t in enumerate(["a face", "poison", "two eyes"])]
+        for j in jobs:
+            b.submit(j)
+        out = await asyncio.gather(*(j.result() for j in jobs), return_exceptions=True)
+        await asyncio.to_thread(b.stop)
+        assert b.stats.failed == 1
+        return out
+
+    good1, bad, good2 = asyncio.run(main())
+    assert calls == [3, 1, 1, 1]
+    assert isinstance(bad, RuntimeError)
+    assert good1.completion_tokens == 3 and good2.completion_tokens == 3 and good1.batch_size == 1
+
+
+def test_example_serve_config_loads() -> None:
+    from facellm_cli.config import ServeConfig, resolve_config
+
+    path = Path(__file__).parents[1] / "examples" / "serve.yaml"
+    cfg = resolve_config(ServeConfig, path, {"port": 9001}, ["max_batch_size=4"])
+    assert cfg.served_model_name == "facellm-1b" and cfg.model.subfolder == "model"
+    assert (cfg.port, cfg.max_batch_size, cfg.host) == (9001, 4, "127.0.0.1")
