@@ -537,3 +537,57 @@ def test_example_serve_config_loads() -> None:
     cfg = resolve_config(ServeConfig, path, {"port": 9001}, ["max_batch_size=4"])
     assert cfg.served_model_name == "facellm-1b" and cfg.model.subfolder == "model"
     assert (cfg.port, cfg.max_batch_size, cfg.host) == (9001, 4, "127.0.0.1")
+
+
+def test_remote_images_only_when_allowed(lm: Any) -> None:
+    """--allow-remote-images fetches http(s) URLs (here a local static server); missing ones are a 400."""
+    import http.server
+
+    from facellm_cli.config import ServeConfig
+
+    png = base64.b64decode(png_data_uri((200, 100, 50)).split(",", 1)[1])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path != "/face.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    cfg = ServeConfig.model_validate({"model": {"model": "x"}, "allow_remote_images": True,
+                                      "generation": {"max_new_tokens": 3}})
+    try:
+        with running_server(cfg, lm) as (url, _app):
+            c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+            r = c.chat.completions.create(model="x", messages=image_message(QUESTIONS[0], f"{base}/face.png"))
+            inline_msgs = image_message(QUESTIONS[0], png_data_uri((200, 100, 50)))
+            inline = c.chat.completions.create(model="x", messages=inline_msgs)
+            assert r.choices[0].message.content == inline.choices[0].message.content
+            assert r.usage.prompt_tokens == inline.usage.prompt_tokens
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model="x", messages=image_message(QUESTIONS[0], f"{base}/missing.png"))
+            assert e.value.code == "image_fetch_failed" and "missing.png" in e.value.message
+    finally:
+        files.shutdown()
+
+
+def test_a_full_queue_is_refused(lm: Any) -> None:
+    from facellm_cli.infer.generate import Prompt
+    from facellm_cli.serve.batcher import Batcher, Job, QueueFull, SamplingParams
+
+    b = Batcher(lm, max_batch_size=2, max_queue=2)  # not started: nothing leaves the queue
+    for i in range(2):
+        b.submit(Job(id=str(i), prompt=Prompt(images=[], text="q"), params=SamplingParams(max_tokens=1)))
+    with pytest.raises(QueueFull, match="2 requests are already queued"):
+        b.submit(Job(id="x", prompt=Prompt(images=[], text="q"), params=SamplingParams(max_tokens=1)))
+    assert b.snapshot()["queued"] == 2

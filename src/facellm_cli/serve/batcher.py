@@ -192,6 +192,11 @@ class RowControl:
             self._emit(row)
             return
         row.ids.append(token)
+        if not (job.stream or job.params.stop):
+            # nothing to look at before the end: decode once in finish() instead of every step
+            if len(row.ids) >= job.params.max_tokens:
+                row.done, row.reason = True, "length"
+            return
         row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         cut = min((i for i in (row.text.find(s) for s in job.params.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -200,6 +205,15 @@ class RowControl:
         elif len(row.ids) >= job.params.max_tokens:
             row.done, row.reason = True, "length"
         self._emit(row)
+
+    def finish(self) -> None:
+        """After generate returns: decode rows that were not decoded step by step, end rows still open."""
+        for row in self.rows:
+            if not (row.job.stream or row.job.params.stop) and row.reason != "cancelled":
+                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if not row.done:  # generate stopped on its own length limit before our criterion ended the row
+                row.done = True
+                self._emit(row)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -333,10 +347,7 @@ class Batcher:
             self._fail(batch[0], e)
             return
         elapsed = time.monotonic() - started
-        for row in control.rows:
-            if not row.done:  # generate stopped on its own length limit without our criterion ending the row
-                row.done = True
-                control._emit(row)
+        control.finish()
         with self._cond:
             s = self.stats
             s.batches += 1
