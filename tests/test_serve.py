@@ -244,6 +244,7 @@ def _truncated_png() -> str:
 BAD_REQUESTS = {
     # name: (create kwargs, status, code or param)
     "body-too-large": (dict(messages=image_message("q", _noise_png(300))), 413, "request_too_large"),
+    "body-far-too-large": (dict(messages=[{"role": "user", "content": "a" * 2_000_000}]), 413, "request_too_large"),
     "image-too-many-pixels": (dict(messages=image_message("q", png_data_uri((5, 5, 5), (120, 120)))), 413,
                               "image_too_large"),
     "too-many-images": (dict(messages=image_message("q", *[png_data_uri((1, 1, 1))] * 3)), 400, "too_many_images"),

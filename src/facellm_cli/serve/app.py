@@ -75,10 +75,11 @@ class _AuthAndSize:
     one are counted while read, see ``_read_body``).
     """
 
-    def __init__(self, app: Any, api_key: str | None, hard_limit: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, limit: int) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
-        self.hard_limit = hard_limit
+        self.limit = limit
+        self.hard_limit = 4 * limit + (1 << 20)  # below this, _read_body drains the body and answers 413 itself
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
@@ -100,7 +101,8 @@ class _AuthAndSize:
             if name.lower() == b"content-length" and value.isdigit() and int(value) > self.hard_limit:
                 _log_request({"id": None, "path": scope["path"], "status": 413, "error": "request body too large"})
                 await _send_json(send, 413, error_body(
-                    f"request body is {int(value):,} bytes, far above this server's limit; send smaller images",
+                    f"request body is {int(value):,} bytes, more than this server's limit of {self.limit:,} "
+                    "(send smaller images, or start the server with a higher --set max_body_mb)",
                     "invalid_request_error", None, "request_too_large"))
                 return
         await self.app(scope, receive, send)
@@ -314,7 +316,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
         text = extract_json(result.text) if want_json else result.text
         return completion(rid, name, text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
 
-    app.add_middleware(_AuthAndSize, api_key=api_key, hard_limit=4 * body_limit + (1 << 20))
+    app.add_middleware(_AuthAndSize, api_key=api_key, limit=body_limit)
     return app
 
 
