@@ -34,27 +34,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def build_internvl3_1b_shapes(out: Path) -> Path:
     """A random InternVL3-1B-shaped checkpoint (tiny tokenizer, real processor class), saved to ``out``."""
     import torch
-    from transformers import InternVLForConditionalGeneration
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     from facellm_cli.testing import tiny
 
     torch.manual_seed(0)
-    small, processor = tiny._build_internvl(448, 14, 896, 1024, 1, 600)
-    config = small.config
+    small, processor = tiny._build_internvl(448, 14, 64, 32, 1, 600)  # for its processor (448 px, 256 tokens)
+    tok = processor.tokenizer
     del small
-    v, t = config.vision_config, config.text_config
-    v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size = 1024, 24, 16, 4096
-    t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = 896, 24, 14, 2
-    t.intermediate_size, t.vocab_size, t.head_dim = 4864, 151_674, 64
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=448, patch_size=14),
+        text_config=dict(model_type="qwen2", vocab_size=151_674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None),
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=256,
+        downsample_ratio=0.5,
+    )
     model = InternVLForConditionalGeneration(config)
-    # Random weights would draw ids the tiny tokenizer cannot decode; real ids keep decode honest.
-    with torch.no_grad():
-        model.lm_head.weight[len(processor.tokenizer) :] = 0
-        bias = getattr(model.lm_head, "bias", None)
-        if bias is not None:
-            bias[len(processor.tokenizer) :] = -1e4
     gen = model.generation_config
-    gen.eos_token_id = gen.pad_token_id = processor.tokenizer.pad_token_id
+    # Random weights would pick ids the small tokenizer cannot decode: suppress those (the full
+    # 151,674-row lm_head still runs, so the compute is the real model's).
+    gen.suppress_tokens = list(range(len(tok), 151_674))
+    gen.eos_token_id = gen.pad_token_id = tok.pad_token_id
     gen.bos_token_id = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -592,3 +592,13 @@ def test_a_full_queue_is_refused(lm: Any) -> None:
     with pytest.raises(QueueFull, match="2 requests are already queued"):
         b.submit(Job(id="x", prompt=Prompt(images=[], text="q"), params=SamplingParams(max_tokens=1)))
     assert b.snapshot()["queued"] == 2
+
+
+def test_json_replies_are_trimmed_to_the_json_only_when_it_parses() -> None:
+    from facellm_cli.serve.messages import extract_json
+
+    assert extract_json('{"a": 1}') == '{"a": 1}'
+    fenced = 'Sure! ```json\n{"age": "20-29", "x": {"y": 2}}\n``` hope it helps'
+    assert extract_json(fenced) == '{"age": "20-29", "x": {"y": 2}}'
+    assert extract_json("no json {here") == "no json {here"
+    assert extract_json("[1, 2]") == "[1, 2]"
