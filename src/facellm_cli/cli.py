@@ -154,7 +154,7 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free port).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
     api_key_env: ApiKeyEnvOpt = None,
     served_model_name: Annotated[
         Optional[str], typer.Option("--served-model-name", help="Model id reported to clients (default: folder name).")

@@ -211,7 +211,7 @@ class ServeConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to load (once, at start).")
     generation: GenerationConfig = Field(
         default_factory=GenerationConfig,
-        description="Defaults for requests that leave a field out (max_tokens, temperature, top_p; system when none is sent).",
+        description="Defaults for fields a request leaves out (max_tokens, temperature, top_p; system if none sent).",
     )
     served_model_name: str | None = Field(
         None, description="Model id shown by /v1/models and in responses; default: the model folder name or hub id."
@@ -221,8 +221,8 @@ class ServeConfig(StrictModel):
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key clients must send as 'Authorization: Bearer <key>'."
     )
-    max_batch_size: int = Field(8, gt=0, description="Most requests answered in one generate call (1 turns batching off).")
-    max_wait_ms: float = Field(10.0, ge=0, description="How long the first queued request waits for others to batch with.")
+    max_batch_size: int = Field(8, gt=0, description="Most requests in one generate call (1 turns batching off).")
+    max_wait_ms: float = Field(10.0, ge=0, description="How long a queued request waits for others to batch with.")
     max_queue: int = Field(256, gt=0, description="Requests waiting beyond this get 429 (server busy).")
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body in MB (413 above).")
