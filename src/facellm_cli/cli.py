@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -76,7 +76,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = None,
 ) -> None:
     """FaceLLM as a tool (paper: arXiv 2507.10300)."""
@@ -84,7 +84,10 @@ def _root(
 
 @app.command()
 def ask(
-    inputs: Annotated[list[str], typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question."),
+    ],
     model: ModelOpt = None,
     subfolder: SubfolderOpt = None,
     adapter: AdapterOpt = None,
@@ -104,11 +107,19 @@ def ask(
     from .infer.ask import ask_many, ask_stream, resolve_inputs
 
     if len(inputs) < 2:
-        raise typer.BadParameter("give at least one image and a question: facellm ask face.jpg 'what expression is this?'")
+        raise typer.BadParameter(
+            "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
+        )
     *image_args, question = inputs
     flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
-    flags.update({"generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-                  "generation.system": system, "batch_size": batch_size})
+    flags.update(
+        {
+            "generation.max_new_tokens": max_new_tokens,
+            "generation.temperature": temperature,
+            "generation.system": system,
+            "batch_size": batch_size,
+        }
+    )
     cfg = resolve_config(AskConfig, config, flags, set_)
     images = resolve_inputs(image_args)
     stdin_bytes = sys.stdin.buffer.read() if "-" in images else None

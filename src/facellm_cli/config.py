@@ -41,14 +41,16 @@ class ModelConfig(StrictModel):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto is bfloat16 on CUDA with bf16 support, float16 on older CUDA, float32 on CPU."
+        "auto",
+        description="Weights dtype; auto is bfloat16 on CUDA with bf16 support, float16 on older CUDA, float32 on CPU.",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="bitsandbytes quantization of the language model (vision tower, projector, lm_head stay unquantized)."
+        "none",
+        description="bitsandbytes quantization of the language model (vision tower, projector, lm_head stay unquantized).",
     )
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")

@@ -35,7 +35,9 @@ class Annotation(BaseModel):
     model: str = Field("", description="Model name that wrote the answer.")
     provider: str = Field("openai", description="'openai' (any compatible endpoint) or 'template'.")
     prompt_version: str = Field("", description="Version of the prompt set used.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Known attributes of the image (age, gender, race...).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Known attributes of the image (age, gender, race...)."
+    )
     usage: Usage = Field(default_factory=Usage)
     attempts: int = 1
     created: str = Field("", description="UTC ISO-8601 time the record was written.")
