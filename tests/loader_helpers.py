@@ -7,45 +7,33 @@ import shutil
 from pathlib import Path
 
 
-def hub_style_internvl(src: Path, repo: Path) -> Path:
-    """Copy a tiny InternVL into ``repo/model`` with the file layout of OpenGVLab/InternVL3-*-hf and Idiap/FaceLLM-*.
+def _split_processor_config(folder: Path, image_type: str, video_type: str, processor_class: str) -> None:
+    """Rewrite our single processor_config.json into the hub's three files.
 
-    Those repos keep the image processor in preprocessor_config.json naming the
-    torchvision-backed ``GotOcr2ImageProcessorFast``, a separate
-    video_preprocessor_config.json for ``InternVLVideoProcessor``, and a slim
-    processor_config.json: exactly what makes a plain AutoProcessor fail
-    without torchvision.
+    Hub repos keep the image processor in preprocessor_config.json naming the
+    torchvision-backed fast class, a separate video_preprocessor_config.json,
+    and a slim processor_config.json: exactly what makes a plain AutoProcessor
+    fail without torchvision.
     """
-    dst = repo / "model"
-    shutil.copytree(src, dst)
-    proc = json.loads((dst / "processor_config.json").read_text())
+    proc = json.loads((folder / "processor_config.json").read_text())
     image = proc.pop("image_processor")
-    image.update({"image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor"})
-    (dst / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
-    (dst / "video_preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "video_processor_type": "InternVLVideoProcessor",
-                "processor_class": "InternVLProcessor",
-                "do_resize": True,
-            }
-        )
-    )
-    (dst / "processor_config.json").write_text(
-        json.dumps({"image_seq_length": proc["image_seq_length"], "processor_class": "InternVLProcessor"})
-    )
+    image.update({"image_processor_type": image_type, "processor_class": processor_class})
+    (folder / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    video = {"video_processor_type": video_type, "processor_class": processor_class, "do_resize": True}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video))
+    slim = {k: v for k, v in proc.items() if k == "image_seq_length"}
+    (folder / "processor_config.json").write_text(json.dumps({**slim, "processor_class": processor_class}))
+
+
+def hub_style_internvl(src: Path, repo: Path) -> Path:
+    """The layout of OpenGVLab/InternVL3-*-hf, inside a model/ subfolder as in Idiap/FaceLLM-*."""
+    shutil.copytree(src, repo / "model")
+    _split_processor_config(repo / "model", "GotOcr2ImageProcessorFast", "InternVLVideoProcessor", "InternVLProcessor")
     return repo
 
 
 def hub_style_qwen2_vl(src: Path, repo: Path) -> Path:
-    """The Qwen/Qwen2-VL-*-Instruct layout: fast image processor + video processor configs."""
+    """The layout of Qwen/Qwen2-VL-*-Instruct."""
     shutil.copytree(src, repo)
-    proc = json.loads((repo / "processor_config.json").read_text())
-    image = proc.pop("image_processor")
-    image.update({"image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen2VLProcessor"})
-    (repo / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
-    (repo / "video_preprocessor_config.json").write_text(
-        json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor"})
-    )
-    (repo / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    _split_processor_config(repo, "Qwen2VLImageProcessorFast", "Qwen2VLVideoProcessor", "Qwen2VLProcessor")
     return repo

@@ -76,6 +76,22 @@ def _chat_template(image_markup: str) -> str:
     return _CHATML.replace("IMAGE", repr(image_markup))
 
 
+def _text_config(tok: Any, hidden: int, layers: int) -> dict[str, Any]:
+    """Qwen2-style language model sizes shared by every tiny family."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+
+
 def _hf_tokenizer(tok: Any, extra: dict[str, str]) -> Any:
     from transformers import PreTrainedTokenizerFast
 
@@ -126,19 +142,7 @@ def _build_internvl(
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=text_hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
-        ),
+        text_config=dict(model_type="qwen2", **_text_config(tok, text_hidden, layers)),
         image_token_id=tok.context_image_token_id,
         image_seq_length=seq,
         downsample_ratio=0.5,
@@ -189,21 +193,12 @@ def _build_qwen2_vl(
             temporal_patch_size=2,
         ),
         text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=text_hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
+            **_text_config(tok, text_hidden, layers),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
             },
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
         ),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
