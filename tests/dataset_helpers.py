@@ -52,10 +52,11 @@ def make_corpus(
     for i in range(n_images):
         rel = f"img_{i:03d}.png"
         write_png(images / rel, i)
-        labels = {"expression": EXPRESSIONS[i % 5], "gender": GENDERS[i % 2], "person": f"p{i // 2}"} if with_labels else {}
+        labels = {"expression": EXPRESSIONS[i % 5], "gender": GENDERS[i % 2], "person": f"p{i // 2}"}
         for a in aspects:
             records.append(
-                annotation(rel, a, f"The {a} of person {i} is {EXPRESSIONS[i % 5]}.", root=images, labels=labels)
+                annotation(rel, a, f"The {a} of person {i} is {EXPRESSIONS[i % 5]}.", root=images,
+                           labels=labels if with_labels else {})
             )
     jsonl = root / "annotations.jsonl"
     write_jsonl(jsonl, records)

@@ -282,7 +282,7 @@ class DatasetConfig(StrictModel):
         if not self.inputs:
             problems.append("inputs: give at least one annotate JSONL file or paper-layout folder")
         if not self.image_root:
-            problems.append("image_root: required (--image-root DIR, the folder the record image paths are relative to)")
+            problems.append("image_root: required (--image-root DIR, the folder the image paths are relative to)")
         if not self.out:
             problems.append("out: required (--out DIR)")
         if len(self.split) != 3 or any(f < 0 for f in self.split):

@@ -332,8 +332,6 @@ class _SplitWriter:
         self.sharegpt.write("\n]\n")
         for f in (self.sharegpt, self.messages, self.mcq):
             if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
                 f.close()
 
 
@@ -417,7 +415,9 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         for col in cfg.mcq:
             values = sorted({scan.images[rel].labels[col] for rel in kept_images if scan.images[rel].labels.get(col)})
             if len(values) < 2:
-                raise ConfigError(f"--mcq {col}: the label has {len(values)} distinct value(s) {values}; a question needs at least 2")
+                raise ConfigError(
+                    f"--mcq {col}: the label has {len(values)} distinct value(s) {values}; a question needs at least 2"
+                )
             mcq_values[col] = values
 
         # ---- write: kept records in canonical order, one image at a time ----
@@ -453,13 +453,13 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                 recs = [sources[int(k_src[j])].read_at(int(k_loc[j])) for j in group]
                 pairs = [(r.question.strip(), r.answer.strip()) for r in recs]
                 acc.image(split, labels)
-                for r, (_, a) in zip(recs, pairs):
+                for r, (_, a) in zip(recs, pairs, strict=True):
                     acc.qa(split, r.aspect, a)
                 if cfg.merge_aspects:
                     w.add(rel, pairs, rel)
                 else:
                     used: Counter[str] = Counter()
-                    for r, pair in zip(recs, pairs):
+                    for r, pair in zip(recs, pairs, strict=True):
                         used[r.aspect] += 1
                         rid = f"{rel}#{r.aspect}" + (f"-{used[r.aspect]}" if used[r.aspect] > 1 else "")
                         w.add(rid, [pair], rel)

@@ -134,7 +134,7 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
     ]
     out += _table(
         ["split", "images", "groups", "QA pairs", "conversations", "MCQs"],
-        [[s, sp[s]["images"], sp[s]["groups"], sp[s]["qa_pairs"], sp[s]["conversations"], sp[s]["mcq"]] for s in SPLITS],
+        [[s, *(sp[s][k] for k in ("images", "groups", "qa_pairs", "conversations", "mcq"))] for s in SPLITS],
     )
     out += [
         "",
@@ -171,7 +171,7 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
         out += _table(
             ["reason", "records", "images", "meaning"],
             [
-                [r, n, stats["filtered"]["images"].get(r, ""), REASONS.get(r, r) + (" (not an error)" if r in NOT_ERRORS else "")]
+                [r, n, stats["filtered"]["images"].get(r, ""), REASONS.get(r, r) + (" (skipped)" * (r in NOT_ERRORS))]
                 for r, n in filtered.items()
             ],
         )

@@ -91,7 +91,8 @@ def check_conversation(turns: list[dict[str, str]], images: list[str], *, where:
     for i, turn in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
-            raise DataError(f"{where}: turn {i + 1} is from '{turn.get('from')}', expected '{expected}' (turns must alternate)")
+            got = turn.get("from")
+            raise DataError(f"{where}: turn {i + 1} is from '{got}', expected '{expected}' (turns must alternate)")
         if not str(turn.get("value", "")).strip():
             raise DataError(f"{where}: turn {i + 1} is empty")
     placeholders = sum(str(t["value"]).count(IMAGE_TOKEN) for t in turns)
