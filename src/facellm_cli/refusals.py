@@ -13,7 +13,6 @@ is not a refusal ("the person seems unable to smile" is a fine description),
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -58,11 +57,9 @@ def _normalise(text: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _compile(patterns: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = [re.escape(_normalise(p)) for p in patterns if p.strip()]
-    if not alternatives:
-        return re.compile(r"(?!x)x")  # matches nothing: an explicitly empty list disables detection
-    return re.compile("|".join(sorted(alternatives, key=len, reverse=True)))
+def _prepare(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    # Plain substring tests: several times faster than one regex alternation on long answers.
+    return tuple(dict.fromkeys(n for n in (_normalise(p) for p in patterns) if n))
 
 
 def is_refusal(text: str, patterns: Iterable[str] | None = None) -> bool:
@@ -71,5 +68,8 @@ def is_refusal(text: str, patterns: Iterable[str] | None = None) -> bool:
     Case, curly apostrophes and runs of whitespace are ignored, so "I’m  SORRY"
     matches "I'm sorry".
     """
-    pats = DEFAULT_REFUSAL_PATTERNS if patterns is None else tuple(patterns)
-    return _compile(pats).search(_normalise(text)) is not None
+    pats = _prepare(DEFAULT_REFUSAL_PATTERNS if patterns is None else tuple(patterns))
+    if not pats:
+        return False  # an explicitly empty list disables detection
+    norm = _normalise(text)
+    return any(p in norm for p in pats)

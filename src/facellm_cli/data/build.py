@@ -120,6 +120,7 @@ class _Scan:
         self.image_names: list[str] = []
         self._image_index: dict[str, int] = {}
         self._resolved: dict[str, str | None] = {}
+        self._root_str = str(root)
         self.aspects: dict[str, int] = {}
         self.aspect_names: list[str] = []
         self.rec_img = array("i")
@@ -152,26 +153,24 @@ class _Scan:
         if raw in self._resolved:
             return self._resolved[raw]
         s = raw.replace("\\", "/")
-        p = Path(s)
-        candidates = [Path(os.path.normpath(s))] if p.is_absolute() else [
-            self.root / os.path.normpath(s),
-            Path(os.path.abspath(s)),
-        ]
         chosen: str | None = None
-        for i, cand in enumerate(candidates):
-            rel = self._inside(cand)
-            if rel is None:
-                continue
-            if cand.exists() or (i == 0 and chosen is None):
-                chosen = rel
-                if cand.exists():
-                    break
+        if os.path.isabs(s):
+            chosen = self._inside(s)
+        else:
+            rel = os.path.normpath(s)
+            if rel != ".." and not rel.startswith("../"):
+                chosen = Path(rel).as_posix()
+            if chosen is None or not (self.root / chosen).exists():
+                via_cwd = self._inside(os.path.abspath(s))
+                if via_cwd is not None and (self.root / via_cwd).exists():
+                    chosen = via_cwd
         self._resolved[raw] = chosen
         return chosen
 
-    def _inside(self, cand: Path) -> str | None:
-        for c in (cand, Path(os.path.realpath(cand))):
-            rel = os.path.relpath(c, self.root)
+    def _inside(self, path: str) -> str | None:
+        """Posix path of ``path`` relative to the root, or None when outside (symlinks resolved if needed)."""
+        for p in (os.path.normpath(path), os.path.realpath(path)):
+            rel = os.path.relpath(p, self._root_str)
             if rel != ".." and not rel.startswith("../") and not os.path.isabs(rel):
                 return Path(rel).as_posix()
         return None
