@@ -357,3 +357,23 @@ def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
 def test_cli_help(cli) -> None:  # noqa: ANN001
     res = cli("build-dataset", "--help")
     assert res.code == 0 and "--merge-aspects" in res.out and "--skip-invalid" in res.out
+
+
+def test_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "build-dataset-fairfacegpt.yaml"
+    cfg = resolve_config(DatasetConfig, example)
+    assert cfg.mcq == ["age", "gender", "race"] and cfg.stratify == "race" and cfg.skip_invalid
+
+
+def test_image_paths_absolute_or_relative_to_cwd(tmp_path: Path, corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    jsonl, records = corpus
+    faces = tmp_path / "faces"
+    records[0]["image"] = str(faces / "img_000.png")  # absolute, under the root
+    for r in records[1:3]:
+        r["image"] = "faces/" + r["image"]  # annotate was run from tmp_path with paths like faces/x.png
+    write_jsonl(jsonl, records)
+    monkeypatch.chdir(tmp_path)
+    report = build(tmp_path, [jsonl])
+    assert report.qa_pairs == 60 and report.images == 20
+    images = set().union(*(_images(tmp_path / "out", s) for s in SPLITS))
+    assert images == {f"img_{i:03d}.png" for i in range(20)}
