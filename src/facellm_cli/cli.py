@@ -150,24 +150,32 @@ def build_dataset(
     inputs: Annotated[
         list[str] | None, typer.Argument(help="Annotate JSONL files and/or paper-layout folders ({id}/question_i.txt).")
     ] = None,
-    image_root: Annotated[str | None, typer.Option("--image-root", help="Folder the image paths are relative to.")] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Folder the image paths are relative to.")
+    ] = None,
     out: OutDirOpt = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="CSV of image labels: a 'file' column + attributes.")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="train,val,test fractions, e.g. 0.8,0.1,0.1.")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Labels CSV: a 'file' column + attributes.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="train,val,test fractions: 0.8,0.1,0.1.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Split and MCQ seed.")] = None,
     merge_aspects: Annotated[
         bool | None, typer.Option("--merge-aspects/--no-merge-aspects", help="One multi-turn conversation per image.")
     ] = None,
-    mcq: Annotated[str | None, typer.Option("--mcq", help="Label columns to export as multiple choice, e.g. expression,age.")] = None,
+    mcq: Annotated[str | None, typer.Option("--mcq", help="Labels to export as MCQ: expression,age.")] = None,
     mcq_train: Annotated[
-        bool | None, typer.Option("--mcq-train/--no-mcq-train", help="Add train MCQs to the training files (default with --mcq).")
+        bool | None,
+        typer.Option("--mcq-train/--no-mcq-train", help="Train MCQs into training files (default with --mcq)."),
     ] = None,
-    group_key: Annotated[str | None, typer.Option("--group-key", help="Label column of an identity; a group stays in one split.")] = None,
+    group_key: Annotated[
+        str | None, typer.Option("--group-key", help="Identity label; a group stays in one split.")
+    ] = None,
     stratify: Annotated[str | None, typer.Option("--stratify", help="Label column to stratify the split by.")] = None,
     skip_invalid: Annotated[
-        bool | None, typer.Option("--skip-invalid/--no-skip-invalid", help="Drop and count invalid records instead of failing.")
+        bool | None,
+        typer.Option("--skip-invalid/--no-skip-invalid", help="Drop and count invalid records, don't fail."),
     ] = None,
-    force: Annotated[bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")] = None,
+    force: Annotated[
+        bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -185,11 +193,10 @@ def build_dataset(
     if json_out:
         print(json.dumps(report.to_json(), ensure_ascii=False))
     console = err_console()
-    sp = report.splits
     console.print(f"{report.qa_pairs:,} QA pairs over {report.images:,} images from {report.records_read:,} records "
                   f"in {report.elapsed_s:.1f}s -> {report.out_dir}")
     console.print("  " + ", ".join(f"{s}: {v['images']} images / {v['conversations']} conversations"
-                                   + (f" / {v['mcq']} MCQs" if cfg.mcq else "") for s, v in sp.items()))
+                                   + (f" / {v['mcq']} MCQs" if cfg.mcq else "") for s, v in report.splits.items()))
     if report.filtered:
         console.print("  filtered: " + ", ".join(f"{k} {v}" for k, v in report.filtered.items()))
     console.print(f"  LLaMA-Factory: dataset_dir={report.out_dir} media_dir={report.media_dir}")

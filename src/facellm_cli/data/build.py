@@ -450,6 +450,10 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                 split = split_of_unit[unit_of[rel]]
                 w = writers[split]
                 recs = [sources[int(k_src[j])].read_at(int(k_loc[j])) for j in group]
+                for j, r in zip(group, recs, strict=True):
+                    if _question_key(r.question) != int(k_qh[j]):  # the input changed between the passes
+                        where = sources[int(k_src[j])].describe(int(k_loc[j]))
+                        raise DataError(f"{where}: changed while build-dataset was reading it; run again")
                 pairs = [(r.question.strip(), r.answer.strip()) for r in recs]
                 acc.image(split, labels)
                 for r, (_, a) in zip(recs, pairs, strict=True):
@@ -479,16 +483,17 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                         acc.mcq_train += 1
 
             prev = -1
-            for j in order.tolist():
-                cur = int(k_img[j])
-                if cur != prev and group:
-                    flush(group)
-                    done += 1
-                    if progress and done % 500 == 0:
-                        progress("write", done)
-                    group = []
-                group.append(j)
-                prev = cur
+            for chunk in range(0, len(order), 65536):  # chunks: no Python int list as long as the corpus
+                for j in order[chunk : chunk + 65536].tolist():
+                    cur = int(k_img[j])
+                    if cur != prev and group:
+                        flush(group)
+                        done += 1
+                        if progress and done % 500 == 0:
+                            progress("write", done)
+                        group = []
+                    group.append(j)
+                    prev = cur
             if group:
                 flush(group)
             for s in SPLITS:
