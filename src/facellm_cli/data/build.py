@@ -327,6 +327,11 @@ class _SplitWriter:
         self.messages.write(json.dumps({"id": rid, "messages": messages, "images": [image]}, ensure_ascii=False) + "\n")
         self.conversations += 1
 
+    def abort(self) -> None:
+        for f in (self.sharegpt, self.messages, self.mcq):
+            if f is not None and not f.closed:
+                f.close()
+
     def close(self) -> None:
         self.sharegpt.write("\n]\n")
         for f in (self.sharegpt, self.messages, self.mcq):
@@ -438,8 +443,10 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
+        writers: dict[str, _SplitWriter] = {}
         try:
-            writers = {s: _SplitWriter(staging, s, bool(cfg.mcq)) for s in SPLITS}
+            for s in SPLITS:
+                writers[s] = _SplitWriter(staging, s, bool(cfg.mcq))
             acc = _Accumulator()
             group: list[int] = []
             done = 0
@@ -519,6 +526,8 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
             files = sorted(p.name for p in staging.iterdir())
             _finalize(staging, out)
         except BaseException:
+            for w in writers.values():
+                w.abort()
             shutil.rmtree(staging, ignore_errors=True)
             raise
     finally:
