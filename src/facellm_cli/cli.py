@@ -25,6 +25,7 @@ from ._options import (
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
+    OutDirOpt,
     QuantOpt,
     SetOpt,
     SubfolderOpt,
@@ -152,6 +153,64 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
 
     with err_console().status(f"loading {model_cfg.model} ..."):
         return load_model_and_processor(model_cfg)
+
+
+# ---- build-dataset ----
+@app.command("build-dataset")
+def build_dataset(
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Annotate JSONL files and/or paper-layout folders ({id}/question_i.txt).")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Folder the image paths are relative to.")
+    ] = None,
+    out: OutDirOpt = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Labels CSV: a 'file' column + attributes.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="train,val,test fractions: 0.8,0.1,0.1.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Split and MCQ seed.")] = None,
+    merge_aspects: Annotated[
+        bool | None, typer.Option("--merge-aspects/--no-merge-aspects", help="One multi-turn conversation per image.")
+    ] = None,
+    mcq: Annotated[str | None, typer.Option("--mcq", help="Labels to export as MCQ: expression,age.")] = None,
+    mcq_train: Annotated[
+        bool | None,
+        typer.Option("--mcq-train/--no-mcq-train", help="Train MCQs into training files (default with --mcq)."),
+    ] = None,
+    group_key: Annotated[
+        str | None, typer.Option("--group-key", help="Identity label; a group stays in one split.")
+    ] = None,
+    stratify: Annotated[str | None, typer.Option("--stratify", help="Label column to stratify the split by.")] = None,
+    skip_invalid: Annotated[
+        bool | None,
+        typer.Option("--skip-invalid/--no-skip-invalid", help="Drop and count invalid records, don't fail."),
+    ] = None,
+    force: Annotated[
+        bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate annotations, split them by image and write ShareGPT, messages JSONL and MCQ files."""
+    from .config import DatasetConfig, resolve_config
+    from .data.build import build_dataset as run_build
+
+    flags = {"inputs": inputs or None, "image_root": image_root, "out": str(out) if out else None, "labels": labels,
+             "split": split, "seed": seed, "merge_aspects": merge_aspects, "mcq": mcq, "mcq_train": mcq_train,
+             "group_key": group_key, "stratify": stratify, "skip_invalid": skip_invalid, "force": force}
+    cfg = resolve_config(DatasetConfig, config, flags, set_)
+    with err_console().status("building dataset ...") as status:
+        report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
+    if json_out:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+    console = err_console()
+    console.print(f"{report.qa_pairs:,} QA pairs over {report.images:,} images from {report.records_read:,} records "
+                  f"in {report.elapsed_s:.1f}s -> {report.out_dir}")
+    console.print("  " + ", ".join(f"{s}: {v['images']} images / {v['conversations']} conversations"
+                                   + (f" / {v['mcq']} MCQs" if cfg.mcq else "") for s, v in report.splits.items()))
+    if report.filtered:
+        console.print("  filtered: " + ", ".join(f"{k} {v}" for k, v in report.filtered.items()))
+    console.print(f"  LLaMA-Factory: dataset_dir={report.out_dir} media_dir={report.media_dir}")
 
 
 @dev_app.command("tiny-model")

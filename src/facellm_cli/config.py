@@ -204,3 +204,101 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path:
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     return atomic_write_text(Path(path), text)
+
+
+# ---- build-dataset ----
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``"a,b"`` from a flag as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class DatasetConfig(StrictModel):
+    """``facellm build-dataset``: annotate JSONL / paper folders -> validated, split training sets."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Annotate JSONL files, or folders in the paper's layout ({id}/question_i.txt + answer_i.txt).",
+    )
+    image_root: str | None = Field(
+        None, description="Folder the record image paths are relative to; output image paths are relative to it too."
+    )
+    out: str | None = Field(None, description="Output folder (must be empty or new unless force is set).")
+    labels: str | None = Field(
+        None, description="CSV of image labels (an image column plus attribute columns), used where records lack them."
+    )
+    labels_image_column: str = Field("file", description="Column of the labels CSV holding the image path.")
+    split: list[float] = Field(
+        default_factory=lambda: [0.8, 0.1, 0.1], description="train,val,test fractions (summing to 1)."
+    )
+    seed: int = Field(0, description="Seed for the split and the multiple-choice options; same seed, same bytes.")
+    merge_aspects: bool = Field(
+        False, description="One multi-turn conversation per image (all aspects) instead of one QA pair per record."
+    )
+    mcq: list[str] = Field(
+        default_factory=list, description="Label columns to export as multiple-choice questions (mcq_{split}.jsonl)."
+    )
+    mcq_train: bool | None = Field(
+        None, description="Add the train-split MCQs to the training files (default: on when mcq is set)."
+    )
+    mcq_max_options: int = Field(4, ge=2, le=10, description="Most options per MCQ (the true value plus distractors).")
+    group_key: str | None = Field(
+        None, description="Label column naming an identity/group; all images of a group go to the same split."
+    )
+    stratify: str | None = Field(
+        None, description="Label column to stratify the split by (default: the first mcq label, if any)."
+    )
+    skip_invalid: bool = Field(
+        False, description="Drop invalid records and count them by reason instead of failing."
+    )
+    force: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
+    max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted image, in pixels (width x height).")
+    max_image_mb: float = Field(50.0, gt=0, description="Largest accepted image file, in MB.")
+    check_sha256: bool = Field(
+        True, description="Reject records whose image bytes changed since annotation (image_sha256 mismatch)."
+    )
+    refusal_patterns: list[str] | None = Field(
+        None, description="Phrases that mark a refusal answer (default: facellm_cli.refusals.DEFAULT_REFUSAL_PATTERNS)."
+    )
+    name: str = Field("facellm", description="Dataset name prefix in dataset_info.json (name_train, name_val, ...).")
+    max_errors_shown: int = Field(20, gt=0, description="Most invalid records listed in one error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_from_flags(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("split", "mcq"):
+                if key in data:
+                    data[key] = _split_csv(data[key])
+            if isinstance(data.get("inputs"), str):
+                data["inputs"] = [data["inputs"]]
+        return data
+
+    @model_validator(mode="after")
+    def _checks(self) -> DatasetConfig:
+        problems = []
+        if not self.inputs:
+            problems.append("inputs: give at least one annotate JSONL file or paper-layout folder")
+        if not self.image_root:
+            problems.append("image_root: required (--image-root DIR, the folder the image paths are relative to)")
+        if not self.out:
+            problems.append("out: required (--out DIR)")
+        if len(self.split) != 3 or any(f < 0 for f in self.split):
+            problems.append(f"split: {self.split} must be three fractions >= 0, train,val,test (e.g. 0.8,0.1,0.1)")
+        elif abs(sum(self.split) - 1.0) > 1e-6:
+            problems.append(f"split: {self.split} sums to {sum(self.split):g}, not 1 (e.g. 0.8,0.1,0.1)")
+        elif self.split[0] <= 0:
+            problems.append(f"split: {self.split} leaves no training data (the first fraction must be > 0)")
+        if len(set(self.mcq)) != len(self.mcq):
+            problems.append(f"mcq: {self.mcq} names a label twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.mcq_train is None:
+            object.__setattr__(self, "mcq_train", bool(self.mcq))
+        if self.stratify is None and self.mcq:
+            object.__setattr__(self, "stratify", self.mcq[0])
+        return self
