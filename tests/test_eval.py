@@ -226,7 +226,6 @@ def test_interrupted_run_resumes_without_reasking(fxb: Path, lm: Any, tmp_path: 
     assert len(lines) == 2
     with open(out / "predictions.jsonl", "a") as f:  # a write torn by kill -9
         f.write('{"id": "lapa_single_mcq/3", "pred')
-    counter = LocalBackend(lm, cfg)
     calls: list[int] = []
 
     def counting_load() -> Any:
@@ -242,7 +241,6 @@ def test_interrupted_run_resumes_without_reasking(fxb: Path, lm: Any, tmp_path: 
     again = evaluate(cfg, load_model=lambda: pytest.fail("model loaded although every answer is cached"))
     assert (again.asked, again.cached, again.model_calls) == (0, 6, 0)
     assert again.results["overall"] == outcome.results["overall"]
-    del counter
 
 
 def test_other_setup_in_same_folder_is_refused(fxb: Path, lm: Any, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ order is:
 1. the whole answer is a letter: ``C``, ``(c)``, ``C.``;
 2. explicit phrases: "answer is (C)", "Answer: C", "Option C", "correct choice is C";
    if they name different letters the answer is ambiguous;
-3. a letter at the start followed by punctuation: "C. smiling", "(C) smiling", "C) ...";
+3. a letter at the start followed by punctuation: "C. smiling", "(C) smiling", "C) ..."
+   (unless other parenthesised letters follow: "(A) smiling (B) neutral" echoes the options);
 4. letters mentioned elsewhere: "(C)" or a capital standalone letter that is
    not the article "A" ("A woman ..."); exactly one distinct letter wins, two
    or more make the answer ambiguous;
