@@ -535,3 +535,17 @@ def test_cli_evaluate_end_to_end(fxb: Path, tiny_internvl: Path, tmp_path: Path,
     assert r.code == 0 and "0 answered, 3 from cache" in r.err and r.out.startswith("| | accuracy %")
     r = cli("evaluate", "--data", tmp_path / "missing.jsonl", "--model", tiny_internvl, "--out", out / "x")
     assert r.code == 1 and "evaluation set not found" in r.err
+
+
+def test_shipped_example_config_loads() -> None:
+    from facellm_cli.config import resolve_config
+
+    example = Path(__file__).parents[1] / "examples" / "evaluate_facexbench.yaml"
+    cfg = resolve_config(EvalConfig, example, {"generation.temperature": 0.0}, ["batch_size=4"])
+    assert (cfg.benchmark, cfg.mode, cfg.batch_size, cfg.generation.max_new_tokens) == (
+        "facexbench",
+        "likelihood",
+        4,
+        32,
+    )
+    assert cfg.model.model == "Idiap/FaceLLM-1B" and cfg.model.subfolder == "model"

@@ -219,6 +219,12 @@ class EvalEndpointConfig(StrictModel):
     max_image_side: int | None = Field(1024, gt=0, description="Downscale images so the longer side is at most this.")
 
 
+class EvalGenerationConfig(GenerationConfig):
+    """Decoding for generate mode: the benchmark asks for a letter, so answers are short by default."""
+
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens per answer (a letter, or a short sentence).")
+
+
 class EvalConfig(StrictModel):
     """``facellm evaluate``: multiple-choice accuracy of a model on FaceXBench or a JSONL set."""
 
@@ -233,8 +239,8 @@ class EvalConfig(StrictModel):
     mode: Literal["generate", "likelihood"] = Field(
         "generate", description="generate: answer then parse; likelihood: pick the option letter the model scores highest."
     )
-    generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=32), description="Decoding settings for generate mode."
+    generation: EvalGenerationConfig = Field(
+        default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
     )
     batch_size: int = Field(8, gt=0, description="Questions per forward pass / generate call.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions (after --tasks).")
