@@ -18,10 +18,12 @@ import typer
 from . import __version__
 from ._options import (
     AdapterOpt,
+    ApiKeyEnvOpt,
     BatchSizeOpt,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EndpointOpt,
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
@@ -195,22 +197,173 @@ def build_dataset(
     from .config import DatasetConfig, resolve_config
     from .data.build import build_dataset as run_build
 
-    flags = {"inputs": inputs or None, "image_root": image_root, "out": str(out) if out else None, "labels": labels,
-             "split": split, "seed": seed, "merge_aspects": merge_aspects, "mcq": mcq, "mcq_train": mcq_train,
-             "group_key": group_key, "stratify": stratify, "skip_invalid": skip_invalid, "force": force}
+    flags = {
+        "inputs": inputs or None,
+        "image_root": image_root,
+        "out": str(out) if out else None,
+        "labels": labels,
+        "split": split,
+        "seed": seed,
+        "merge_aspects": merge_aspects,
+        "mcq": mcq,
+        "mcq_train": mcq_train,
+        "group_key": group_key,
+        "stratify": stratify,
+        "skip_invalid": skip_invalid,
+        "force": force,
+    }
     cfg = resolve_config(DatasetConfig, config, flags, set_)
     with err_console().status("building dataset ...") as status:
         report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
     if json_out:
         print(json.dumps(report.to_json(), ensure_ascii=False))
     console = err_console()
-    console.print(f"{report.qa_pairs:,} QA pairs over {report.images:,} images from {report.records_read:,} records "
-                  f"in {report.elapsed_s:.1f}s -> {report.out_dir}")
-    console.print("  " + ", ".join(f"{s}: {v['images']} images / {v['conversations']} conversations"
-                                   + (f" / {v['mcq']} MCQs" if cfg.mcq else "") for s, v in report.splits.items()))
+    console.print(
+        f"{report.qa_pairs:,} QA pairs over {report.images:,} images from {report.records_read:,} records "
+        f"in {report.elapsed_s:.1f}s -> {report.out_dir}"
+    )
+    console.print(
+        "  "
+        + ", ".join(
+            f"{s}: {v['images']} images / {v['conversations']} conversations"
+            + (f" / {v['mcq']} MCQs" if cfg.mcq else "")
+            for s, v in report.splits.items()
+        )
+    )
     if report.filtered:
         console.print("  filtered: " + ", ".join(f"{k} {v}" for k, v in report.filtered.items()))
     console.print(f"  LLaMA-Factory: dataset_dir={report.out_dir} media_dir={report.media_dir}")
+
+
+# ---- evaluate ----
+
+
+@app.command()
+def evaluate(
+    benchmark: Annotated[str | None, typer.Option("--benchmark", help="Built-in benchmark: facexbench.")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="FaceXBench checkout (or its benchmark/ folder).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="JSONL set, or a folder of build-dataset mcq_*.jsonl.")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Root for relative image paths in --data.")
+    ] = None,
+    model: ModelOpt = None,
+    subfolder: SubfolderOpt = None,
+    adapter: AdapterOpt = None,
+    quantization: QuantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    base_url: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="generate | likelihood.")] = None,
+    batch_size: BatchSizeOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="Tasks, sub-tasks or categories to run (repeat or comma-separate)."),
+    ] = None,
+    with_task_description: Annotated[
+        bool | None, typer.Option("--with-task-description", help="Prepend each task's description.")
+    ] = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    out: OutDirOpt = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Multiple-choice accuracy on FaceXBench or a JSONL set: batched, resumable, with per-task and fairness reports."""
+    from .config import EvalConfig, resolve_config
+    from .eval.report import compare as compare_runs
+    from .eval.report import render_compare
+
+    if compare and not (benchmark or data or config or set_):
+        table = compare_runs(compare)
+        print(
+            json.dumps(table, ensure_ascii=False) if json_out else render_compare(table),
+            end="" if not json_out else "\n",
+        )
+        return
+    from .eval.runner import evaluate as run_eval
+
+    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype)
+    if base_url:
+        flags.update(
+            {
+                "endpoint.base_url": base_url,
+                "endpoint.model": model,
+                "endpoint.api_key_env": api_key_env,
+                "endpoint.concurrency": concurrency,
+            }
+        )
+    flags.update(
+        {
+            "benchmark": benchmark,
+            "data_dir": data_dir,
+            "data": data,
+            "image_root": image_root,
+            "mode": mode,
+            "batch_size": batch_size,
+            "limit": limit,
+            "with_task_description": with_task_description,
+            "generation.max_new_tokens": max_new_tokens,
+            "out": str(out) if out else None,
+            "tasks": [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None,
+        }
+    )
+    cfg = resolve_config(EvalConfig, config, flags, set_)
+    api_key = os.environ.get(cfg.endpoint.api_key_env) if cfg.endpoint else None
+    with _progress("evaluating") as bar:
+        outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
+    err_console().print(f"{outcome.asked} answered, {outcome.cached} from cache; report: {outcome.files['report']}")
+    if json_out:
+        print(json.dumps(outcome.results, ensure_ascii=False))
+    else:
+        from .eval.report import summary_table
+
+        print(summary_table(outcome.results), end="")
+    if compare:
+        table = compare_runs([*compare, str(outcome.out_dir)])
+        print(
+            json.dumps(table, ensure_ascii=False) if json_out else "\n" + render_compare(table),
+            end="" if not json_out else "\n",
+        )
+
+
+class _progress:
+    """A rich progress bar on stderr, called as ``bar(done, total)``."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console(),
+            transient=True,
+        )
+        self._task = None
+
+    def __enter__(self) -> _progress:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._p.add_task("", total=total)
+        self._p.update(self._task, completed=done, total=total)
 
 
 @dev_app.command("tiny-model")

@@ -251,9 +251,7 @@ class DatasetConfig(StrictModel):
     stratify: str | None = Field(
         None, description="Label column to stratify the split by (default: the first mcq label, if any)."
     )
-    skip_invalid: bool = Field(
-        False, description="Drop invalid records and count them by reason instead of failing."
-    )
+    skip_invalid: bool = Field(False, description="Drop invalid records and count them by reason instead of failing.")
     force: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted image, in pixels (width x height).")
     max_image_mb: float = Field(50.0, gt=0, description="Largest accepted image file, in MB.")
@@ -301,4 +299,80 @@ class DatasetConfig(StrictModel):
             object.__setattr__(self, "mcq_train", bool(self.mcq))
         if self.stratify is None and self.mcq:
             object.__setattr__(self, "stratify", self.mcq[0])
+        return self
+
+
+# ---- evaluate ----
+
+
+class EvalEndpointConfig(StrictModel):
+    """An OpenAI-compatible server to evaluate instead of a local model (GPT-4o, vLLM, ``facellm serve``)."""
+
+    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
+    max_image_side: int | None = Field(1024, gt=0, description="Downscale images so the longer side is at most this.")
+
+
+class EvalGenerationConfig(GenerationConfig):
+    """Decoding for generate mode: the benchmark asks for a letter, so answers are short by default."""
+
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens per answer (a letter, or a short sentence).")
+
+
+class EvalConfig(StrictModel):
+    """``facellm evaluate``: multiple-choice accuracy of a model on FaceXBench or a JSONL set."""
+
+    benchmark: Literal["facexbench"] | None = Field(None, description="Built-in benchmark to run (needs data_dir).")
+    data_dir: str | None = Field(None, description="FaceXBench checkout (or its benchmark/ folder) with the images.")
+    data: str | None = Field(
+        None,
+        description="JSONL set ({images, question, options, answer} lines or build-dataset mcq_*.jsonl), or a folder of mcq_*.jsonl.",
+    )
+    image_root: str | None = Field(
+        None, description="Folder relative image paths in --data resolve against (default: the file's folder)."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Local model to evaluate (ignored with endpoint)."
+    )
+    endpoint: EvalEndpointConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
+    mode: Literal["generate", "likelihood"] = Field(
+        "generate",
+        description="generate: answer then parse; likelihood: pick the option letter the model scores highest.",
+    )
+    generation: EvalGenerationConfig = Field(
+        default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
+    )
+    batch_size: int = Field(8, gt=0, description="Questions per forward pass / generate call.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions (after --tasks).")
+    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
+    with_task_description: bool = Field(
+        False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
+    )
+    out: str = Field(
+        "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> EvalConfig:
+        problems = []
+        if self.benchmark and self.data:
+            problems.append("data: give either --benchmark facexbench --data-dir DIR or --data FILE, not both")
+        if not self.benchmark and not self.data:
+            problems.append(
+                "benchmark: nothing to evaluate; give --benchmark facexbench --data-dir DIR or --data FILE.jsonl"
+            )
+        if self.benchmark and not self.data_dir:
+            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout with its images)")
+        if self.data_dir and not self.benchmark:
+            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
+        if self.image_root and not self.data:
+            problems.append("image_root: --image-root only applies to --data sets")
+        if self.endpoint is not None and self.mode == "likelihood":
+            problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
