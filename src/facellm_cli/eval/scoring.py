@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..refusals import is_refusal
 from ..schema import LETTERS
 
 _PHRASE = re.compile(
@@ -68,11 +69,11 @@ _A_AS_LETTER_NEXT = {
     "best",
     "applies",
 }
-_REFUSAL = re.compile(
-    r"\b(?:i\s*(?:'m|am)\s+sorry|i\s+apologi[sz]e|i\s*(?:can(?:'|no)t|cannot|am\s+unable\s+to|'m\s+unable\s+to|"
-    r"am\s+not\s+able\s+to|'m\s+not\s+able\s+to|won't\s+be\s+able\s+to|do\s+not\s+know|don't\s+know)\b|"
-    r"as\s+an\s+ai\b|not\s+possible\s+to\s+(?:determine|tell|identify)|unable\s+to\s+(?:determine|identify|tell)|"
-    r"cannot\s+be\s+determined|can't\s+be\s+determined|there\s+is\s+no\s+(?:image|face))",
+# Beyond the shared refusal detector: answers that decline to pick an option.
+_NO_CHOICE = re.compile(
+    r"\b(?:i\s*(?:can(?:'|no)t|cannot)\b|i\s+(?:do\s+not|don't)\s+know\b|"
+    r"not\s+possible\s+to\s+(?:determine|tell|identify)|unable\s+to\s+(?:determine|identify|tell)|"
+    r"can(?:not|'t)\s+be\s+determined|there\s+is\s+no\s+(?:image|face))",
     re.IGNORECASE,
 )
 _MARKUP = re.compile(r"[*_`#]+")
@@ -176,7 +177,7 @@ def parse_answer(text: str | None, options: Sequence[object]) -> Parsed:
     if len(mentioned) > 1:
         return Parsed(None, "ambiguous")
 
-    if _REFUSAL.search(raw):
+    if is_refusal(raw) or _NO_CHOICE.search(raw):
         return Parsed(None, "refusal")
     letter = _option_text(raw, options)
     if letter:
