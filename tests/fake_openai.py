@@ -150,7 +150,7 @@ class FakeOpenAI:
         self.model = model
         self.log: list[RequestLog] = []
         self._queue: list[Behaviour] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._state = _State()
         self._ids = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -397,6 +397,16 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
