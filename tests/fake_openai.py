@@ -496,6 +496,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict[str, Any], entry: RequestLog) -> None:
         fake = self.fake
+        if body.get("response_format") is not None and not fake.structured_outputs:
+            entry.outcome = "400"
+            self._error(400, "response_format is not supported by this server")
+            return
         behaviour = fake._next_behaviour(_request_text(body))
         if fake.latency or behaviour.delay:
             time.sleep(fake.latency + behaviour.delay)
@@ -516,10 +520,6 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour.kind == "raw":
             entry.outcome = "raw"
             self._send(behaviour.status, raw=behaviour.body or b"", content_type=behaviour.content_type)
-            return
-        if body.get("response_format") is not None and not fake.structured_outputs:
-            entry.outcome = "400"
-            self._error(400, "response_format is not supported by this server")
             return
         entry.outcome = "200"
         self._send(200, fake.chat_completion(body, behaviour))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -256,6 +256,7 @@ class AnnotateConfig(StrictModel):
     )
     labels: str | None = Field(
         None,
+        validate_default=True,
         description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute columns.",
     )
     label_image_column: str | None = Field(
@@ -343,19 +344,31 @@ class AnnotateConfig(StrictModel):
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
 
-    @model_validator(mode="after")
-    def _annotate_checks(self) -> AnnotateConfig:
-        problems = []
-        if self.batch and self.provider == "template":
-            problems.append("batch: the template provider makes no requests (drop --batch or use --provider openai)")
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            problems.append(
-                f"base_url: '{self.base_url}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)"
-            )
-        if self.aspects is not None and not self.aspects:
-            problems.append("aspects: give at least one aspect key, or leave it unset for all")
-        if not self.images and not self.labels:
-            problems.append("images: give image files/folders, or a labels file that lists the images (--labels)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    # Field validators (not one model validator) so each error names its key: "base_url: ...".
+    @field_validator("labels")
+    @classmethod
+    def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if not v and not info.data.get("images"):
+            raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+    @field_validator("aspects")
+    @classmethod
+    def _some_aspects(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one aspect key, or leave it unset for all")
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_needs_requests(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("provider") == "template":
+            raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
+        return v

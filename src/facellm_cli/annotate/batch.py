@@ -213,7 +213,7 @@ def run_batch(
             rounds += 1
             before = summary.requests
             _submit(client, bstate, bdir, state_path, summary)
-            if bstate.round > 1:
+            if rounds > 1:  # rounds after the first re-ask what was refused or failed
                 summary.reasks += summary.requests - before
             _poll(client, cfg, bstate, state_path, sleep)
             with JsonlAppender(out) as writer:

@@ -256,11 +256,11 @@ class ChatClient:
                 retryable = status == 429 or status in (408, 409) or (status is not None and status >= 500)
                 if not retryable:
                     raise RequestFailed(f"HTTP {status}: {detail}", status=status, body=detail)
-                kind = f"http_{status}"
+                kind, desc = f"http_{status}", f"HTTP {status}: {detail}"
             elif isinstance(error, openai.APITimeoutError):
-                kind = "timeout"
+                kind, desc = "timeout", "timed out"
             elif isinstance(error, openai.APIConnectionError):
-                kind = "connection"
+                kind, desc = "connection", f"connection error ({_short(error)})"
             else:
                 raise RequestFailed(f"{type(error).__name__}: {error}")
             self.stats.count_error(kind)
@@ -270,7 +270,8 @@ class ChatClient:
                         f"cannot reach endpoint {self.base_url} ({error}); check --base-url or start the server "
                         "(e.g. facellm serve --model ...)"
                     )
-                raise RequestFailed(f"gave up after {attempt + 1} tries: {kind} ({_short(error)})", status=status)
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                raise RequestFailed(f"{desc} (gave up after {tries})", status=status)
             delay = self._backoff(attempt, asked)
             if status == 429 and asked is not None:
                 self._pause_until = max(self._pause_until, time.monotonic() + asked)
