@@ -20,6 +20,7 @@ JSON object is requested (``response_format`` json_schema, or a prompt listing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -507,10 +508,8 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour.kind == "drop":
             entry.outcome = "drop"
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         if behaviour.kind == "status":
             entry.outcome = str(behaviour.status)

@@ -75,10 +75,20 @@ def error_lines(err: str) -> list[str]:
 
 
 def test_default_prompt_set_follows_the_paper() -> None:
-    assert ASPECTS == ["demographics", "facial_structure", "skin_texture", "expression_emotion",
-                       "lighting_quality", "face_pose", "forensic", "detail"]
+    assert ASPECTS == [
+        "demographics",
+        "facial_structure",
+        "skin_texture",
+        "expression_emotion",
+        "lighting_quality",
+        "face_pose",
+        "forensic",
+        "detail",
+    ]
     pose = next(a for a in FAIRFACEGPT_V1.aspects if a.key == "face_pose")
-    prompt, question = render_aspect(FAIRFACEGPT_V1, pose, {"age": "3-9", "gender": "Female", "race": "Latino_Hispanic"})
+    prompt, question = render_aspect(
+        FAIRFACEGPT_V1, pose, {"age": "3-9", "gender": "Female", "race": "Latino_Hispanic"}
+    )
     assert prompt.startswith("We know that this is a face image of a girl of Latino/Hispanic ethnicity, 3-9 years old.")
     assert "Describe only the face pose of the image" in prompt
     assert question == "Describe the face pose of the image based on the visual information."
@@ -100,7 +110,9 @@ def test_user_prompt_set_yaml_is_validated(tmp_path: Path) -> None:
     ps = load_prompt_set(str(good))
     assert ps.version == "mine-v2" and [a.key for a in ps.aspects] == ["hair"]
     bad = tmp_path / "bad.yaml"
-    bad.write_text("version: x\nsystem: s\ncolour: red\naspects:\n  - {key: hair, name: hair, prompt: '{lables}', question: q}\n")
+    bad.write_text(
+        "version: x\nsystem: s\ncolour: red\naspects:\n  - {key: hair, name: hair, prompt: '{lables}', question: q}\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_prompt_set(str(bad))
     text = str(e.value)
@@ -117,7 +129,9 @@ def test_label_files(tmp_path: Path) -> None:
     csv_path.write_text("file,age,gender,race,service_test\nval/1.jpg,50-59,Male,Middle Eastern,True\n,1,2,3,4\n")
     t = read_labels(csv_path, ignore=["service_test"])
     assert t.image_column == "file"
-    assert [(r.image, r.labels) for r in t.rows] == [("val/1.jpg", {"age": "50-59", "gender": "Male", "race": "Middle Eastern"})]
+    assert [(r.image, r.labels) for r in t.rows] == [
+        ("val/1.jpg", {"age": "50-59", "gender": "Male", "race": "Middle Eastern"})
+    ]
     assert t.problems == [f"label row without an image: {csv_path} line 3 (empty 'file')"]
     jl = tmp_path / "l.jsonl"
     jl.write_text('{"image_path": "a.png", "expression": "smiling", "glasses": "no", "extra": null}\n')
@@ -146,14 +160,31 @@ def test_template_provider_offline(cli, tmp_path: Path, faces: Path, monkeypatch
         "faces/001.jpg,neutral,closed,no,turned left,\n"
     )
     # no API key and an endpoint nobody listens on: the template provider must not need either
-    r = cli("annotate", "faces", "--labels", "syn.csv", "--provider", "template", "--out", "syn.jsonl",
-            "--base-url", "http://127.0.0.1:9/v1", "--json")
+    r = cli(
+        "annotate",
+        "faces",
+        "--labels",
+        "syn.csv",
+        "--provider",
+        "template",
+        "--out",
+        "syn.jsonl",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--json",
+    )
     assert r.code == 0, r.err
     recs = lines(faces / "syn.jsonl")
     qa = {(x["image"], x["aspect"]): (x["question"], x["answer"]) for x in recs}
-    assert qa[("faces/000.jpg", "expression")] == ("What is the facial expression of the person in the image?", "The person is smiling.")
+    assert qa[("faces/000.jpg", "expression")] == (
+        "What is the facial expression of the person in the image?",
+        "The person is smiling.",
+    )
     assert qa[("faces/001.jpg", "expression")][1] == "The person has a neutral expression."
-    assert qa[("faces/000.jpg", "eyes")] == ("Are the eyes of the person in the image open or closed?", "The person's eyes are open.")
+    assert qa[("faces/000.jpg", "eyes")] == (
+        "Are the eyes of the person in the image open or closed?",
+        "The person's eyes are open.",
+    )
     assert qa[("faces/000.jpg", "glasses")][1] == "Yes, the person is wearing glasses."
     assert qa[("faces/001.jpg", "glasses")][1] == "No, the person is not wearing glasses."
     assert qa[("faces/000.jpg", "pose")][1] == "The head pose is frontal."
@@ -166,7 +197,10 @@ def test_template_provider_offline(cli, tmp_path: Path, faces: Path, monkeypatch
     r = cli("annotate", "faces", "--labels", "labels.csv", "--provider", "template", "--out", "ff.jsonl")
     assert r.code == 0, r.err
     qa = {(x["image"], x["aspect"]): x["answer"] for x in lines(faces / "ff.jsonl")}
-    assert qa[("faces/000.jpg", "demographics")] == "The person appears to be a boy of Latino/Hispanic ethnicity, 3-9 years old."
+    assert (
+        qa[("faces/000.jpg", "demographics")]
+        == "The person appears to be a boy of Latino/Hispanic ethnicity, 3-9 years old."
+    )
     assert qa[("faces/000.jpg", "gender")] == "The person is a boy."
     assert qa[("faces/001.jpg", "race")] == "The person appears to be of East Asian ethnicity."
     assert qa[("faces/002.jpg", "age")] == "The person is more than 70 years old."
@@ -181,7 +215,9 @@ def test_template_provider_offline(cli, tmp_path: Path, faces: Path, monkeypatch
 # ---- live endpoint ---------------------------------------------------------------------------
 
 
-def test_all_items_complete_despite_faults(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_all_items_complete_despite_faults(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(faces)
     server.script(
@@ -196,11 +232,25 @@ def test_all_items_complete_despite_faults(cli, faces: Path, server: FakeOpenAI,
         Behaviour.empty(),
         Behaviour.ok("A clear frontal face.", usage=(1000, 7)),
     )
-    r = cli("annotate", "faces", "--labels", "labels.csv", "--out", "ann.jsonl", "--base-url", server.base_url,
-            "--concurrency", "4", "--json", *fast())
+    r = cli(
+        "annotate",
+        "faces",
+        "--labels",
+        "labels.csv",
+        "--out",
+        "ann.jsonl",
+        "--base-url",
+        server.base_url,
+        "--concurrency",
+        "4",
+        "--json",
+        *fast(),
+    )
     assert r.code == 0, r.err
     recs = lines(faces / "ann.jsonl")
-    assert sorted((x["image"], x["aspect"]) for x in recs) == sorted((f"faces/00{i}.jpg", a) for i in range(3) for a in ASPECTS)
+    assert sorted((x["image"], x["aspect"]) for x in recs) == sorted(
+        (f"faces/00{i}.jpg", a) for i in range(3) for a in ASPECTS
+    )
     assert all(x["status"] == "ok" for x in recs)
     assert not any(is_refusal(x["answer"]) or not x["answer"].strip() for x in recs)
     summary = json.loads(r.out)
@@ -222,12 +272,16 @@ def test_all_items_complete_despite_faults(cli, faces: Path, server: FakeOpenAI,
     assert "label row without an image: faces/404.jpg" in r.err
 
 
-def test_grouped_mode_sends_each_image_once(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_mode_sends_each_image_once(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(faces)
     first = "faces/000.jpg"
     server.script(Behaviour.ok('{"demographics": "I\'m sorry, I cannot help."}'))  # partial + refusal: re-ask the rest
-    r = cli("annotate", "faces", "--out", "g.jsonl", "--base-url", server.base_url, "--mode", "grouped", "--json", *fast())
+    r = cli(
+        "annotate", "faces", "--out", "g.jsonl", "--base-url", server.base_url, "--mode", "grouped", "--json", *fast()
+    )
     assert r.code == 0, r.err
     recs = lines(faces / "g.jsonl")
     assert len(recs) == 24 and all(x["status"] == "ok" for x in recs)
@@ -249,8 +303,20 @@ def test_grouped_falls_back_to_json_in_text(cli, faces: Path, monkeypatch: pytes
     monkeypatch.chdir(faces)
     with FakeOpenAI(structured_outputs=False) as srv:  # local server: no key needed
         srv.script(Behaviour.ok("Here you go:\n```json\nnot json at all\n```"))
-        r = cli("annotate", "faces", "--out", "t.jsonl", "--base-url", srv.base_url, "--mode", "grouped",
-                "--concurrency", "1", "--json", *fast())
+        r = cli(
+            "annotate",
+            "faces",
+            "--out",
+            "t.jsonl",
+            "--base-url",
+            srv.base_url,
+            "--mode",
+            "grouped",
+            "--concurrency",
+            "1",
+            "--json",
+            *fast(),
+        )
         assert r.code == 0, r.err
         chats = srv.chat_requests()
     assert len(lines(faces / "t.jsonl")) == 24
@@ -261,11 +327,24 @@ def test_grouped_falls_back_to_json_in_text(cli, faces: Path, monkeypatch: pytes
     assert json.loads(r.out)["rejected"] == {"malformed": 1}
 
 
-def test_failed_items_are_recorded_then_retried_by_a_later_run(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_items_are_recorded_then_retried_by_a_later_run(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(faces)
     server.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
-    args = ["annotate", "faces", "--out", "a.jsonl", "--base-url", server.base_url, "--max-retries", "0", "--json", *fast()]
+    args = [
+        "annotate",
+        "faces",
+        "--out",
+        "a.jsonl",
+        "--base-url",
+        server.base_url,
+        "--max-retries",
+        "0",
+        "--json",
+        *fast(),
+    ]
     r = cli(*args)
     assert r.code == 1
     assert error_lines(r.err) == [
@@ -287,8 +366,18 @@ def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypa
     monkeypatch.setenv("MY_VLM_KEY", KEY)
     monkeypatch.chdir(faces)
     server.script(Behaviour.rate_limited(retry_after=0), Behaviour.server_error())
-    r = cli("annotate", "faces", "--out", "out/k.jsonl", "--base-url", server.base_url, "--api-key-env", "MY_VLM_KEY",
-            "--json", *fast("--set", "aspects=[detail]"))
+    r = cli(
+        "annotate",
+        "faces",
+        "--out",
+        "out/k.jsonl",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        "MY_VLM_KEY",
+        "--json",
+        *fast("--set", "aspects=[detail]"),
+    )
     assert r.code == 0, r.err
     assert all(x.authorization == f"Bearer {KEY}" for x in server.chat_requests())  # the key was used...
     assert KEY not in r.out and KEY not in r.err  # ...and never shown
@@ -299,7 +388,17 @@ def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypa
     assert "api_key_env: MY_VLM_KEY" in (faces / "out" / "k.config.yaml").read_text()
     # a wrong key: one clear line, still without the key
     monkeypatch.setenv("MY_VLM_KEY", "sk-wrong-0000")
-    r = cli("annotate", "faces", "--out", "out/k2.jsonl", "--base-url", server.base_url, "--api-key-env", "MY_VLM_KEY", *fast())
+    r = cli(
+        "annotate",
+        "faces",
+        "--out",
+        "out/k2.jsonl",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        "MY_VLM_KEY",
+        *fast(),
+    )
     assert r.code == 1 and len(error_lines(r.err)) == 1
     assert "rejected the API key (HTTP 401" in r.err and "sk-wrong-0000" not in r.err
 
@@ -307,15 +406,50 @@ def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypa
 def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(faces)
     cases = [
-        (["annotate", "nowhere/", "--provider", "template"], "error: no images to annotate in: nowhere/ (image not found: nowhere)"),
+        (
+            ["annotate", "nowhere/", "--provider", "template"],
+            "error: no images to annotate in: nowhere/ (image not found: nowhere)",
+        ),
         (["annotate", "faces", "--mode", "sideways"], "error: mode: Input should be 'per-aspect' or 'grouped'"),
-        (["annotate", "faces", "--labels", "missing.csv", "--provider", "template"], "error: labels file not found: missing.csv (check --labels)"),
-        (["annotate", "faces"], "error: environment variable OPENAI_API_KEY is not set: export OPENAI_API_KEY=... (or name another with --api-key-env)"),
-        (["annotate", "faces", "--base-url", "127.0.0.1:8000/v1"], "error: base_url: '127.0.0.1:8000/v1' must start with http:// or https://"),
-        (["annotate", "faces", "--prompts", "fairfacegpt-v1", "--set", "aspects=[hair]", "--base-url", "http://127.0.0.1:9/v1"],
-         "error: aspects: unknown aspect 'hair' for prompt set fairfacegpt-v1"),
-        (["annotate", "faces", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", "0", "--set", "aspects=[detail]"],
-         "error: cannot reach endpoint http://127.0.0.1:9/v1"),
+        (
+            ["annotate", "faces", "--labels", "missing.csv", "--provider", "template"],
+            "error: labels file not found: missing.csv (check --labels)",
+        ),
+        (
+            ["annotate", "faces"],
+            "error: environment variable OPENAI_API_KEY is not set: export OPENAI_API_KEY=... "
+            "(or name another with --api-key-env)",
+        ),
+        (
+            ["annotate", "faces", "--base-url", "127.0.0.1:8000/v1"],
+            "error: base_url: '127.0.0.1:8000/v1' must start with http:// or https://",
+        ),
+        (
+            [
+                "annotate",
+                "faces",
+                "--prompts",
+                "fairfacegpt-v1",
+                "--set",
+                "aspects=[hair]",
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+            ],
+            "error: aspects: unknown aspect 'hair' for prompt set fairfacegpt-v1",
+        ),
+        (
+            [
+                "annotate",
+                "faces",
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+                "--max-retries",
+                "0",
+                "--set",
+                "aspects=[detail]",
+            ],
+            "error: cannot reach endpoint http://127.0.0.1:9/v1",
+        ),
     ]
     for args, expected in cases:
         r = cli(*args)
@@ -325,7 +459,9 @@ def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.M
         assert "Traceback" not in r.err
 
 
-def test_dry_run_estimates_without_calling(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_estimates_without_calling(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(faces)
     r = cli("annotate", "faces", "--labels", "labels.csv", "--dry-run", "--json")
     assert r.code == 0, r.err
@@ -343,8 +479,17 @@ def test_dry_run_estimates_without_calling(cli, faces: Path, server: FakeOpenAI,
 def test_rpm_cap_spaces_requests(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(faces)
-    r = cli("annotate", "faces", "--out", "r.jsonl", "--base-url", server.base_url, "--rpm", "300",
-            *fast("--set", "aspects=[detail,face_pose]"))
+    r = cli(
+        "annotate",
+        "faces",
+        "--out",
+        "r.jsonl",
+        "--base-url",
+        server.base_url,
+        "--rpm",
+        "300",
+        *fast("--set", "aspects=[detail,face_pose]"),
+    )
     assert r.code == 0, r.err
     starts = sorted(x.started for x in server.chat_requests())
     assert len(starts) == 6 and starts[-1] - starts[0] >= 5 * 0.2 * 0.9  # 300 rpm = one start per 0.2 s
@@ -373,10 +518,22 @@ def _wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 30)
 def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
     make_faces(tmp_path / "faces", 12)
     out = tmp_path / "ann.jsonl"
-    cmd = [sys.executable, "-m", "facellm_cli", "annotate", str(tmp_path / "faces"), "--out", str(out), "--concurrency", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "facellm_cli",
+        "annotate",
+        str(tmp_path / "faces"),
+        "--out",
+        str(out),
+        "--concurrency",
+        "4",
+    ]
     with FakeOpenAI(api_key=KEY, latency=0.05) as srv:
         cmd += ["--base-url", srv.base_url, "--json"]
-        proc = subprocess.Popen(cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         _wait_lines(out, 20, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -401,8 +558,22 @@ def test_batch_splits_merges_and_reasks(cli, faces: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(faces)
     with FakeOpenAI(api_key=KEY, batch_polls=2) as srv:
         srv.script(Behaviour.refusal(match="only the skin texture"), Behaviour.server_error(match="only the face pose"))
-        r = cli("annotate", "faces", "--labels", "labels.csv", "--out", "b.jsonl", "--base-url", srv.base_url, "--batch",
-                "--json", "--set", "batch_poll_s=0.01", "--set", "batch_max_requests=10")
+        r = cli(
+            "annotate",
+            "faces",
+            "--labels",
+            "labels.csv",
+            "--out",
+            "b.jsonl",
+            "--base-url",
+            srv.base_url,
+            "--batch",
+            "--json",
+            "--set",
+            "batch_poll_s=0.01",
+            "--set",
+            "batch_max_requests=10",
+        )
         assert r.code == 0, r.err
         assert srv.count("/v1/files") == 4 and srv.count("/v1/batches") == 4  # 24 requests in 3 files + a re-ask round
     summary = json.loads(r.out)
@@ -420,9 +591,26 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
     make_faces(tmp_path / "faces", 2)
     out = tmp_path / "b.jsonl"
     with FakeOpenAI(api_key=KEY, batch_polls=10**9) as srv:  # batches never finish while the first run polls
-        cmd = [sys.executable, "-m", "facellm_cli", "annotate", str(tmp_path / "faces"), "--out", str(out), "--batch",
-               "--mode", "grouped", "--base-url", srv.base_url, "--json", "--set", "batch_poll_s=0.05"]
-        proc = subprocess.Popen(cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "facellm_cli",
+            "annotate",
+            str(tmp_path / "faces"),
+            "--out",
+            str(out),
+            "--batch",
+            "--mode",
+            "grouped",
+            "--base-url",
+            srv.base_url,
+            "--json",
+            "--set",
+            "batch_poll_s=0.05",
+        ]
+        proc = subprocess.Popen(
+            cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         state = tmp_path / "b.batch" / "state.json"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (state.exists() and '"batch_id": "batch' in state.read_text()):
@@ -444,6 +632,21 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
 def test_annotate_help(cli) -> None:
     r = cli("annotate", "--help")
     assert r.code == 0
-    for flag in ("--labels", "--out", "--base-url", "--model", "--api-key-env", "--provider", "--mode", "--concurrency",
-                 "--rpm", "--max-retries", "--dry-run", "--batch", "--json", "--config", "--set"):
+    for flag in (
+        "--labels",
+        "--out",
+        "--base-url",
+        "--model",
+        "--api-key-env",
+        "--provider",
+        "--mode",
+        "--concurrency",
+        "--rpm",
+        "--max-retries",
+        "--dry-run",
+        "--batch",
+        "--json",
+        "--config",
+        "--set",
+    ):
         assert flag in r.out

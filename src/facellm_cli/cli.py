@@ -149,44 +149,44 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
 @app.command()
 def annotate(
     images: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(help="Image files, folders or globs (optional when --labels lists the images)."),
     ] = None,
     labels: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--labels", "-l", help="FairFace CSV or a CSV/JSONL with an image column and attribute columns."),
     ] = None,
     out: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--out", "-o", help="Output JSONL (re-running resumes it) [default: annotations.jsonl]."),
     ] = None,
     base_url: EndpointOpt = None,
     model: Annotated[
-        Optional[str], typer.Option("--model", "-m", help="Model name at the endpoint [default: gpt-4o-2024-11-20].")
+        str | None, typer.Option("--model", "-m", help="Model name at the endpoint [default: gpt-4o-2024-11-20].")
     ] = None,
     api_key_env: ApiKeyEnvOpt = None,
     provider: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--provider", help="openai (any compatible endpoint) | template (offline, from labels)."),
     ] = None,
     mode: Annotated[
-        Optional[str], typer.Option("--mode", help="per-aspect (one request per aspect) | grouped (one per image).")
+        str | None, typer.Option("--mode", help="per-aspect (one request per aspect) | grouped (one per image).")
     ] = None,
     prompts: Annotated[
-        Optional[str], typer.Option("--prompts", help="Prompt set name or YAML file [default: fairfacegpt-v1].")
+        str | None, typer.Option("--prompts", help="Prompt set name or YAML file [default: fairfacegpt-v1].")
     ] = None,
     concurrency: Annotated[
-        Optional[int], typer.Option("--concurrency", help="Requests in flight [default: 64].")
+        int | None, typer.Option("--concurrency", help="Requests in flight [default: 64].")
     ] = None,
-    rpm: Annotated[Optional[int], typer.Option("--rpm", help="Cap on requests per minute.")] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Cap on requests per minute.")] = None,
     max_retries: Annotated[
-        Optional[int], typer.Option("--max-retries", help="Retries per request on 429/5xx/timeouts.")
+        int | None, typer.Option("--max-retries", help="Retries per request on 429/5xx/timeouts.")
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; send nothing.")
     ] = False,
     batch: Annotated[
-        Optional[bool], typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
+        bool | None, typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
     ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -257,7 +266,8 @@ class AnnotateConfig(StrictModel):
     labels: str | None = Field(
         None,
         validate_default=True,
-        description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute columns.",
+        description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
+        "columns.",
     )
     label_image_column: str | None = Field(
         None,
@@ -277,7 +287,8 @@ class AnnotateConfig(StrictModel):
     )
     mode: Literal["per-aspect", "grouped"] = Field(
         "per-aspect",
-        description="per-aspect: one request per image x aspect (the paper); grouped: one request per image, all aspects as JSON.",
+        description="per-aspect: one request per image x aspect (the paper); grouped: one request per image, "
+        "all aspects as JSON.",
     )
     prompts: str = Field("fairfacegpt-v1", description="Built-in prompt set name or a YAML prompt-set file.")
     aspects: list[str] | None = Field(None, description="Subset of the prompt set's aspect keys (default: all).")
@@ -309,7 +320,8 @@ class AnnotateConfig(StrictModel):
     )
     structured_output: Literal["auto", "json_schema", "text"] = Field(
         "auto",
-        description="grouped mode: json_schema response_format, text (JSON in the answer), or auto (schema, falling back to text when refused).",
+        description="grouped mode: json_schema response_format, text (JSON in the answer), or auto (schema, "
+        "falling back to text when refused).",
     )
     max_tokens: int | None = Field(
         None, gt=0, description="Most completion tokens per request (None: the endpoint's default)."

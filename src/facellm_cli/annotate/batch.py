@@ -34,7 +34,6 @@ from .pipeline import (
     AnnotateSummary,
     Plan,
     ProgressState,
-    WorkImage,
     build_messages,
     encode_image,
     now_iso,
@@ -103,7 +102,12 @@ def _request_body(cfg: AnnotateConfig, messages: list[dict[str, Any]], rf: dict[
 
 
 def write_round(
-    cfg: AnnotateConfig, plan: Plan, todo: dict[str, list[AspectTemplate]], bdir: Path, round_no: int, problems: list[str]
+    cfg: AnnotateConfig,
+    plan: Plan,
+    todo: dict[str, list[AspectTemplate]],
+    bdir: Path,
+    round_no: int,
+    problems: list[str],
 ) -> BatchState:
     """Write the request files (split under the limits) and the manifest for one round."""
     bdir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +223,21 @@ def run_batch(
             with JsonlAppender(out) as writer:
                 for part in bstate.parts:
                     if not part.merged:
-                        _merge(client, cfg, plan, bstate, part, bdir, out, writer, reasons, entries_seen,
-                               summary, state, problems)
+                        _merge(
+                            client,
+                            cfg,
+                            plan,
+                            bstate,
+                            part,
+                            bdir,
+                            out,
+                            writer,
+                            reasons,
+                            entries_seen,
+                            summary,
+                            state,
+                            problems,
+                        )
                         part.merged = True
                         bstate.save(state_path)
                         if on_progress:
@@ -237,9 +254,13 @@ def run_batch(
                 summary.failed += 1
                 state.failed += 1
     except openai.AuthenticationError as e:
-        raise EndpointError(f"endpoint rejected the API key ({e.status_code}); check the variable named by --api-key-env") from None
+        raise EndpointError(
+            f"endpoint rejected the API key ({e.status_code}); check the variable named by --api-key-env"
+        ) from None
     except openai.APIConnectionError as e:
-        raise EndpointError(f"cannot reach the batch endpoint {cfg.base_url or 'api.openai.com'} ({e}); re-run to resume") from None
+        raise EndpointError(
+            f"cannot reach the batch endpoint {cfg.base_url or 'api.openai.com'} ({e}); re-run to resume"
+        ) from None
     except openai.APIStatusError as e:
         raise EndpointError(f"batch API call failed: HTTP {e.status_code} ({e.message}); re-run to resume") from None
     finally:
@@ -254,7 +275,9 @@ def _submit(client: Any, bstate: BatchState, bdir: Path, state_path: Path, summa
             bstate.save(state_path)
         if part.batch_id is None:
             batch = client.batches.create(
-                input_file_id=part.file_id, endpoint=ENDPOINT, completion_window="24h",
+                input_file_id=part.file_id,
+                endpoint=ENDPOINT,
+                completion_window="24h",
                 metadata={"tool": "facellm annotate", "part": part.path},
             )
             part.batch_id = batch.id
@@ -265,7 +288,9 @@ def _submit(client: Any, bstate: BatchState, bdir: Path, state_path: Path, summa
             summary.batch_ids.append(part.batch_id)
 
 
-def _poll(client: Any, cfg: AnnotateConfig, bstate: BatchState, state_path: Path, sleep: Callable[[float], None]) -> None:
+def _poll(
+    client: Any, cfg: AnnotateConfig, bstate: BatchState, state_path: Path, sleep: Callable[[float], None]
+) -> None:
     while True:
         waiting = False
         for part in bstate.parts:
@@ -289,20 +314,49 @@ def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _record(cfg: AnnotateConfig, plan: Plan, entry: dict[str, Any], aspect: AspectTemplate, answer: str, *, ok: bool,
-            error: str | None, usage: tuple[int, int], attempts: int) -> dict[str, Any]:
+def _record(
+    cfg: AnnotateConfig,
+    plan: Plan,
+    entry: dict[str, Any],
+    aspect: AspectTemplate,
+    answer: str,
+    *,
+    ok: bool,
+    error: str | None,
+    usage: tuple[int, int],
+    attempts: int,
+) -> dict[str, Any]:
     return Annotation(
-        image=entry["image"], image_sha256=entry["sha"], aspect=aspect.key, question=aspect.question.format(name=aspect.name),
-        answer=answer if ok else "", status="ok" if ok else "failed", error=error, model=cfg.model, provider="openai",
-        prompt_version=plan.prompt_set.version, labels=entry.get("labels", {}),
-        usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]), attempts=attempts, created=now_iso(),
+        image=entry["image"],
+        image_sha256=entry["sha"],
+        aspect=aspect.key,
+        question=aspect.question.format(name=aspect.name),
+        answer=answer if ok else "",
+        status="ok" if ok else "failed",
+        error=error,
+        model=cfg.model,
+        provider="openai",
+        prompt_version=plan.prompt_set.version,
+        labels=entry.get("labels", {}),
+        usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
+        attempts=attempts,
+        created=now_iso(),
     ).model_dump(mode="json")
 
 
 def _merge(
-    client: Any, cfg: AnnotateConfig, plan: Plan, bstate: BatchState, part: BatchPart, bdir: Path, out: Path,
-    writer: JsonlAppender, reasons: dict[tuple[str, str], str],
-    entries_seen: dict[tuple[str, str], dict[str, Any]], summary: AnnotateSummary, state: ProgressState,
+    client: Any,
+    cfg: AnnotateConfig,
+    plan: Plan,
+    bstate: BatchState,
+    part: BatchPart,
+    bdir: Path,
+    out: Path,
+    writer: JsonlAppender,
+    reasons: dict[tuple[str, str], str],
+    entries_seen: dict[tuple[str, str], dict[str, Any]],
+    summary: AnnotateSummary,
+    state: ProgressState,
     problems: list[str],
 ) -> None:
     """Append the answers of one finished batch; idempotent (pairs already ok are skipped)."""
@@ -330,7 +384,9 @@ def _merge(
         response = res.get("response") or {}
         body = response.get("body") or {}
         if response.get("status_code") != 200:
-            err = (res.get("error") or {}).get("message") or (body.get("error") or {}).get("message") or "request failed"
+            err = (
+                (res.get("error") or {}).get("message") or (body.get("error") or {}).get("message") or "request failed"
+            )
             for k in keys:
                 reasons[(entry["sha"], k)] = f"batch: HTTP {response.get('status_code')}: {err}"
             continue
@@ -366,8 +422,19 @@ def _merge(
                 reasons[(entry["sha"], k)] = f"{problem} answer"
                 continue
             share = (p_tok // n + (p_tok % n if i == 0 else 0), c_tok // n + (c_tok % n if i == 0 else 0))
-            writer.write(_record(cfg, plan, entry, aspects_by_key[k], (value or "").strip(),
-                                 ok=True, error=None, usage=share, attempts=bstate.round))
+            writer.write(
+                _record(
+                    cfg,
+                    plan,
+                    entry,
+                    aspects_by_key[k],
+                    (value or "").strip(),
+                    ok=True,
+                    error=None,
+                    usage=share,
+                    attempts=bstate.round,
+                )
+            )
             done_ok.add((entry["sha"], k))
             reasons.pop((entry["sha"], k), None)
             summary.written_ok += 1

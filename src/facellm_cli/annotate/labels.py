@@ -57,10 +57,7 @@ def read_labels(
     if not p.is_file():
         raise DataError(f"labels file not found: {p} (check --labels)")
     ignore_set = set(ignore or [])
-    if p.suffix.lower() in (".jsonl", ".ndjson"):
-        records = _read_jsonl_rows(p)
-    else:
-        records = _read_csv_rows(p)
+    records = _read_jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".ndjson") else _read_csv_rows(p)
     columns: list[str] = []
     for _, rec in records:
         for k in rec:

@@ -81,7 +81,8 @@ def output_lock(out: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputExistsError(
-                f"another facellm annotate is writing {out} (lock {lock_path} is held); wait for it or choose another --out"
+                f"another facellm annotate is writing {out} (lock {lock_path} is held); "
+                "wait for it or choose another --out"
             ) from None
         try:
             yield
@@ -286,7 +287,7 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     hashes = _hash_all(inputs.items)
     seen: dict[str, str] = {}
     work: list[WorkImage] = []
-    for item, sha in zip(inputs.items, hashes):
+    for item, sha in zip(inputs.items, hashes, strict=True):
         if sha is None:
             problems.append(f"cannot read image: {item.path}")
             continue
@@ -475,7 +476,8 @@ def _run_template(
     summary.items_pending = summary.written_ok
     if unlabelled:
         problems.append(
-            f"{unlabelled} image(s) have no usable labels, so the template provider wrote nothing for them (give --labels)"
+            f"{unlabelled} image(s) have no usable labels, so the template provider wrote nothing for them "
+            "(give --labels)"
         )
 
 

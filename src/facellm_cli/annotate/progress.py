@@ -29,7 +29,8 @@ class AnnotateProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
-                "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight · {task.fields[tokens]} tokens"
+                "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight"
+                " · {task.fields[tokens]} tokens"
             ),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
@@ -62,7 +63,8 @@ def summary_lines(s: AnnotateSummary) -> list[str]:
     cost = "unknown (add the model to prices)" if s.cost_usd is None else f"${s.cost_usd:,.4f}"
     if s.dry_run:
         lines = [
-            f"dry run ({s.provider}, {s.mode}, {s.model}): {s.images} images, {s.items_pending} of {s.items_total} items to do",
+            f"dry run ({s.provider}, {s.mode}, {s.model}): {s.images} images, "
+            f"{s.items_pending} of {s.items_total} items to do",
             f"would send {s.requests:,} requests, ~{s.prompt_tokens:,} prompt tokens ({s.image_tokens:,} for images), "
             f"~{s.completion_tokens:,} completion tokens; estimated cost {cost}{' (batch price)' if s.batch else ''}",
         ]
@@ -72,7 +74,8 @@ def summary_lines(s: AnnotateSummary) -> list[str]:
             f"{s.written_ok:,} written, {s.failed:,} failed, {s.items_done_before:,} already done "
             f"({s.images} images, {s.items_total:,} items) in {s.wall_s:.1f}s",
             f"{s.requests:,} requests, {s.retries:,} retries, {s.reasks:,} re-asks (rejected answers: {rejected})",
-            f"tokens: {s.prompt_tokens:,} prompt ({s.image_tokens:,} image), {s.completion_tokens:,} completion; cost {cost}",
+            f"tokens: {s.prompt_tokens:,} prompt ({s.image_tokens:,} image), "
+            f"{s.completion_tokens:,} completion; cost {cost}",
         ]
     if s.problems_total:
         lines.append(f"{s.problems_total} problem(s):")

@@ -117,7 +117,8 @@ class PromptSet(StrictModel):
         unknown = [k for k in keys if k not in known]
         if unknown:
             raise ConfigError(
-                f"aspects: unknown aspect '{unknown[0]}' for prompt set {self.version} (known: {', '.join(a.key for a in self.aspects)})"
+                f"aspects: unknown aspect '{unknown[0]}' for prompt set {self.version} "
+                f"(known: {', '.join(a.key for a in self.aspects)})"
             )
         return [a for a in self.aspects if a.key in set(keys)]
 
