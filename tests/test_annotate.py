@@ -278,6 +278,7 @@ def test_grouped_mode_sends_each_image_once(
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(faces)
     first = "faces/000.jpg"
+    (faces / "faces" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     server.script(Behaviour.ok('{"demographics": "I\'m sorry, I cannot help."}'))  # partial + refusal: re-ask the rest
     r = cli(
         "annotate", "faces", "--out", "g.jsonl", "--base-url", server.base_url, "--mode", "grouped", "--json", *fast()
@@ -297,6 +298,8 @@ def test_grouped_mode_sends_each_image_once(
         "Describe the face pose of the image based on the visual information."
     }
     assert first in {x["image"] for x in recs}
+    assert "not an image file (format not recognised): faces/broken.jpg" in r.err  # reported, not fatal
+    assert json.loads(r.out)["images_skipped"] == 1
 
 
 def test_grouped_falls_back_to_json_in_text(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -650,3 +653,15 @@ def test_annotate_help(cli) -> None:
         "--set",
     ):
         assert flag in r.out
+
+
+def test_shipped_examples_load() -> None:
+    from facellm_cli.config import AnnotateConfig, resolve_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = resolve_config(AnnotateConfig, examples / "annotate_fairface.yaml")
+    assert cfg.labels and cfg.model == "gpt-4o-2024-11-20" and cfg.mode == "per-aspect"
+    ps = load_prompt_set(str(examples / "annotate_prompts.yaml"))
+    assert ps.version and len(ps.aspects) >= 2
+    with pytest.raises(ConfigError, match="concurency: unknown key"):
+        resolve_config(AnnotateConfig, None, None, ["concurency=4", "images=[x]"])

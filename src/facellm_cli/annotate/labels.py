@@ -185,7 +185,7 @@ def collect_inputs(
             if not path.is_file():
                 problems.append(f"image not found: {path} (listed in {table.source.name} line {row.line})")
                 continue
-            items.append(ImageItem(path=path, name=_stored_name(path, root) if root else row.image, labels=row.labels))
+            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels))
         return Inputs(items=items, problems=problems)
 
     found = find_images(images)
