@@ -158,11 +158,11 @@ def annotate(
     ] = None,
     out: Annotated[
         str | None,
-        typer.Option("--out", "-o", help="Output JSONL (re-running resumes it) [default: annotations.jsonl]."),
+        typer.Option("--out", "-o", help="Output JSONL, default annotations.jsonl (re-running resumes it)."),
     ] = None,
     base_url: EndpointOpt = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Model name at the endpoint [default: gpt-4o-2024-11-20].")
+        str | None, typer.Option("--model", "-m", help="Model name at the endpoint (default gpt-4o-2024-11-20).")
     ] = None,
     api_key_env: ApiKeyEnvOpt = None,
     provider: Annotated[
@@ -173,10 +173,10 @@ def annotate(
         str | None, typer.Option("--mode", help="per-aspect (one request per aspect) | grouped (one per image).")
     ] = None,
     prompts: Annotated[
-        str | None, typer.Option("--prompts", help="Prompt set name or YAML file [default: fairfacegpt-v1].")
+        str | None, typer.Option("--prompts", help="Prompt set name or YAML file (default fairfacegpt-v1).")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", help="Requests in flight [default: 64].")
+        int | None, typer.Option("--concurrency", help="Requests in flight (default 64).")
     ] = None,
     rpm: Annotated[int | None, typer.Option("--rpm", help="Cap on requests per minute.")] = None,
     max_retries: Annotated[
