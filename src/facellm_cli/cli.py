@@ -11,7 +11,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import (
+    Annotated,
+)
 
 import typer
 
@@ -364,6 +366,99 @@ class _progress:
         if self._task is None:
             self._task = self._p.add_task("", total=total)
         self._p.update(self._task, completed=done, total=total)
+
+
+# ---- annotate ----
+@app.command()
+def annotate(
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image files, folders or globs (optional when --labels lists the images)."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", "-l", help="FairFace CSV or a CSV/JSONL with an image column and attribute columns."),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Output JSONL, default annotations.jsonl (re-running resumes it)."),
+    ] = None,
+    base_url: EndpointOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name at the endpoint (default gpt-4o-2024-11-20).")
+    ] = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    provider: Annotated[
+        str | None,
+        typer.Option("--provider", help="openai (any compatible endpoint) | template (offline, from labels)."),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="per-aspect (one request per aspect) | grouped (one per image).")
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="Prompt set name or YAML file (default fairfacegpt-v1).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Requests in flight (default 64).")] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Cap on requests per minute.")] = None,
+    max_retries: Annotated[
+        int | None, typer.Option("--max-retries", help="Retries per request on 429/5xx/timeouts.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; send nothing.")
+    ] = False,
+    batch: Annotated[
+        bool | None, typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write question-answer pairs about face images (FairFaceGPT pipeline): resumable, concurrent, fault-tolerant."""
+    from .annotate.pipeline import annotate as run_annotate
+    from .annotate.progress import AnnotateProgress, summary_lines
+    from .config import AnnotateConfig, resolve_config
+
+    flags = {
+        "images": list(images) if images else None,
+        "labels": labels,
+        "out": out,
+        "base_url": base_url,
+        "model": model,
+        "api_key_env": api_key_env,
+        "provider": provider,
+        "mode": mode,
+        "prompts": prompts,
+        "concurrency": concurrency,
+        "rpm": rpm,
+        "max_retries": max_retries,
+        "batch": batch,
+    }
+    cfg = resolve_config(AnnotateConfig, config, flags, set_)
+    api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
+    console = err_console()
+    with AnnotateProgress(console, "annotate") as bar:
+        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
+    for line in summary_lines(summary):
+        console.print(line, markup=False)
+    print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
+    if summary.failed:
+        raise FacellmError(
+            f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
+        )
+
+
+def _api_key(env_name: str, base_url: str | None) -> str:
+    """The key from the named environment variable; local endpoints may go without one."""
+    from .annotate.client import is_local_endpoint
+
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if is_local_endpoint(base_url):
+        return "no-key-needed"
+    raise FacellmError(
+        f"environment variable {env_name} is not set: export {env_name}=... (or name another with --api-key-env)"
+    )
 
 
 @dev_app.command("tiny-model")

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -376,3 +385,176 @@ class EvalConfig(StrictModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+# ---- annotate ----
+
+# Phrases that mark a refusal rather than a description. Matched case-insensitively near the
+# start of an answer (curly apostrophes folded), so a description that merely contains
+# "unable to" deep in its text is not thrown away.
+DEFAULT_REFUSAL_PHRASES = [
+    "i'm sorry",
+    "i am sorry",
+    "sorry, i can",
+    "i can't help",
+    "i cannot help",
+    "i can't assist",
+    "i cannot assist",
+    "i'm unable",
+    "i am unable",
+    "unable to analyze",
+    "unable to analyse",
+    "i can't analyze",
+    "i cannot analyze",
+    "i can't provide",
+    "i cannot provide",
+    "i'm not able to",
+    "i am not able to",
+    "i won't be able",
+]
+
+# USD per 1M tokens (list prices when written; edit with --set or the YAML for your contract).
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-4o-2024-11-20": {"input": 2.50, "output": 10.00},
+    "gpt-4o": {"input": 2.50, "output": 10.00},
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60},
+    "gpt-4.1": {"input": 2.00, "output": 8.00},
+    "gpt-4.1-mini": {"input": 0.40, "output": 1.60},
+    "gpt-4.1-nano": {"input": 0.10, "output": 0.40},
+}
+
+
+class ModelPrice(StrictModel):
+    """Price of one model, used for the cost summary and ``--dry-run`` estimates."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt tokens.")
+    output: float = Field(ge=0, description="USD per 1M completion tokens.")
+
+
+class AnnotateConfig(StrictModel):
+    """``facellm annotate``: question-answer pairs about face images from a VLM endpoint or from labels."""
+
+    images: list[str] = Field(
+        default_factory=list, description="Image files, folders or globs (may be empty when labels list the images)."
+    )
+    labels: str | None = Field(
+        None,
+        validate_default=True,
+        description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
+        "columns.",
+    )
+    label_image_column: str | None = Field(
+        None,
+        description="Column of the labels file holding the image path (auto: file, image, image_path, path, filename).",
+    )
+    label_ignore: list[str] = Field(
+        default_factory=lambda: ["service_test"], description="Label columns that are not face attributes."
+    )
+    image_root: str | None = Field(
+        None, description="Folder label paths are relative to; stored image paths become relative to it."
+    )
+    out: str = Field(
+        "annotations.jsonl", description="Append-only JSONL of Annotation records (re-running resumes it)."
+    )
+    provider: Literal["openai", "template"] = Field(
+        "openai", description="openai: any OpenAI-compatible endpoint; template: deterministic QA from labels, offline."
+    )
+    mode: Literal["per-aspect", "grouped"] = Field(
+        "per-aspect",
+        description="per-aspect: one request per image x aspect (the paper); grouped: one request per image, "
+        "all aspects as JSON.",
+    )
+    prompts: str = Field("fairfacegpt-v1", description="Built-in prompt set name or a YAML prompt-set file.")
+    aspects: list[str] | None = Field(None, description="Subset of the prompt set's aspect keys (default: all).")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: api.openai.com)."
+    )
+    model: str = Field(
+        "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the API key (the key itself is never stored).",
+    )
+    concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
+    rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
+    max_retries: int = Field(
+        6, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and connection errors."
+    )
+    max_reasks: int = Field(
+        2, ge=0, le=20, description="Re-asks per item after a refusal, an empty or a malformed answer."
+    )
+    timeout: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
+    backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
+    backoff_max: float = Field(
+        30.0,
+        ge=0,
+        description="Largest backoff delay in seconds (a server's Retry-After is honoured even when longer).",
+    )
+    structured_output: Literal["auto", "json_schema", "text"] = Field(
+        "auto",
+        description="grouped mode: json_schema response_format, text (JSON in the answer), or auto (schema, "
+        "falling back to text when refused).",
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Most completion tokens per request (None: the endpoint's default)."
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature (None: the endpoint's default)."
+    )
+    image_max_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
+    image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
+    refusal_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
+        description="Answers starting with one of these are refusals: re-asked, never stored.",
+    )
+    min_answer_chars: int = Field(2, ge=1, description="Shorter answers count as empty and are re-asked.")
+    expected_completion_tokens: int = Field(
+        300, ge=0, description="Completion tokens per aspect assumed by --dry-run estimates."
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: {k: ModelPrice(**v) for k, v in DEFAULT_PRICES.items()},
+        description="USD per 1M tokens by model name, for cost summaries.",
+    )
+    batch: bool = Field(False, description="Use the OpenAI Batch API (files + batches) instead of live requests.")
+    batch_dir: str | None = Field(
+        None, description="Where batch request files and state live (default: <out>.batch next to the output)."
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
+    batch_max_requests: int = Field(
+        50_000, gt=0, le=50_000, description="Most requests per batch file (API limit 50,000)."
+    )
+    batch_max_bytes: int = Field(
+        200_000_000, gt=0, le=200 * 1024 * 1024, description="Largest batch file in bytes (API limit 200 MB)."
+    )
+    batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
+
+    # Field validators (not one model validator) so each error names its key: "base_url: ...".
+    @field_validator("labels")
+    @classmethod
+    def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if not v and not info.data.get("images"):
+            raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+    @field_validator("aspects")
+    @classmethod
+    def _some_aspects(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one aspect key, or leave it unset for all")
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_needs_requests(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("provider") == "template":
+            raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
+        return v
