@@ -55,8 +55,13 @@ def make_corpus(
         labels = {"expression": EXPRESSIONS[i % 5], "gender": GENDERS[i % 2], "person": f"p{i // 2}"}
         for a in aspects:
             records.append(
-                annotation(rel, a, f"The {a} of person {i} is {EXPRESSIONS[i % 5]}.", root=images,
-                           labels=labels if with_labels else {})
+                annotation(
+                    rel,
+                    a,
+                    f"The {a} of person {i} is {EXPRESSIONS[i % 5]}.",
+                    root=images,
+                    labels=labels if with_labels else {},
+                )
             )
     jsonl = root / "annotations.jsonl"
     write_jsonl(jsonl, records)

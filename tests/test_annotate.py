@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from facellm_cli.annotate.client import is_refusal
 from facellm_cli.annotate.labels import read_labels
 from facellm_cli.annotate.pipeline import read_annotations
 from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, load_prompt_set, render_aspect
 from facellm_cli.errors import ConfigError, DataError
+from facellm_cli.refusals import is_refusal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import Behaviour, FakeOpenAI  # noqa: E402
@@ -145,7 +145,9 @@ def test_label_files(tmp_path: Path) -> None:
 def test_refusal_detector() -> None:
     assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
     assert is_refusal("Sorry, I can't assist with identifying people.")
-    assert not is_refusal("The face is frontal. " * 20 + "Some detail is unable to analyze at this resolution.")
+    assert not is_refusal("The face is frontal. " * 20 + "The blur leaves the eye colour unable to be seen.")
+    # one detector for annotate and build-dataset: a refusal tacked on after a description still counts
+    assert is_refusal("The face is frontal. " * 20 + "However, I'm unable to determine the person's ethnicity.")
     assert not is_refusal("The person is smiling broadly.")
 
 

@@ -19,8 +19,9 @@ SPLITS = ("train", "val", "test")
 
 def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):  # noqa: ANN201
     cfg = resolve_config(
-        DatasetConfig, None, {"inputs": [str(p) for p in inputs], "image_root": str(tmp_path / "faces"),
-                              "out": str(tmp_path / out), **kw}
+        DatasetConfig,
+        None,
+        {"inputs": [str(p) for p in inputs], "image_root": str(tmp_path / "faces"), "out": str(tmp_path / out), **kw},
     )
     return build_dataset(cfg)
 
@@ -40,7 +41,8 @@ def test_three_formats_written(tmp_path: Path, corpus) -> None:
     out = tmp_path / "out"
     assert report.qa_pairs == len(records) == 60 and report.images == 20
     assert sorted(report.files) == sorted(
-        [f"{s}.json" for s in SPLITS] + [f"{s}.jsonl" for s in SPLITS]
+        [f"{s}.json" for s in SPLITS]
+        + [f"{s}.jsonl" for s in SPLITS]
         + ["dataset_info.json", "stats.json", "report.md", "config.yaml"]
     )
     total = 0
@@ -139,7 +141,7 @@ def test_refusal_and_empty_answers(tmp_path: Path, corpus) -> None:
     assert lines[0].startswith("2 invalid records")
     assert lines[1] == (
         f"{jsonl} line 4: answer is a refusal (image img_001.png): "
-        "\"I\u2019m sorry, but I can't help with identifying people.\""
+        '"I\u2019m sorry, but I can\'t help with identifying people."'
     )
     assert lines[2].startswith(f"{jsonl} line 6: answer is empty (image img_001.png)")
     report = build(tmp_path, [jsonl], skip_invalid=True)
@@ -160,8 +162,10 @@ def test_duplicate_names_both_records(tmp_path: Path, corpus) -> None:
     )
     report = build(tmp_path, [jsonl], skip_invalid=True)
     assert report.filtered == {"duplicate": 1}
-    train = read_jsonl(tmp_path / "out" / "train.jsonl") + read_jsonl(tmp_path / "out" / "val.jsonl") + read_jsonl(
-        tmp_path / "out" / "test.jsonl"
+    train = (
+        read_jsonl(tmp_path / "out" / "train.jsonl")
+        + read_jsonl(tmp_path / "out" / "val.jsonl")
+        + read_jsonl(tmp_path / "out" / "test.jsonl")
     )
     kept = [r for r in train if r["id"] == "img_000.png#expression"]
     assert len(kept) == 1 and kept[0]["messages"][1]["content"] == records[0]["answer"]  # the first one wins
@@ -338,8 +342,21 @@ def test_config_validation() -> None:
 
 def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
     jsonl, records = corpus
-    res = cli("build-dataset", jsonl, "--image-root", tmp_path / "faces", "--out", tmp_path / "out",
-              "--mcq", "expression", "--split", "0.8,0.1,0.1", "--seed", "3", "--json")
+    res = cli(
+        "build-dataset",
+        jsonl,
+        "--image-root",
+        tmp_path / "faces",
+        "--out",
+        tmp_path / "out",
+        "--mcq",
+        "expression",
+        "--split",
+        "0.8,0.1,0.1",
+        "--seed",
+        "3",
+        "--json",
+    )
     assert res.code == 0, res.err
     summary = json.loads(res.out)
     assert summary["qa_pairs"] == 60 and summary["splits"]["train"]["mcq"] == 16

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .refusals import DEFAULT_REFUSAL_PATTERNS
 
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"
 # Released FaceLLM checkpoints keep the transformers weights in a subfolder.
@@ -392,26 +393,6 @@ class EvalConfig(StrictModel):
 # Phrases that mark a refusal rather than a description. Matched case-insensitively near the
 # start of an answer (curly apostrophes folded), so a description that merely contains
 # "unable to" deep in its text is not thrown away.
-DEFAULT_REFUSAL_PHRASES = [
-    "i'm sorry",
-    "i am sorry",
-    "sorry, i can",
-    "i can't help",
-    "i cannot help",
-    "i can't assist",
-    "i cannot assist",
-    "i'm unable",
-    "i am unable",
-    "unable to analyze",
-    "unable to analyse",
-    "i can't analyze",
-    "i cannot analyze",
-    "i can't provide",
-    "i cannot provide",
-    "i'm not able to",
-    "i am not able to",
-    "i won't be able",
-]
 
 # USD per 1M tokens (list prices when written; edit with --set or the YAML for your contract).
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
@@ -506,8 +487,8 @@ class AnnotateConfig(StrictModel):
     image_max_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
     image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
     refusal_phrases: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
-        description="Answers starting with one of these are refusals: re-asked, never stored.",
+        default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+        description="Answers containing one of these phrases (case-insensitive) are refusals: re-asked, never stored.",
     )
     min_answer_chars: int = Field(2, ge=1, description="Shorter answers count as empty and are re-asked.")
     expected_completion_tokens: int = Field(

@@ -1,4 +1,4 @@
-"""The one refusal detector, shared by annotate (re-ask) and build-dataset (filter).
+"""The one refusal detector, shared by annotate (re-ask), build-dataset (filter) and evaluate (unparseable).
 
 A VLM asked about a face sometimes declines ("I'm sorry, I can't help with
 identifying people"). Such a text must never become a training answer, and
@@ -47,6 +47,8 @@ DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
     "as a language model",
     "I can't fulfill",
     "I cannot fulfill",
+    "sorry, I can",
+    "unable to analyse",
 )
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})

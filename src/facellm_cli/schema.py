@@ -59,9 +59,12 @@ class MCQuestion(BaseModel):
     prepend_text: str | None = None
     postpend_text: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Demographic labels for fairness reports.")
-    subtask: str | None = Field(None, description="Benchmark sub-task, e.g. FaceXBench's 'sub-category' ('age', 'hr_fr').")
+    subtask: str | None = Field(
+        None, description="Benchmark sub-task, e.g. FaceXBench's 'sub-category' ('age', 'hr_fr')."
+    )
     image_setting: Literal["zero", "single", "multiple"] | None = Field(
-        None, description="Image setting as the benchmark labels it (tools questions carry a black image but are 'zero')."
+        None,
+        description="Image setting as the benchmark labels it (tools questions carry a black image but are 'zero').",
     )
 
     @property

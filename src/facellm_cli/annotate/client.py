@@ -26,27 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DEFAULT_REFUSAL_PHRASES
 from ..errors import EndpointError
+from ..refusals import is_refusal
 
 # ---- answer checks (also used by build-dataset's validation) ----------------------------------
-
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.translate(_APOSTROPHES).lower().split())
-
-
-def is_refusal(text: str, phrases: list[str] | None = None, *, window: int = 200) -> bool:
-    """True when one of the phrases occurs in the first ``window`` characters.
-
-    Refusals open with the apology; a real description may mention "unable to"
-    much later ("the blur makes the eye colour unable to be seen"), so only the
-    start of the answer is searched.
-    """
-    head = normalise(text)[:window]
-    return any(normalise(p) in head for p in (phrases if phrases is not None else DEFAULT_REFUSAL_PHRASES))
 
 
 def classify_answer(text: str | None, phrases: list[str], min_chars: int = 2) -> str | None:

@@ -321,9 +321,7 @@ class _SplitWriter:
         record = {"conversations": turns, "images": [image]}
         self.sharegpt.write(("\n" if self._first else ",\n") + json.dumps(record, ensure_ascii=False))
         self._first = False
-        messages = [
-            {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns
-        ]
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
         self.messages.write(json.dumps({"id": rid, "messages": messages, "images": [image]}, ensure_ascii=False) + "\n")
         self.conversations += 1
 
@@ -479,8 +477,14 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                         acc.mcq_skipped[col] += 1
                         continue
                     q = build_mcq(
-                        qid=f"{rel}#mcq-{col}", image=rel, label=col, true_value=value, values=mcq_values[col],
-                        seed=cfg.seed, max_options=cfg.mcq_max_options, labels=labels,
+                        qid=f"{rel}#mcq-{col}",
+                        image=rel,
+                        label=col,
+                        true_value=value,
+                        values=mcq_values[col],
+                        seed=cfg.seed,
+                        max_options=cfg.mcq_max_options,
+                        labels=labels,
                     )
                     assert w.mcq is not None
                     w.mcq.write(json.dumps(q.model_dump(mode="json"), ensure_ascii=False) + "\n")

@@ -107,8 +107,13 @@ class JsonlSource:
         try:
             d = json.loads(raw)
             return RawRecord(
-                image=d["image"], question=d["question"], answer=d.get("answer", ""), aspect=d["aspect"],
-                status=d.get("status", "ok"), labels=d.get("labels") or {}, image_sha256=d.get("image_sha256"),
+                image=d["image"],
+                question=d["question"],
+                answer=d.get("answer", ""),
+                aspect=d["aspect"],
+                status=d.get("status", "ok"),
+                labels=d.get("labels") or {},
+                image_sha256=d.get("image_sha256"),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise DataError(

@@ -150,9 +150,7 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
         "(`{id, messages, images}`, `<image>` placeholders in the user text).",
     ]
     if cfg.mcq:
-        out.append(
-            "- `facellm evaluate`: `mcq_test.jsonl` with `--image-root " + stats["media_dir"] + "`."
-        )
+        out.append("- `facellm evaluate`: `mcq_test.jsonl` with `--image-root " + stats["media_dir"] + "`.")
     out += ["", "## Records per aspect", ""]
     out += _table(
         ["aspect", "total", *SPLITS],

@@ -58,9 +58,7 @@ def check_text(question: str, answer: str, refusal_patterns: list[str] | None) -
     return None
 
 
-def check_image(
-    path: Path, *, expected_sha256: str | None, max_pixels: int, max_bytes: int
-) -> tuple[str, str] | None:
+def check_image(path: Path, *, expected_sha256: str | None, max_pixels: int, max_bytes: int) -> tuple[str, str] | None:
     """(reason, detail) when the image cannot be used, else None. Reads and decodes the file once."""
     if not path.is_file():
         return "missing_image", "image not found" if not path.exists() else "not a file"
