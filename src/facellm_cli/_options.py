@@ -6,32 +6,32 @@ Flags default to ``None`` so that only what the user typed overrides the config 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (flags override it).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (flags override it).")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override any config key, repeatable: --set generation.max_new_tokens=64."),
 ]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")]
-SubfolderOpt = Annotated[Optional[str], typer.Option("--subfolder", help="Folder inside the checkpoint with config.json.")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter folder (e.g. a finetune output).")]
-QuantOpt = Annotated[Optional[str], typer.Option("--quantization", "-q", help="none | 8bit | 4bit (bitsandbytes).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
-MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Most tokens to generate.")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Items per batch.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local model folder.")]
+SubfolderOpt = Annotated[str | None, typer.Option("--subfolder", help="Folder inside the checkpoint with config.json.")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="PEFT adapter folder (e.g. a finetune output).")]
+QuantOpt = Annotated[str | None, typer.Option("--quantization", "-q", help="none | 8bit | 4bit (bitsandbytes).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+MaxNewTokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Items per batch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON lines on stdout.")]
-OutDirOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")]
+OutDirOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")]
 EndpointOpt = Annotated[
-    Optional[str], typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
 ]
 ApiKeyEnvOpt = Annotated[
-    Optional[str], typer.Option("--api-key-env", help="Name of the environment variable holding the API key.")
+    str | None, typer.Option("--api-key-env", help="Name of the environment variable holding the API key.")
 ]
 
 

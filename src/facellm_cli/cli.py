@@ -11,7 +11,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import (
+    Annotated,
+)
 
 import typer
 
@@ -23,9 +25,11 @@ from ._options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EndpointOpt,
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
+    OutDirOpt,
     QuantOpt,
     SetOpt,
     SubfolderOpt,
@@ -77,7 +81,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = None,
 ) -> None:
     """FaceLLM as a tool (paper: arXiv 2507.10300)."""
@@ -85,7 +89,10 @@ def _root(
 
 @app.command()
 def ask(
-    inputs: Annotated[list[str], typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question."),
+    ],
     model: ModelOpt = None,
     subfolder: SubfolderOpt = None,
     adapter: AdapterOpt = None,
@@ -105,11 +112,19 @@ def ask(
     from .infer.ask import ask_many, ask_stream, resolve_inputs
 
     if len(inputs) < 2:
-        raise typer.BadParameter("give at least one image and a question: facellm ask face.jpg 'what expression is this?'")
+        raise typer.BadParameter(
+            "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
+        )
     *image_args, question = inputs
     flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
-    flags.update({"generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-                  "generation.system": system, "batch_size": batch_size})
+    flags.update(
+        {
+            "generation.max_new_tokens": max_new_tokens,
+            "generation.temperature": temperature,
+            "generation.system": system,
+            "batch_size": batch_size,
+        }
+    )
     cfg = resolve_config(AskConfig, config, flags, set_)
     images = resolve_inputs(image_args)
     stdin_bytes = sys.stdin.buffer.read() if "-" in images else None
@@ -144,6 +159,308 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
         return load_model_and_processor(model_cfg)
 
 
+# ---- build-dataset ----
+@app.command("build-dataset")
+def build_dataset(
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Annotate JSONL files and/or paper-layout folders ({id}/question_i.txt).")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Folder the image paths are relative to.")
+    ] = None,
+    out: OutDirOpt = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Labels CSV: a 'file' column + attributes.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="train,val,test fractions: 0.8,0.1,0.1.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Split and MCQ seed.")] = None,
+    merge_aspects: Annotated[
+        bool | None, typer.Option("--merge-aspects/--no-merge-aspects", help="One multi-turn conversation per image.")
+    ] = None,
+    mcq: Annotated[str | None, typer.Option("--mcq", help="Labels to export as MCQ: expression,age.")] = None,
+    mcq_train: Annotated[
+        bool | None,
+        typer.Option("--mcq-train/--no-mcq-train", help="Train MCQs into training files (default with --mcq)."),
+    ] = None,
+    group_key: Annotated[
+        str | None, typer.Option("--group-key", help="Identity label; a group stays in one split.")
+    ] = None,
+    stratify: Annotated[str | None, typer.Option("--stratify", help="Label column to stratify the split by.")] = None,
+    skip_invalid: Annotated[
+        bool | None,
+        typer.Option("--skip-invalid/--no-skip-invalid", help="Drop and count invalid records, don't fail."),
+    ] = None,
+    force: Annotated[
+        bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate annotations, split them by image and write ShareGPT, messages JSONL and MCQ files."""
+    from .config import DatasetConfig, resolve_config
+    from .data.build import build_dataset as run_build
+
+    flags = {
+        "inputs": inputs or None,
+        "image_root": image_root,
+        "out": str(out) if out else None,
+        "labels": labels,
+        "split": split,
+        "seed": seed,
+        "merge_aspects": merge_aspects,
+        "mcq": mcq,
+        "mcq_train": mcq_train,
+        "group_key": group_key,
+        "stratify": stratify,
+        "skip_invalid": skip_invalid,
+        "force": force,
+    }
+    cfg = resolve_config(DatasetConfig, config, flags, set_)
+    with err_console().status("building dataset ...") as status:
+        report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
+    if json_out:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+    console = err_console()
+    console.print(
+        f"{report.qa_pairs:,} QA pairs over {report.images:,} images from {report.records_read:,} records "
+        f"in {report.elapsed_s:.1f}s -> {report.out_dir}"
+    )
+    console.print(
+        "  "
+        + ", ".join(
+            f"{s}: {v['images']} images / {v['conversations']} conversations"
+            + (f" / {v['mcq']} MCQs" if cfg.mcq else "")
+            for s, v in report.splits.items()
+        )
+    )
+    if report.filtered:
+        console.print("  filtered: " + ", ".join(f"{k} {v}" for k, v in report.filtered.items()))
+    console.print(f"  LLaMA-Factory: dataset_dir={report.out_dir} media_dir={report.media_dir}")
+
+
+# ---- evaluate ----
+
+
+@app.command()
+def evaluate(
+    benchmark: Annotated[str | None, typer.Option("--benchmark", help="Built-in benchmark: facexbench.")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="FaceXBench checkout (or its benchmark/ folder).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="JSONL set, or a folder of build-dataset mcq_*.jsonl.")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Root for relative image paths in --data.")
+    ] = None,
+    model: ModelOpt = None,
+    subfolder: SubfolderOpt = None,
+    adapter: AdapterOpt = None,
+    quantization: QuantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    base_url: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="generate | likelihood.")] = None,
+    batch_size: BatchSizeOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="Tasks, sub-tasks or categories to run (repeat or comma-separate)."),
+    ] = None,
+    with_task_description: Annotated[
+        bool | None, typer.Option("--with-task-description", help="Prepend each task's description.")
+    ] = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    out: OutDirOpt = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Multiple-choice accuracy on FaceXBench or a JSONL set: batched, resumable, with per-task and fairness reports."""
+    from .config import EvalConfig, resolve_config
+    from .eval.report import compare as compare_runs
+    from .eval.report import render_compare
+
+    if compare and not (benchmark or data or config or set_):
+        table = compare_runs(compare)
+        print(
+            json.dumps(table, ensure_ascii=False) if json_out else render_compare(table),
+            end="" if not json_out else "\n",
+        )
+        return
+    from .eval.runner import evaluate as run_eval
+
+    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype)
+    if base_url:
+        flags.update(
+            {
+                "endpoint.base_url": base_url,
+                "endpoint.model": model,
+                "endpoint.api_key_env": api_key_env,
+                "endpoint.concurrency": concurrency,
+            }
+        )
+    flags.update(
+        {
+            "benchmark": benchmark,
+            "data_dir": data_dir,
+            "data": data,
+            "image_root": image_root,
+            "mode": mode,
+            "batch_size": batch_size,
+            "limit": limit,
+            "with_task_description": with_task_description,
+            "generation.max_new_tokens": max_new_tokens,
+            "out": str(out) if out else None,
+            "tasks": [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None,
+        }
+    )
+    cfg = resolve_config(EvalConfig, config, flags, set_)
+    api_key = os.environ.get(cfg.endpoint.api_key_env) if cfg.endpoint else None
+    with _progress("evaluating") as bar:
+        outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
+    err_console().print(f"{outcome.asked} answered, {outcome.cached} from cache; report: {outcome.files['report']}")
+    if json_out:
+        print(json.dumps(outcome.results, ensure_ascii=False))
+    else:
+        from .eval.report import summary_table
+
+        print(summary_table(outcome.results), end="")
+    if compare:
+        table = compare_runs([*compare, str(outcome.out_dir)])
+        print(
+            json.dumps(table, ensure_ascii=False) if json_out else "\n" + render_compare(table),
+            end="" if not json_out else "\n",
+        )
+
+
+class _progress:
+    """A rich progress bar on stderr, called as ``bar(done, total)``."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console(),
+            transient=True,
+        )
+        self._task = None
+
+    def __enter__(self) -> _progress:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._p.add_task("", total=total)
+        self._p.update(self._task, completed=done, total=total)
+
+
+# ---- annotate ----
+@app.command()
+def annotate(
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image files, folders or globs (optional when --labels lists the images)."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", "-l", help="FairFace CSV or a CSV/JSONL with an image column and attribute columns."),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Output JSONL, default annotations.jsonl (re-running resumes it)."),
+    ] = None,
+    base_url: EndpointOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name at the endpoint (default gpt-4o-2024-11-20).")
+    ] = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    provider: Annotated[
+        str | None,
+        typer.Option("--provider", help="openai (any compatible endpoint) | template (offline, from labels)."),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="per-aspect (one request per aspect) | grouped (one per image).")
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="Prompt set name or YAML file (default fairfacegpt-v1).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Requests in flight (default 64).")] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Cap on requests per minute.")] = None,
+    max_retries: Annotated[
+        int | None, typer.Option("--max-retries", help="Retries per request on 429/5xx/timeouts.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; send nothing.")
+    ] = False,
+    batch: Annotated[
+        bool | None, typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write question-answer pairs about face images (FairFaceGPT pipeline): resumable, concurrent, fault-tolerant."""
+    from .annotate.pipeline import annotate as run_annotate
+    from .annotate.progress import AnnotateProgress, summary_lines
+    from .config import AnnotateConfig, resolve_config
+
+    flags = {
+        "images": list(images) if images else None,
+        "labels": labels,
+        "out": out,
+        "base_url": base_url,
+        "model": model,
+        "api_key_env": api_key_env,
+        "provider": provider,
+        "mode": mode,
+        "prompts": prompts,
+        "concurrency": concurrency,
+        "rpm": rpm,
+        "max_retries": max_retries,
+        "batch": batch,
+    }
+    cfg = resolve_config(AnnotateConfig, config, flags, set_)
+    api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
+    console = err_console()
+    with AnnotateProgress(console, "annotate") as bar:
+        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
+    for line in summary_lines(summary):
+        console.print(line, markup=False)
+    print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
+    if summary.failed:
+        raise FacellmError(
+            f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
+        )
+
+
+def _api_key(env_name: str, base_url: str | None) -> str:
+    """The key from the named environment variable; local endpoints may go without one."""
+    from .annotate.client import is_local_endpoint
+
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if is_local_endpoint(base_url):
+        return "no-key-needed"
+    raise FacellmError(
+        f"environment variable {env_name} is not set: export {env_name}=... (or name another with --api-key-env)"
+    )
+
+
 # ---- serve ----
 @app.command()
 def serve(
@@ -153,17 +470,17 @@ def serve(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    host: Annotated[Optional[str], typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
     api_key_env: ApiKeyEnvOpt = None,
     served_model_name: Annotated[
-        Optional[str], typer.Option("--served-model-name", help="Model id reported to clients (default: folder name).")
+        str | None, typer.Option("--served-model-name", help="Model id reported to clients (default: folder name).")
     ] = None,
     max_batch_size: Annotated[
-        Optional[int], typer.Option("--max-batch-size", help="Most requests per generate call (1 = no batching).")
+        int | None, typer.Option("--max-batch-size", help="Most requests per generate call (1 = no batching).")
     ] = None,
     max_wait_ms: Annotated[
-        Optional[float], typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
+        float | None, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
     ] = None,
     allow_remote_images: Annotated[
         bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (default: data: URIs only).")

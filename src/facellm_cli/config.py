@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
+from .refusals import DEFAULT_REFUSAL_PATTERNS
 
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"
 # Released FaceLLM checkpoints keep the transformers weights in a subfolder.
@@ -41,14 +51,16 @@ class ModelConfig(StrictModel):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto is bfloat16 on CUDA with bf16 support, float16 on older CUDA, float32 on CPU."
+        "auto",
+        description="Weights dtype; auto is bfloat16 on CUDA with bf16 support, float16 on older CUDA, float32 on CPU.",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="bitsandbytes quantization of the language model (vision tower, projector, lm_head stay unquantized)."
+        "none",
+        description="bitsandbytes quantization of the language model (vision tower, projector, lm_head stay unquantized).",
     )
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")
@@ -202,6 +214,331 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path:
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     return atomic_write_text(Path(path), text)
+
+
+# ---- build-dataset ----
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``"a,b"`` from a flag as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class DatasetConfig(StrictModel):
+    """``facellm build-dataset``: annotate JSONL / paper folders -> validated, split training sets."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Annotate JSONL files, or folders in the paper's layout ({id}/question_i.txt + answer_i.txt).",
+    )
+    image_root: str | None = Field(
+        None, description="Folder the record image paths are relative to; output image paths are relative to it too."
+    )
+    out: str | None = Field(None, description="Output folder (must be empty or new unless force is set).")
+    labels: str | None = Field(
+        None, description="CSV of image labels (an image column plus attribute columns), used where records lack them."
+    )
+    labels_image_column: str = Field("file", description="Column of the labels CSV holding the image path.")
+    split: list[float] = Field(
+        default_factory=lambda: [0.8, 0.1, 0.1], description="train,val,test fractions (summing to 1)."
+    )
+    seed: int = Field(0, description="Seed for the split and the multiple-choice options; same seed, same bytes.")
+    merge_aspects: bool = Field(
+        False, description="One multi-turn conversation per image (all aspects) instead of one QA pair per record."
+    )
+    mcq: list[str] = Field(
+        default_factory=list, description="Label columns to export as multiple-choice questions (mcq_{split}.jsonl)."
+    )
+    mcq_train: bool | None = Field(
+        None, description="Add the train-split MCQs to the training files (default: on when mcq is set)."
+    )
+    mcq_max_options: int = Field(4, ge=2, le=10, description="Most options per MCQ (the true value plus distractors).")
+    group_key: str | None = Field(
+        None, description="Label column naming an identity/group; all images of a group go to the same split."
+    )
+    stratify: str | None = Field(
+        None, description="Label column to stratify the split by (default: the first mcq label, if any)."
+    )
+    skip_invalid: bool = Field(False, description="Drop invalid records and count them by reason instead of failing.")
+    force: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
+    max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted image, in pixels (width x height).")
+    max_image_mb: float = Field(50.0, gt=0, description="Largest accepted image file, in MB.")
+    check_sha256: bool = Field(
+        True, description="Reject records whose image bytes changed since annotation (image_sha256 mismatch)."
+    )
+    refusal_patterns: list[str] | None = Field(
+        None, description="Phrases that mark a refusal answer (default: facellm_cli.refusals.DEFAULT_REFUSAL_PATTERNS)."
+    )
+    name: str = Field("facellm", description="Dataset name prefix in dataset_info.json (name_train, name_val, ...).")
+    max_errors_shown: int = Field(20, gt=0, description="Most invalid records listed in one error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_from_flags(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("split", "mcq"):
+                if key in data:
+                    data[key] = _split_csv(data[key])
+            if isinstance(data.get("inputs"), str):
+                data["inputs"] = [data["inputs"]]
+        return data
+
+    @model_validator(mode="after")
+    def _checks(self) -> DatasetConfig:
+        problems = []
+        if not self.inputs:
+            problems.append("inputs: give at least one annotate JSONL file or paper-layout folder")
+        if not self.image_root:
+            problems.append("image_root: required (--image-root DIR, the folder the image paths are relative to)")
+        if not self.out:
+            problems.append("out: required (--out DIR)")
+        if len(self.split) != 3 or any(f < 0 for f in self.split):
+            problems.append(f"split: {self.split} must be three fractions >= 0, train,val,test (e.g. 0.8,0.1,0.1)")
+        elif abs(sum(self.split) - 1.0) > 1e-6:
+            problems.append(f"split: {self.split} sums to {sum(self.split):g}, not 1 (e.g. 0.8,0.1,0.1)")
+        elif self.split[0] <= 0:
+            problems.append(f"split: {self.split} leaves no training data (the first fraction must be > 0)")
+        if len(set(self.mcq)) != len(self.mcq):
+            problems.append(f"mcq: {self.mcq} names a label twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.mcq_train is None:
+            object.__setattr__(self, "mcq_train", bool(self.mcq))
+        if self.stratify is None and self.mcq:
+            object.__setattr__(self, "stratify", self.mcq[0])
+        return self
+
+
+# ---- evaluate ----
+
+
+class EvalEndpointConfig(StrictModel):
+    """An OpenAI-compatible server to evaluate instead of a local model (GPT-4o, vLLM, ``facellm serve``)."""
+
+    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
+    max_image_side: int | None = Field(1024, gt=0, description="Downscale images so the longer side is at most this.")
+
+
+class EvalGenerationConfig(GenerationConfig):
+    """Decoding for generate mode: the benchmark asks for a letter, so answers are short by default."""
+
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens per answer (a letter, or a short sentence).")
+
+
+class EvalConfig(StrictModel):
+    """``facellm evaluate``: multiple-choice accuracy of a model on FaceXBench or a JSONL set."""
+
+    benchmark: Literal["facexbench"] | None = Field(None, description="Built-in benchmark to run (needs data_dir).")
+    data_dir: str | None = Field(None, description="FaceXBench checkout (or its benchmark/ folder) with the images.")
+    data: str | None = Field(
+        None,
+        description="JSONL set ({images, question, options, answer} lines or build-dataset mcq_*.jsonl), or a folder of mcq_*.jsonl.",
+    )
+    image_root: str | None = Field(
+        None, description="Folder relative image paths in --data resolve against (default: the file's folder)."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Local model to evaluate (ignored with endpoint)."
+    )
+    endpoint: EvalEndpointConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
+    mode: Literal["generate", "likelihood"] = Field(
+        "generate",
+        description="generate: answer then parse; likelihood: pick the option letter the model scores highest.",
+    )
+    generation: EvalGenerationConfig = Field(
+        default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
+    )
+    batch_size: int = Field(8, gt=0, description="Questions per forward pass / generate call.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions (after --tasks).")
+    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
+    with_task_description: bool = Field(
+        False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
+    )
+    out: str = Field(
+        "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> EvalConfig:
+        problems = []
+        if self.benchmark and self.data:
+            problems.append("data: give either --benchmark facexbench --data-dir DIR or --data FILE, not both")
+        if not self.benchmark and not self.data:
+            problems.append(
+                "benchmark: nothing to evaluate; give --benchmark facexbench --data-dir DIR or --data FILE.jsonl"
+            )
+        if self.benchmark and not self.data_dir:
+            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout with its images)")
+        if self.data_dir and not self.benchmark:
+            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
+        if self.image_root and not self.data:
+            problems.append("image_root: --image-root only applies to --data sets")
+        if self.endpoint is not None and self.mode == "likelihood":
+            problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---- annotate ----
+
+# Phrases that mark a refusal rather than a description. Matched case-insensitively near the
+# start of an answer (curly apostrophes folded), so a description that merely contains
+# "unable to" deep in its text is not thrown away.
+
+# USD per 1M tokens (list prices when written; edit with --set or the YAML for your contract).
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-4o-2024-11-20": {"input": 2.50, "output": 10.00},
+    "gpt-4o": {"input": 2.50, "output": 10.00},
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60},
+    "gpt-4.1": {"input": 2.00, "output": 8.00},
+    "gpt-4.1-mini": {"input": 0.40, "output": 1.60},
+    "gpt-4.1-nano": {"input": 0.10, "output": 0.40},
+}
+
+
+class ModelPrice(StrictModel):
+    """Price of one model, used for the cost summary and ``--dry-run`` estimates."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt tokens.")
+    output: float = Field(ge=0, description="USD per 1M completion tokens.")
+
+
+class AnnotateConfig(StrictModel):
+    """``facellm annotate``: question-answer pairs about face images from a VLM endpoint or from labels."""
+
+    images: list[str] = Field(
+        default_factory=list, description="Image files, folders or globs (may be empty when labels list the images)."
+    )
+    labels: str | None = Field(
+        None,
+        validate_default=True,
+        description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
+        "columns.",
+    )
+    label_image_column: str | None = Field(
+        None,
+        description="Column of the labels file holding the image path (auto: file, image, image_path, path, filename).",
+    )
+    label_ignore: list[str] = Field(
+        default_factory=lambda: ["service_test"], description="Label columns that are not face attributes."
+    )
+    image_root: str | None = Field(
+        None, description="Folder label paths are relative to; stored image paths become relative to it."
+    )
+    out: str = Field(
+        "annotations.jsonl", description="Append-only JSONL of Annotation records (re-running resumes it)."
+    )
+    provider: Literal["openai", "template"] = Field(
+        "openai", description="openai: any OpenAI-compatible endpoint; template: deterministic QA from labels, offline."
+    )
+    mode: Literal["per-aspect", "grouped"] = Field(
+        "per-aspect",
+        description="per-aspect: one request per image x aspect (the paper); grouped: one request per image, "
+        "all aspects as JSON.",
+    )
+    prompts: str = Field("fairfacegpt-v1", description="Built-in prompt set name or a YAML prompt-set file.")
+    aspects: list[str] | None = Field(None, description="Subset of the prompt set's aspect keys (default: all).")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: api.openai.com)."
+    )
+    model: str = Field(
+        "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the API key (the key itself is never stored).",
+    )
+    concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
+    rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
+    max_retries: int = Field(
+        6, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and connection errors."
+    )
+    max_reasks: int = Field(
+        2, ge=0, le=20, description="Re-asks per item after a refusal, an empty or a malformed answer."
+    )
+    timeout: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
+    backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
+    backoff_max: float = Field(
+        30.0,
+        ge=0,
+        description="Largest backoff delay in seconds (a server's Retry-After is honoured even when longer).",
+    )
+    structured_output: Literal["auto", "json_schema", "text"] = Field(
+        "auto",
+        description="grouped mode: json_schema response_format, text (JSON in the answer), or auto (schema, "
+        "falling back to text when refused).",
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Most completion tokens per request (None: the endpoint's default)."
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature (None: the endpoint's default)."
+    )
+    image_max_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
+    image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
+    refusal_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+        description="Answers containing one of these phrases (case-insensitive) are refusals: re-asked, never stored.",
+    )
+    min_answer_chars: int = Field(2, ge=1, description="Shorter answers count as empty and are re-asked.")
+    expected_completion_tokens: int = Field(
+        300, ge=0, description="Completion tokens per aspect assumed by --dry-run estimates."
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: {k: ModelPrice(**v) for k, v in DEFAULT_PRICES.items()},
+        description="USD per 1M tokens by model name, for cost summaries.",
+    )
+    batch: bool = Field(False, description="Use the OpenAI Batch API (files + batches) instead of live requests.")
+    batch_dir: str | None = Field(
+        None, description="Where batch request files and state live (default: <out>.batch next to the output)."
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
+    batch_max_requests: int = Field(
+        50_000, gt=0, le=50_000, description="Most requests per batch file (API limit 50,000)."
+    )
+    batch_max_bytes: int = Field(
+        200_000_000, gt=0, le=200 * 1024 * 1024, description="Largest batch file in bytes (API limit 200 MB)."
+    )
+    batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
+
+    # Field validators (not one model validator) so each error names its key: "base_url: ...".
+    @field_validator("labels")
+    @classmethod
+    def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if not v and not info.data.get("images"):
+            raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+    @field_validator("aspects")
+    @classmethod
+    def _some_aspects(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one aspect key, or leave it unset for all")
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_needs_requests(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("provider") == "template":
+            raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
+        return v
 
 
 # ---- serve ----

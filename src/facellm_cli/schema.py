@@ -35,7 +35,9 @@ class Annotation(BaseModel):
     model: str = Field("", description="Model name that wrote the answer.")
     provider: str = Field("openai", description="'openai' (any compatible endpoint) or 'template'.")
     prompt_version: str = Field("", description="Version of the prompt set used.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Known attributes of the image (age, gender, race...).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Known attributes of the image (age, gender, race...)."
+    )
     usage: Usage = Field(default_factory=Usage)
     attempts: int = 1
     created: str = Field("", description="UTC ISO-8601 time the record was written.")
@@ -57,18 +59,33 @@ class MCQuestion(BaseModel):
     prepend_text: str | None = None
     postpend_text: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Demographic labels for fairness reports.")
+    subtask: str | None = Field(
+        None, description="Benchmark sub-task, e.g. FaceXBench's 'sub-category' ('age', 'hr_fr')."
+    )
+    image_setting: Literal["zero", "single", "multiple"] | None = Field(
+        None,
+        description="Image setting as the benchmark labels it (tools questions carry a black image but are 'zero').",
+    )
+
+    @property
+    def setting(self) -> str:
+        """The image setting, derived from the image count when the source does not say."""
+        if self.image_setting:
+            return self.image_setting
+        return "zero" if not self.images else ("single" if len(self.images) == 1 else "multiple")
 
 
 DEFAULT_MCQ_POSTPEND = "Please answer the question and provide only the correct option letter, e.g., A, B, C, D."
 
 
 def format_mcq_prompt(q: MCQuestion, *, with_task_description: bool = False) -> str:
-    """The user text for a multiple-choice question, in FaceXBench's order.
+    """The user text for a multiple-choice question, exactly as FaceXBench builds it.
 
-    context, optional task description (prepend_text), question, postpend text,
-    then one ``(A) option`` line per option. Training data exported by
-    build-dataset and evaluation both use this, so a model is asked at test time
-    exactly as it was taught.
+    FaceXBench's ``evaluate.py`` writes context, optional task description
+    (prepend_text), question, postpend text and one ``(A) option`` line per
+    option, each followed by a newline (so the text ends with one). Training
+    data exported by build-dataset and evaluation both use this, so a model is
+    asked at test time exactly as it was taught and as the benchmark asks.
     """
     parts: list[str] = []
     if q.context:
@@ -78,4 +95,4 @@ def format_mcq_prompt(q: MCQuestion, *, with_task_description: bool = False) -> 
     parts.append(q.question.strip())
     parts.append((q.postpend_text if q.postpend_text is not None else DEFAULT_MCQ_POSTPEND).strip())
     parts.extend(f"({LETTERS[i]}) {opt}" for i, opt in enumerate(q.options))
-    return "\n".join(p for p in parts if p)
+    return "".join(f"{p}\n" for p in parts if p)

@@ -58,7 +58,9 @@ def _open(path: str, stdin_bytes: bytes | None) -> object:
     return open_image(path)
 
 
-def ask_stream(lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None) -> Iterator[str]:
+def ask_stream(
+    lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
+) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
     img = _open(image, stdin_bytes)
     yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)  # type: ignore[list-item]
@@ -77,7 +79,7 @@ def ask_many(
         prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]  # type: ignore[list-item]
         gens = generate_batch(lm, prompts, cfg.generation)
         per = (time.perf_counter() - t0) / len(pending)
-        for (path, _), g in zip(pending, gens):
+        for (path, _), g in zip(pending, gens, strict=True):
             yield AskResult(path, question, g.text, lm.name, g.prompt_tokens, g.completion_tokens, per)
         pending.clear()
 

@@ -121,7 +121,7 @@ def generate_batch(
     eos = _eos_ids(lm)
     pad = lm.tokenizer.pad_token_id
     results = []
-    for row, mask in zip(new.tolist(), batch["attention_mask"].tolist()):
+    for row, mask in zip(new.tolist(), batch["attention_mask"].tolist(), strict=True):
         n = 0
         finish = "length"
         for t in row:
@@ -133,7 +133,9 @@ def generate_batch(
                 break
             n += 1
         text = lm.tokenizer.decode(row[:n], skip_special_tokens=True)
-        results.append(Generation(text=text.strip(), prompt_tokens=int(sum(mask)), completion_tokens=n, finish_reason=finish))
+        results.append(
+            Generation(text=text.strip(), prompt_tokens=int(sum(mask)), completion_tokens=n, finish_reason=finish)
+        )
     return results
 
 

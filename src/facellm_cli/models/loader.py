@@ -30,7 +30,9 @@ log = logging.getLogger("facellm.loader")
 # Module-name fragments kept unquantized (and frozen by default in finetune):
 # vision towers, projectors and lm_head across InternVL, Qwen2-VL, LLaVA, SmolVLM/Idefics3.
 VISION_MODULE_KEYS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "mlp1")
-SKIP_QUANT_MODULES = (*VISION_MODULE_KEYS, "lm_head")
+# transformers 5 matches skip patterns from the start of the dotted name (as regexes), so
+# each fragment is prefixed with ".*" to match at any depth ("model.vision_tower.encoder...").
+SKIP_QUANT_PATTERNS = (*(rf"(.*\.)?{k}" for k in VISION_MODULE_KEYS), r"(.*\.)?lm_head")
 
 
 @dataclass
@@ -213,7 +215,7 @@ def quantization_config(cfg: ModelConfig, device: str) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = list(SKIP_QUANT_MODULES)
+    skip = list(SKIP_QUANT_PATTERNS)
     if cfg.quantization == "4bit":
         compute = torch.bfloat16 if (not device.startswith("cuda") or torch.cuda.is_bf16_supported()) else torch.float16
         return BitsAndBytesConfig(

@@ -76,6 +76,22 @@ def _chat_template(image_markup: str) -> str:
     return _CHATML.replace("IMAGE", repr(image_markup))
 
 
+def _text_config(tok: Any, hidden: int, layers: int) -> dict[str, Any]:
+    """Qwen2-style language model sizes shared by every tiny family."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+
+
 def _hf_tokenizer(tok: Any, extra: dict[str, str]) -> Any:
     from transformers import PreTrainedTokenizerFast
 
@@ -90,14 +106,21 @@ def _hf_tokenizer(tok: Any, extra: dict[str, str]) -> Any:
     return hf
 
 
-def _build_internvl(image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int) -> tuple[Any, Any]:
+def _build_internvl(
+    image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int
+) -> tuple[Any, Any]:
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
     tok = _hf_tokenizer(
         _train_tokenizer(specials, vocab_size),
-        {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
     )
     grid = image_size // patch_size
     seq = (grid // 2) ** 2  # pixel shuffle with downsample ratio 0.5
@@ -105,7 +128,10 @@ def _build_internvl(image_size: int, patch_size: int, text_hidden: int, vision_h
         size={"height": image_size, "width": image_size}, crop_to_patches=False, min_patches=1, max_patches=1
     )
     processor = _image_only_class(InternVLProcessor)(
-        image_processor=image_processor, tokenizer=tok, image_seq_length=seq, chat_template=_chat_template("<IMG_CONTEXT>\n")
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_length=seq,
+        chat_template=_chat_template("<IMG_CONTEXT>\n"),
     )
     config = InternVLConfig(
         vision_config=dict(
@@ -116,19 +142,7 @@ def _build_internvl(image_size: int, patch_size: int, text_hidden: int, vision_h
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=text_hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
-        ),
+        text_config=dict(model_type="qwen2", **_text_config(tok, text_hidden, layers)),
         image_token_id=tok.context_image_token_id,
         image_seq_length=seq,
         downsample_ratio=0.5,
@@ -136,30 +150,55 @@ def _build_internvl(image_size: int, patch_size: int, text_hidden: int, vision_h
     return InternVLForConditionalGeneration(config), processor
 
 
-def _build_qwen2_vl(image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int) -> tuple[Any, Any]:
+def _build_qwen2_vl(
+    image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int
+) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _hf_tokenizer(_train_tokenizer(specials, vocab_size), {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = _hf_tokenizer(
+        _train_tokenizer(specials, vocab_size), {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    )
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch_size, merge_size=2, temporal_patch_size=2
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
     )
     processor = _image_only_class(Qwen2VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
     head_dim = text_hidden // 2
     config = Qwen2VLConfig(
         vision_config=dict(
-            depth=layers, embed_dim=vision_hidden, hidden_size=text_hidden, num_heads=2, mlp_ratio=2,
-            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            depth=layers,
+            embed_dim=vision_hidden,
+            hidden_size=text_hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         text_config=dict(
-            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=text_hidden * 2, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+            **_text_config(tok, text_hidden, layers),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+            },
         ),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),

@@ -1,0 +1,231 @@
+"""Label files: the FairFace CSV and generic CSV/JSONL tables, and joining them to images.
+
+FairFace ships ``file,age,gender,race,service_test`` with paths such as
+``val/1.jpg`` relative to the dataset folder. A generic table has an image
+column (``file``, ``image``, ``image_path``, ``path`` or ``filename``, or the
+one named in the config) and any attribute columns. Values are kept as written
+(``Latino_Hispanic``, ``more than 70``); prompts turn them into prose.
+
+Problems with single rows (no image value, image not found) are collected and
+reported, never fatal: one bad row must not stop a 100k-image job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from ..images import find_images, is_image_path
+
+IMAGE_COLUMNS = ("file", "image", "image_path", "path", "filename", "img")
+
+
+@dataclass
+class LabelRow:
+    """One row: the image reference as written, its attributes, and where it came from."""
+
+    image: str
+    labels: dict[str, str]
+    line: int
+
+
+@dataclass
+class LabelTable:
+    source: Path
+    image_column: str
+    columns: list[str]
+    rows: list[LabelRow]
+    problems: list[str] = field(default_factory=list)
+
+
+def _clean(value: object) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def read_labels(
+    path: str | os.PathLike[str], image_column: str | None = None, ignore: list[str] | None = None
+) -> LabelTable:
+    """Read a CSV or JSONL label file. Unreadable files and a missing image column are errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"labels file not found: {p} (check --labels)")
+    ignore_set = set(ignore or [])
+    records = _read_jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".ndjson") else _read_csv_rows(p)
+    columns: list[str] = []
+    for _, rec in records:
+        for k in rec:
+            if k not in columns:
+                columns.append(k)
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
+        if image_column is None:
+            raise DataError(
+                f"{p} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; columns are: "
+                f"{', '.join(columns) or 'none'}); name it with --set label_image_column=COLUMN"
+            )
+    elif image_column not in columns:
+        raise DataError(
+            f"{p} has no column '{image_column}' (columns are: {', '.join(columns)}); fix label_image_column"
+        )
+    table = LabelTable(source=p, image_column=image_column, columns=columns, rows=[])
+    for line, rec in records:
+        image = _clean(rec.get(image_column))
+        if not image:
+            table.problems.append(f"label row without an image: {p} line {line} (empty '{image_column}')")
+            continue
+        labels = {}
+        for k, v in rec.items():
+            if k == image_column or k in ignore_set:
+                continue
+            value = _clean(v)
+            if value is not None:
+                labels[str(k).strip()] = value
+        table.rows.append(LabelRow(image=image, labels=labels, line=line))
+    return table
+
+
+def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise DataError(f"{p} is empty (a CSV needs a header row such as file,age,gender,race)")
+            rows = []
+            for rec in reader:
+                rec.pop(None, None)  # extra cells beyond the header
+                rows.append((reader.line_num, dict(rec)))
+            return rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p} is not UTF-8 text ({e}); save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise DataError(f"{p}: not a valid CSV ({e})") from None
+
+
+def _read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{p} line {line_no}: not valid JSON ({e}); fix or delete that line") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{p} line {line_no}: expected a JSON object, got {type(rec).__name__}")
+            rows.append((line_no, rec))
+    return rows
+
+
+@dataclass
+class ImageItem:
+    """One image to annotate: its path on disk, the name stored in records, and its labels."""
+
+    path: Path
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass
+class Inputs:
+    items: list[ImageItem]
+    problems: list[str]
+    unlabelled: int = 0
+
+
+def _stored_name(path: Path, image_root: Path | None) -> str:
+    if image_root is not None:
+        try:
+            return path.resolve().relative_to(image_root.resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def collect_inputs(
+    images: list[str],
+    labels: str | None,
+    *,
+    image_column: str | None = None,
+    ignore: list[str] | None = None,
+    image_root: str | None = None,
+) -> Inputs:
+    """Images joined with their labels.
+
+    A label row is matched to an image by path (the row's path resolved against
+    the image root, the labels file's folder and every folder given), then by
+    file name when that name is unique. Without image arguments the label rows
+    themselves are the images (resolved against the image root, else the labels
+    file's folder).
+    """
+    root = Path(image_root) if image_root else None
+    problems: list[str] = []
+    table = read_labels(labels, image_column, ignore) if labels else None
+    if table is not None:
+        problems.extend(table.problems)
+
+    if not images:
+        assert table is not None  # the config requires images or labels
+        base = root or table.source.parent
+        items: list[ImageItem] = []
+        seen: set[Path] = set()
+        for row in table.rows:
+            path = base / row.image
+            if path in seen:
+                problems.append(f"duplicate label row for {row.image}: {table.source} line {row.line} (first one kept)")
+                continue
+            seen.add(path)
+            if not path.is_file():
+                problems.append(f"image not found: {path} (listed in {table.source.name} line {row.line})")
+                continue
+            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels))
+        return Inputs(items=items, problems=problems)
+
+    found = find_images(images)
+    paths: list[Path] = []
+    for p in found:
+        if str(p) == "-":
+            problems.append("'-' (stdin) is not supported by annotate: give image files or folders")
+        elif not p.exists():
+            problems.append(f"image not found: {p}")
+        elif p.is_file() and not is_image_path(p):
+            problems.append(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
+        elif p.is_file():
+            paths.append(p)
+    items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
+    if table is None:
+        return Inputs(items=items, problems=problems, unlabelled=len(items))
+
+    by_resolved = {p.resolve(): i for i, p in enumerate(paths)}
+    by_name: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_name.setdefault(p.name, []).append(i)
+    bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
+    matched: set[int] = set()
+    for row in table.rows:
+        idx = None
+        for base in bases:
+            idx = by_resolved.get((base / row.image).resolve())
+            if idx is not None:
+                break
+        if idx is None:
+            same = by_name.get(Path(row.image).name, [])
+            idx = same[0] if len(same) == 1 else None
+        if idx is None:
+            problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
+            continue
+        if idx in matched:
+            problems.append(
+                f"duplicate label row for {row.image}: {table.source.name} line {row.line} (first one kept)"
+            )
+            continue
+        matched.add(idx)
+        items[idx].labels = row.labels
+    return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))

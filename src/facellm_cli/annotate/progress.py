@@ -1,0 +1,85 @@
+"""Rendering for ``facellm annotate``: a rich progress bar on stderr and the summary lines.
+
+Kept apart from ``pipeline`` so the library stays print-free; the CLI passes
+:meth:`AnnotateProgress.update` as the pipeline's ``on_progress`` callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .pipeline import AnnotateSummary, ProgressState
+
+
+class AnnotateProgress:
+    """done / failed / in flight / tokens, redrawn by rich at most 10 times a second."""
+
+    def __init__(self, console: Any, description: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight"
+                " · {task.fields[tokens]} tokens"
+            ),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(description, total=None, failed=0, in_flight=0, tokens="0")
+
+    def __enter__(self) -> AnnotateProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, state: ProgressState) -> None:
+        tokens = state.prompt_tokens + state.completion_tokens
+        self.progress.update(
+            self.task,
+            total=state.total,
+            completed=state.done,
+            failed=state.failed,
+            in_flight=state.in_flight,
+            tokens=f"{tokens:,}",
+        )
+
+
+def summary_lines(s: AnnotateSummary) -> list[str]:
+    """Human summary (stderr)."""
+    cost = "unknown (add the model to prices)" if s.cost_usd is None else f"${s.cost_usd:,.4f}"
+    if s.dry_run:
+        lines = [
+            f"dry run ({s.provider}, {s.mode}, {s.model}): {s.images} images, "
+            f"{s.items_pending} of {s.items_total} items to do",
+            f"would send {s.requests:,} requests, ~{s.prompt_tokens:,} prompt tokens ({s.image_tokens:,} for images), "
+            f"~{s.completion_tokens:,} completion tokens; estimated cost {cost}{' (batch price)' if s.batch else ''}",
+        ]
+    else:
+        rejected = ", ".join(f"{v} {k}" for k, v in sorted(s.rejected.items())) or "none"
+        lines = [
+            f"{s.written_ok:,} written, {s.failed:,} failed, {s.items_done_before:,} already done "
+            f"({s.images} images, {s.items_total:,} items) in {s.wall_s:.1f}s",
+            f"{s.requests:,} requests, {s.retries:,} retries, {s.reasks:,} re-asks (rejected answers: {rejected})",
+            f"tokens: {s.prompt_tokens:,} prompt ({s.image_tokens:,} image), "
+            f"{s.completion_tokens:,} completion; cost {cost}",
+        ]
+    if s.problems_total:
+        lines.append(f"{s.problems_total} problem(s):")
+        lines.extend(f"  {p}" for p in s.problems)
+        if s.problems_total > len(s.problems):
+            lines.append(f"  ... and {s.problems_total - len(s.problems)} more")
+    return lines

@@ -1,0 +1,1 @@
+"""build-dataset: readers, validation, splits, multiple-choice export and writers."""

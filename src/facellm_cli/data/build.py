@@ -1,0 +1,588 @@
+"""``build_dataset(cfg)``: annotate JSONL / paper folders -> validated, leakage-free training sets.
+
+Two passes over the inputs, so memory does not grow with the text of the corpus:
+
+1. **Scan.** Every record is parsed and checked (text, image, duplicates).
+   What is kept is small: per image its labels and validity, per record five
+   integers (image, aspect, question hash, source, location) in packed arrays
+   (24 bytes a record). Each unique image is read and fully decoded once.
+2. **Write.** Splits are decided per image (or group) from that state; kept
+   records are then re-read one image at a time, in a canonical order (image
+   path, aspect, question hash), and streamed into the per-split files.
+
+The canonical order makes the output independent of the order annotate wrote
+its lines in (concurrent runs interleave them): the same records, images and
+seed give byte-identical files. Everything is written into a private staging
+folder and moved into place at the end, so an interrupted run leaves the old
+outputs (or nothing) behind, never a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import DatasetConfig, dump_config
+from ..errors import ConfigError, DataError, OutputExistsError
+from ..schema import format_mcq_prompt
+from .mcq import build_mcq
+from .readers import Problem, RawRecord, Source, open_sources, read_labels_csv
+from .report import build_stats, render_report
+from .splits import SPLITS, assign_splits
+from .validate import IMAGE_TOKEN, NOT_ERRORS, REASONS, check_conversation, check_image, check_text
+
+CONFIG_NAME = "config.yaml"
+OUTPUT_NAMES = (
+    *(f"{s}.json" for s in SPLITS),
+    *(f"{s}.jsonl" for s in SPLITS),
+    *(f"mcq_{s}.jsonl" for s in SPLITS),
+    "dataset_info.json",
+    "stats.json",
+    "report.md",
+    CONFIG_NAME,
+)
+# Label columns with more distinct values than this (ids, file names) get a count, not a balance table.
+MAX_BALANCE_VALUES = 50
+
+ProgressFn = Callable[[str, int], None]
+
+
+@dataclass
+class BuildReport:
+    """What build-dataset did: returned to the CLI, also the basis of ``--json``."""
+
+    out_dir: str
+    media_dir: str
+    records_read: int
+    qa_pairs: int
+    images: int
+    splits: dict[str, dict[str, int]]
+    filtered: dict[str, int]
+    files: list[str]
+    dataset_names: list[str]
+    elapsed_s: float
+    stats: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": self.out_dir,
+            "media_dir": self.media_dir,
+            "records_read": self.records_read,
+            "qa_pairs": self.qa_pairs,
+            "images": self.images,
+            "splits": self.splits,
+            "filtered": self.filtered,
+            "files": self.files,
+            "dataset_names": self.dataset_names,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+class _Image:
+    """Per-image state kept between the passes (small: labels and validity)."""
+
+    __slots__ = ("labels", "bad")
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self.bad: str | None = None
+
+
+def _question_key(question: str) -> int:
+    """Hash of the question with case and whitespace folded: the duplicate key within one image."""
+    norm = " ".join(question.split()).casefold().encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "big")
+
+
+def _excerpt(text: str, n: int = 60) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= n else flat[: n - 1] + "…")
+
+
+class _Scan:
+    """Pass 1: parse, validate, index."""
+
+    def __init__(self, cfg: DatasetConfig, root: Path, label_table: dict[str, dict[str, str]]) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.label_table = label_table
+        self.images: dict[str, _Image] = {}
+        self.image_names: list[str] = []
+        self._image_index: dict[str, int] = {}
+        self._resolved: dict[str, str | None] = {}
+        self._root_str = str(root)
+        self.aspects: dict[str, int] = {}
+        self.aspect_names: list[str] = []
+        self.rec_img = array("i")
+        self.rec_aspect = array("i")
+        self.rec_qhash = array("Q")
+        self.rec_src = array("i")
+        self.rec_loc = array("q")
+        self.records_read = 0
+        self.filtered: Counter[str] = Counter()
+        self.filtered_images: Counter[str] = Counter()
+        self.problems: list[str] = []
+        self.n_problems = 0
+
+    # -- helpers --
+    def reject(self, reason: str, message: str | None) -> None:
+        self.filtered[reason] += 1
+        if reason in NOT_ERRORS or message is None:
+            return
+        self.n_problems += 1
+        if len(self.problems) < self.cfg.max_errors_shown:
+            self.problems.append(message)
+
+    def resolve_image(self, raw: str) -> str | None:
+        """Record image path -> posix path relative to the image root, or None when outside it.
+
+        Relative paths are tried against the image root first, then against the
+        working folder (annotate may have been given ``faces/x.jpg`` with the
+        root ``faces``). Cached per distinct path string: per-image state.
+        """
+        if raw in self._resolved:
+            return self._resolved[raw]
+        s = raw.replace("\\", "/")
+        chosen: str | None = None
+        if os.path.isabs(s):
+            chosen = self._inside(s)
+        else:
+            rel = os.path.normpath(s)
+            if rel != ".." and not rel.startswith("../"):
+                chosen = Path(rel).as_posix()
+            if chosen is None or not (self.root / chosen).exists():
+                via_cwd = self._inside(os.path.abspath(s))
+                if via_cwd is not None and (self.root / via_cwd).exists():
+                    chosen = via_cwd
+        self._resolved[raw] = chosen
+        return chosen
+
+    def _inside(self, path: str) -> str | None:
+        """Posix path of ``path`` relative to the root, or None when outside (symlinks resolved if needed)."""
+        for p in (os.path.normpath(path), os.path.realpath(path)):
+            rel = os.path.relpath(p, self._root_str)
+            if rel != ".." and not rel.startswith("../") and not os.path.isabs(rel):
+                return Path(rel).as_posix()
+        return None
+
+    def labels_for(self, rel: str, record_labels: dict[str, str]) -> dict[str, str]:
+        base = self.label_table.get(rel) or self.label_table.get(os.path.splitext(rel)[0]) or {}
+        merged = dict(base)
+        for k, v in record_labels.items():
+            if v.strip():
+                merged[sys.intern(k)] = sys.intern(v.strip())
+        return merged
+
+    # -- the pass --
+    def run(self, sources: list[Source], progress: ProgressFn | None) -> None:
+        cfg = self.cfg
+        patterns = cfg.refusal_patterns
+        max_bytes = int(cfg.max_image_mb * 1e6)
+        for si, src in enumerate(sources):
+            for loc, where, item in src.scan():
+                self.records_read += 1
+                if progress and self.records_read % 2000 == 0:
+                    progress("scan", self.records_read)
+                if isinstance(item, Problem):
+                    self.reject(item.reason, item.message)
+                    continue
+                rec: RawRecord = item
+                if rec.status != "ok":
+                    self.reject("annotate_failed", None)
+                    continue
+                reason = check_text(rec.question, rec.answer, patterns)
+                if reason:
+                    shown = rec.question if reason in ("empty_question", "image_token_in_text") else rec.answer
+                    self.reject(reason, f"{where}: {REASONS[reason]} (image {rec.image}): {_excerpt(shown)}")
+                    continue
+                rel = self.resolve_image(rec.image)
+                if rel is None:
+                    self.reject(
+                        "image_outside_root",
+                        f"{where}: image {rec.image} is outside the image root {self.root} (fix --image-root)",
+                    )
+                    continue
+                state = self.images.get(rel)
+                if state is None:
+                    state = _Image(self.labels_for(rel, rec.labels))
+                    self.images[rel] = state
+                    self._image_index[rel] = len(self.image_names)
+                    self.image_names.append(rel)
+                    bad = check_image(
+                        self.root / rel,
+                        expected_sha256=rec.image_sha256 if cfg.check_sha256 else None,
+                        max_pixels=cfg.max_pixels,
+                        max_bytes=max_bytes,
+                    )
+                    if bad:
+                        state.bad = bad[0]
+                        self.filtered_images[bad[0]] += 1
+                        hint = f"; {rec.image_hint}" if rec.image_hint else ""
+                        self.reject(bad[0], f"{where}: {bad[1]}: {self.root / rel}{hint}")
+                        continue
+                elif state.bad:
+                    self.reject(state.bad, None)  # counted; the image was reported with its first record
+                    continue
+                elif rec.labels:
+                    for k, v in rec.labels.items():
+                        if v.strip() and k not in state.labels:
+                            state.labels[sys.intern(k)] = sys.intern(v.strip())
+                aspect = self.aspects.get(rec.aspect)
+                if aspect is None:
+                    aspect = self.aspects[rec.aspect] = len(self.aspect_names)
+                    self.aspect_names.append(rec.aspect)
+                self.rec_img.append(self._image_index[rel])
+                self.rec_aspect.append(aspect)
+                self.rec_qhash.append(_question_key(rec.question))
+                self.rec_src.append(si)
+                self.rec_loc.append(loc)
+
+    def find_duplicates(self, sources: list[Source]):  # noqa: ANN201 - numpy array
+        """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
+        import numpy as np
+
+        n = len(self.rec_img)
+        keep = np.ones(n, dtype=bool)
+        if n < 2:
+            return keep
+        img = np.frombuffer(self.rec_img, dtype=np.int32)
+        qh = np.frombuffer(self.rec_qhash, dtype=np.uint64)
+        src = np.frombuffer(self.rec_src, dtype=np.int32)
+        loc = np.frombuffer(self.rec_loc, dtype=np.int64)
+        order = np.lexsort((loc, src, qh, img))
+        same = (img[order][1:] == img[order][:-1]) & (qh[order][1:] == qh[order][:-1])
+        dup_positions = np.nonzero(same)[0] + 1
+        if len(dup_positions) == 0:
+            return keep
+        keep[order[dup_positions]] = False
+        # Report the first few with the record they repeat (error path only: re-read to name them).
+        starts = np.concatenate(([True], ~same))
+        group_first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        for pos in dup_positions[: self.cfg.max_errors_shown]:
+            dup, first = int(order[pos]), int(order[group_first[pos]])
+            dsrc, fsrc = sources[self.rec_src[dup]], sources[self.rec_src[first]]
+            rec = dsrc.read_at(self.rec_loc[dup])
+            self.n_problems += 1
+            if len(self.problems) < self.cfg.max_errors_shown:
+                self.problems.append(
+                    f"{dsrc.describe(self.rec_loc[dup])}: {REASONS['duplicate']} "
+                    f"({fsrc.describe(self.rec_loc[first])}) for image {self.image_names[self.rec_img[dup]]}: "
+                    f"{_excerpt(rec.question)}"
+                )
+        extra = len(dup_positions) - min(len(dup_positions), self.cfg.max_errors_shown)
+        self.n_problems += extra
+        self.filtered["duplicate"] += len(dup_positions)
+        return keep
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path is a file, not a folder: {out} (choose another --out)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"output folder is not empty: {out} (choose another --out or pass --force)")
+
+
+def _need_column(column: str, option: str, seen: set[str]) -> None:
+    if column not in seen:
+        cols = ", ".join(sorted(seen)) or "none"
+        raise ConfigError(
+            f"{option} {column}: no kept image has a '{column}' label (label columns seen: {cols}); "
+            "labels come from the records or a --labels CSV"
+        )
+
+
+class _SplitWriter:
+    """Streams one split's ShareGPT JSON array, messages JSONL and MCQ JSONL."""
+
+    def __init__(self, folder: Path, split: str, with_mcq: bool) -> None:
+        self.sharegpt: IO[str] = open(folder / f"{split}.json", "w", encoding="utf-8")  # noqa: SIM115
+        self.messages: IO[str] = open(folder / f"{split}.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.mcq: IO[str] | None = open(folder / f"mcq_{split}.jsonl", "w", encoding="utf-8") if with_mcq else None  # noqa: SIM115
+        self.sharegpt.write("[")
+        self._first = True
+        self.conversations = 0
+
+    def add(self, rid: str, pairs: list[tuple[str, str]], image: str) -> None:
+        turns: list[dict[str, str]] = []
+        for i, (q, a) in enumerate(pairs):
+            turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + q})
+            turns.append({"from": "gpt", "value": a})
+        check_conversation(turns, [image], where=f"conversation {rid}")
+        record = {"conversations": turns, "images": [image]}
+        self.sharegpt.write(("\n" if self._first else ",\n") + json.dumps(record, ensure_ascii=False))
+        self._first = False
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+        self.messages.write(json.dumps({"id": rid, "messages": messages, "images": [image]}, ensure_ascii=False) + "\n")
+        self.conversations += 1
+
+    def abort(self) -> None:
+        for f in (self.sharegpt, self.messages, self.mcq):
+            if f is not None and not f.closed:
+                f.close()
+
+    def close(self) -> None:
+        self.sharegpt.write("\n]\n")
+        for f in (self.sharegpt, self.messages, self.mcq):
+            if f is not None:
+                f.close()
+
+
+def _dataset_info(cfg: DatasetConfig) -> dict[str, Any]:
+    return {
+        f"{cfg.name}_{split}": {
+            "file_name": f"{split}.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations", "images": "images"},
+            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
+        }
+        for split in SPLITS
+    }
+
+
+def _finalize(staging: Path, out: Path) -> None:
+    """Move the staged files into ``out``: one rename for a new folder, per-file replaces otherwise."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    for name in OUTPUT_NAMES:
+        if not (staging / name).exists():
+            (out / name).unlink(missing_ok=True)  # stale output of an earlier run with other options
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+    staging.rmdir()
+
+
+def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> BuildReport:
+    """Build the dataset described by ``cfg`` into ``cfg.out``; raise DataError naming invalid records."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    assert cfg.image_root and cfg.out  # guaranteed by DatasetConfig's validator
+    root_given = Path(cfg.image_root).expanduser()
+    if not root_given.is_dir():
+        raise DataError(f"image root not found: {cfg.image_root} (check --image-root)")
+    root = root_given.resolve()
+    out = Path(cfg.out).expanduser()
+    _check_out(out, cfg.force)
+    label_table, _ = read_labels_csv(Path(cfg.labels), cfg.labels_image_column) if cfg.labels else ({}, [])
+
+    sources = open_sources(cfg.inputs, root)
+    try:
+        scan = _Scan(cfg, root, label_table)
+        scan.run(sources, progress)
+        keep = scan.find_duplicates(sources)
+        if scan.n_problems and not cfg.skip_invalid:
+            shown = len(scan.problems)
+            more = f" (first {shown} listed)" if scan.n_problems > shown else ""
+            head = f"{scan.n_problems} invalid records{more}; fix them or pass --skip-invalid to drop and count them:"
+            raise DataError("\n".join([head, *scan.problems]))
+        img = np.frombuffer(scan.rec_img, dtype=np.int32)[keep]
+        if len(img) == 0:
+            raise DataError(
+                f"no usable records in {', '.join(cfg.inputs)} ({scan.records_read} read; "
+                f"filtered: {dict(sorted(scan.filtered.items())) or 'none'})"
+            )
+
+        # ---- plan: which images, which unit, which split ----
+        kept_images = sorted({scan.image_names[i] for i in np.unique(img).tolist()})
+        seen_cols: set[str] = set()
+        for rel in kept_images:
+            seen_cols.update(scan.images[rel].labels)
+        for col in cfg.mcq:
+            _need_column(col, "--mcq", seen_cols)
+        if cfg.group_key:
+            _need_column(cfg.group_key, "--group-key", seen_cols)
+        if cfg.stratify:
+            _need_column(cfg.stratify, "--stratify", seen_cols)
+        unit_of: dict[str, str] = {}
+        unit_stratum: dict[str, str] = {}
+        for rel in kept_images:
+            labels = scan.images[rel].labels
+            unit = f"group:{labels[cfg.group_key]}" if cfg.group_key and labels.get(cfg.group_key) else f"image:{rel}"
+            unit_of[rel] = unit
+            if unit not in unit_stratum:
+                unit_stratum[unit] = labels.get(cfg.stratify, "") if cfg.stratify else ""
+        split_of_unit = assign_splits(unit_stratum, cfg.split, cfg.seed)
+        mcq_values: dict[str, list[str]] = {}
+        for col in cfg.mcq:
+            values = sorted({scan.images[rel].labels[col] for rel in kept_images if scan.images[rel].labels.get(col)})
+            if len(values) < 2:
+                raise ConfigError(
+                    f"--mcq {col}: the label has {len(values)} distinct value(s) {values}; a question needs at least 2"
+                )
+            mcq_values[col] = values
+
+        # ---- write: kept records in canonical order, one image at a time ----
+        name_rank = np.empty(len(scan.image_names), dtype=np.int64)
+        for rank, i in enumerate(sorted(range(len(scan.image_names)), key=scan.image_names.__getitem__)):
+            name_rank[i] = rank
+        aspect_rank = np.empty(max(1, len(scan.aspect_names)), dtype=np.int64)
+        for rank, a in enumerate(sorted(range(len(scan.aspect_names)), key=scan.aspect_names.__getitem__)):
+            aspect_rank[a] = rank
+        k_img = img
+        k_asp = np.frombuffer(scan.rec_aspect, dtype=np.int32)[keep]
+        k_qh = np.frombuffer(scan.rec_qhash, dtype=np.uint64)[keep]
+        k_src = np.frombuffer(scan.rec_src, dtype=np.int32)[keep]
+        k_loc = np.frombuffer(scan.rec_loc, dtype=np.int64)[keep]
+        order = np.lexsort((k_loc, k_src, k_qh, aspect_rank[k_asp], name_rank[k_img]))
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.building-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        writers: dict[str, _SplitWriter] = {}
+        try:
+            for s in SPLITS:
+                writers[s] = _SplitWriter(staging, s, bool(cfg.mcq))
+            acc = _Accumulator()
+            group: list[int] = []
+            done = 0
+
+            def flush(group: list[int]) -> None:
+                rel = scan.image_names[int(k_img[group[0]])]
+                labels = scan.images[rel].labels
+                split = split_of_unit[unit_of[rel]]
+                w = writers[split]
+                recs = [sources[int(k_src[j])].read_at(int(k_loc[j])) for j in group]
+                for j, r in zip(group, recs, strict=True):
+                    if _question_key(r.question) != int(k_qh[j]):  # the input changed between the passes
+                        where = sources[int(k_src[j])].describe(int(k_loc[j]))
+                        raise DataError(f"{where}: changed while build-dataset was reading it; run again")
+                pairs = [(r.question.strip(), r.answer.strip()) for r in recs]
+                acc.image(split, labels)
+                for r, (_, a) in zip(recs, pairs, strict=True):
+                    acc.qa(split, r.aspect, a)
+                if cfg.merge_aspects:
+                    w.add(rel, pairs, rel)
+                else:
+                    used: Counter[str] = Counter()
+                    for r, pair in zip(recs, pairs, strict=True):
+                        used[r.aspect] += 1
+                        rid = f"{rel}#{r.aspect}" + (f"-{used[r.aspect]}" if used[r.aspect] > 1 else "")
+                        w.add(rid, [pair], rel)
+                for col in cfg.mcq:
+                    value = labels.get(col)
+                    if not value:
+                        acc.mcq_skipped[col] += 1
+                        continue
+                    q = build_mcq(
+                        qid=f"{rel}#mcq-{col}",
+                        image=rel,
+                        label=col,
+                        true_value=value,
+                        values=mcq_values[col],
+                        seed=cfg.seed,
+                        max_options=cfg.mcq_max_options,
+                        labels=labels,
+                    )
+                    assert w.mcq is not None
+                    w.mcq.write(json.dumps(q.model_dump(mode="json"), ensure_ascii=False) + "\n")
+                    acc.mcq[split] += 1
+                    if split == "train" and cfg.mcq_train:
+                        w.add(q.id, [(format_mcq_prompt(q), q.answer)], rel)
+                        acc.mcq_train += 1
+
+            prev = -1
+            for chunk in range(0, len(order), 65536):  # chunks: no Python int list as long as the corpus
+                for j in order[chunk : chunk + 65536].tolist():
+                    cur = int(k_img[j])
+                    if cur != prev and group:
+                        flush(group)
+                        done += 1
+                        if progress and done % 500 == 0:
+                            progress("write", done)
+                        group = []
+                    group.append(j)
+                    prev = cur
+            if group:
+                flush(group)
+            for s in SPLITS:
+                writers[s].close()
+                acc.conversations[s] = writers[s].conversations
+
+            units_per_split = Counter(split_of_unit[u] for u in set(unit_of.values()))
+            stats = build_stats(
+                cfg=cfg,
+                media_dir=str(root),
+                records_read=scan.records_read,
+                filtered=scan.filtered,
+                filtered_images=scan.filtered_images,
+                acc=acc,
+                units_per_split=units_per_split,
+                group_key=cfg.group_key,
+                max_balance_values=MAX_BALANCE_VALUES,
+            )
+            _write_json(staging / "dataset_info.json", _dataset_info(cfg))
+            _write_json(staging / "stats.json", stats)
+            (staging / "report.md").write_text(render_report(stats, cfg), encoding="utf-8")
+            dump_config(cfg, staging / CONFIG_NAME)
+            files = sorted(p.name for p in staging.iterdir())
+            _finalize(staging, out)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        for s in sources:
+            s.close()
+
+    return BuildReport(
+        out_dir=str(out.resolve()),
+        media_dir=str(root),
+        records_read=scan.records_read,
+        qa_pairs=int(len(order)),
+        images=len(kept_images),
+        splits=stats["splits"],
+        filtered=dict(stats["filtered"]["records"]),
+        files=files,
+        dataset_names=list(_dataset_info(cfg)),
+        elapsed_s=time.perf_counter() - t0,
+        stats=stats,
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+class _Accumulator:
+    """Streaming statistics: counters only, no per-record lists."""
+
+    def __init__(self) -> None:
+        self.images: Counter[str] = Counter()
+        self.qa_pairs: Counter[str] = Counter()
+        self.conversations: dict[str, int] = {}
+        self.aspects: Counter[str] = Counter()
+        self.aspects_per_split: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+        self.answer_words: Counter[int] = Counter()
+        self.answer_chars: Counter[int] = Counter()
+        self.labels: dict[str, dict[str, Counter[str]]] = {s: {} for s in SPLITS}
+        self.label_columns: set[str] = set()
+        self.mcq: Counter[str] = Counter()
+        self.mcq_skipped: Counter[str] = Counter()
+        self.mcq_train = 0
+
+    def image(self, split: str, labels: dict[str, str]) -> None:
+        self.images[split] += 1
+        self.label_columns.update(labels)
+        for col, value in labels.items():
+            self.labels[split].setdefault(col, Counter())[value] += 1
+
+    def qa(self, split: str, aspect: str, answer: str) -> None:
+        self.qa_pairs[split] += 1
+        self.aspects[aspect] += 1
+        self.aspects_per_split[split][aspect] += 1
+        self.answer_words[len(answer.split())] += 1
+        self.answer_chars[len(answer)] += 1

@@ -1,0 +1,1 @@
+"""``facellm evaluate``: multiple-choice evaluation (FaceXBench, build-dataset exports, user sets)."""

@@ -1,0 +1,476 @@
+"""Run a multiple-choice evaluation: load questions, answer the ones not yet cached, report.
+
+Three ways to answer, one prediction format:
+
+* ``generate`` — batched greedy generation through :func:`infer.generate.generate_batch`,
+  then :func:`scoring.parse_answer`;
+* ``likelihood`` — one forward pass per batch; the option whose letter token
+  ("A" or " A") the model scores highest after the prompt is the answer, so
+  nothing needs parsing;
+* endpoint — any OpenAI-compatible server, a bounded number of requests in
+  flight, retries with backoff on 429/5xx/timeouts.
+
+Every answered question is appended to ``predictions.jsonl`` at once, so an
+interrupted run resumes where it stopped; the lines carry a fingerprint of the
+setup (model, mode, prompt setting) so answers from another setup are never
+mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import EvalConfig, config_to_dict, dump_config
+from ..errors import ConfigError, EndpointError, OutputExistsError
+from ..images import encode_data_uri, fit_within, open_image
+from ..io import JsonlAppender, atomic_write_json, read_jsonl
+from ..schema import LETTERS, MCQuestion, format_mcq_prompt
+from .facexbench import CATEGORY_NAMES, load_facexbench
+from .scoring import parse_answer
+from .sets import load_jsonl_set
+
+if TYPE_CHECKING:
+    from ..models.loader import LoadedModel
+
+PREDICTIONS = "predictions.jsonl"
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------- questions
+
+
+def load_questions(cfg: EvalConfig) -> list[MCQuestion]:
+    """All questions of the configured set (images checked), before --tasks/--limit."""
+    if cfg.benchmark == "facexbench":
+        return load_facexbench(cfg.data_dir or "")
+    return load_jsonl_set(cfg.data or "", image_root=cfg.image_root)
+
+
+def select_questions(
+    questions: Sequence[MCQuestion], tasks: Sequence[str] | None, limit: int | None
+) -> list[MCQuestion]:
+    """Questions whose task, sub-task or category (key or display name) is in ``tasks``; then the first ``limit``."""
+    chosen = list(questions)
+    if tasks:
+        wanted = {t.strip().lower() for t in tasks if t.strip()}
+        known: set[str] = set()
+        for q in questions:
+            known.update(
+                n.lower() for n in (q.task, q.subtask or "", q.category, CATEGORY_NAMES.get(q.category, "")) if n
+            )
+        unknown = sorted(wanted - known)
+        if unknown:
+            names = sorted({q.task for q in questions})
+            raise ConfigError(
+                f"tasks: {', '.join(unknown)} not in this set; use task names ({', '.join(names[:8])}"
+                f"{', ...' if len(names) > 8 else ''}), sub-tasks or categories"
+            )
+
+        def keep(q: MCQuestion) -> bool:
+            names = (q.task, q.subtask or "", q.category, CATEGORY_NAMES.get(q.category, ""))
+            return any(n.lower() in wanted for n in names if n)
+
+        chosen = [q for q in chosen if keep(q)]
+    return chosen[:limit] if limit else chosen
+
+
+# ---------------------------------------------------------------- answering backends
+
+
+@dataclass
+class Answer:
+    """One model answer: the raw text (generate/endpoint) or the option scores (likelihood)."""
+
+    raw: str | None = None
+    scores: list[float] | None = None
+
+
+def _open_all(q: MCQuestion) -> list[Any]:
+    return [open_image(p) for p in q.images]
+
+
+def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[list[int]]:
+    """Token ids that start an answer with each letter: "A" and " A" where each is a single token.
+
+    A chat model's answer may begin with the bare letter or, after some
+    templates, with a leading space; both spellings count for the letter. When
+    a spelling is not one token its first token stands in (still distinct per
+    letter for byte-level BPE and SentencePiece vocabularies).
+    """
+    out: list[list[int]] = []
+    for letter in LETTERS[:n]:
+        ids: list[int] = []
+        for spelling in (letter, " " + letter):
+            enc = tokenizer.encode(spelling, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] not in ids:
+                ids.append(int(enc[0]))
+        if not ids:
+            enc = tokenizer.encode(letter, add_special_tokens=False)
+            ids = [int(enc[-1])]
+        out.append(ids)
+    flat = [i for ids in out for i in ids]
+    if len(flat) != len(set(flat)):
+        raise ConfigError(
+            "mode: likelihood cannot tell the option letters apart with this tokenizer; use --mode generate"
+        )
+    return out
+
+
+class LocalBackend:
+    """generate / likelihood answers from a loaded model, a batch at a time."""
+
+    def __init__(self, lm: LoadedModel, cfg: EvalConfig) -> None:
+        self.lm = lm
+        self.cfg = cfg
+        self.calls = 0  # forward passes / generate calls made (tests and the benchmark count them)
+        self._letter_ids = letter_token_ids(lm.tokenizer) if cfg.mode == "likelihood" else None
+
+    def prompt_text(self, q: MCQuestion) -> str:
+        return format_mcq_prompt(q, with_task_description=self.cfg.with_task_description)
+
+    def answer(self, batch: Sequence[MCQuestion]) -> list[Answer]:
+        if self.cfg.mode == "likelihood":
+            return [Answer(scores=s) for s in self.score(batch)]
+        from ..infer.generate import Prompt, generate_batch
+
+        prompts = [
+            Prompt(images=_open_all(q), text=self.prompt_text(q), system=self.cfg.generation.system) for q in batch
+        ]
+        self.calls += 1
+        return [Answer(raw=g.text) for g in generate_batch(self.lm, prompts, self.cfg.generation)]
+
+    def score(self, batch: Sequence[MCQuestion]) -> list[list[float]]:
+        """Log-probability of each option letter as the first answer token, one forward pass for the batch.
+
+        Right padding keeps every real token at its unpadded position, so a
+        question scores the same alone or in a batch; the last real position
+        of each row is gathered before the LM head so only B x V logits are
+        materialised.
+        """
+        import torch
+
+        from ..infer.generate import Prompt, render_prompt
+
+        lm = self.lm
+        texts, images = [], []
+        for q in batch:
+            imgs = _open_all(q)
+            images.extend(imgs)
+            texts.append(
+                render_prompt(lm, Prompt(images=imgs, text=self.prompt_text(q), system=self.cfg.generation.system))
+            )
+        tok = lm.tokenizer
+        side = getattr(tok, "padding_side", "left")
+        tok.padding_side = "right"
+        try:
+            enc = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
+        enc.pop("token_type_ids", None)
+        enc = enc.to(lm.device)
+        last = enc["attention_mask"].sum(dim=1) - 1
+        self.calls += 1
+        with torch.inference_mode():
+            logits = _last_logits(lm.model, enc, last)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ids = self._letter_ids or []
+        out = []
+        for row, q in enumerate(batch):
+            out.append([float(torch.logsumexp(logp[row, ids[i]], dim=0)) for i in range(len(q.options))])
+        return out
+
+
+def _last_logits(model: Any, enc: Any, last: Any) -> Any:
+    """Logits at position ``last[b]`` of each row, through the decoder and LM head only at those positions."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+    rows = torch.arange(last.shape[0], device=last.device)
+    if inner is not None and head is not None:
+        hidden = inner(**enc, use_cache=False).last_hidden_state
+        return head(hidden[rows, last])
+    return model(**enc, use_cache=False).logits[rows, last]
+
+
+class EndpointBackend:
+    """Answers from an OpenAI-compatible chat endpoint, ``concurrency`` requests in flight."""
+
+    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+    def __init__(self, cfg: EvalConfig, api_key: str | None) -> None:
+        from openai import OpenAI
+
+        assert cfg.endpoint is not None
+        self.cfg = cfg
+        self.ep = cfg.endpoint
+        self.calls = 0
+        self.client = OpenAI(
+            base_url=self.ep.base_url, api_key=api_key or "EMPTY", timeout=self.ep.timeout_s, max_retries=0
+        )
+
+    def messages(self, q: MCQuestion) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": encode_data_uri(fit_within(img, self.ep.max_image_side))}}
+            for img in _open_all(q)
+        ]
+        content.append(
+            {"type": "text", "text": format_mcq_prompt(q, with_task_description=self.cfg.with_task_description)}
+        )
+        msgs: list[dict[str, Any]] = []
+        if self.cfg.generation.system:
+            msgs.append({"role": "system", "content": self.cfg.generation.system})
+        msgs.append({"role": "user", "content": content})
+        return msgs
+
+    def ask(self, q: MCQuestion) -> Answer:
+        import openai
+
+        msgs = self.messages(q)
+        gen = self.cfg.generation
+        last_err = ""
+        for attempt in range(self.ep.max_retries + 1):
+            if attempt:
+                time.sleep(min(8.0, 0.25 * 2**attempt))
+            self.calls += 1
+            try:
+                r = self.client.chat.completions.create(
+                    model=self.ep.model,
+                    messages=msgs,
+                    max_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature,  # type: ignore[arg-type]
+                )
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                last_err = f"{type(e).__name__}: {e}"
+                continue
+            except openai.APIStatusError as e:
+                last_err = f"HTTP {e.status_code}: {str(e)[:200]}"
+                if e.status_code in self.RETRY_STATUS:
+                    continue
+                raise EndpointError(f"endpoint {self.ep.base_url} refused question {q.id}: {last_err}") from None
+            try:
+                return Answer(raw=r.choices[0].message.content or "")
+            except (AttributeError, IndexError, TypeError):
+                last_err = "malformed response (no choices[0].message.content)"
+                continue
+        raise EndpointError(
+            f"endpoint {self.ep.base_url} failed question {q.id} after {self.ep.max_retries + 1} attempts "
+            f"({last_err}); "
+            "answers so far are saved; rerun the same command to resume"
+        )
+
+    def run(self, questions: Sequence[MCQuestion]) -> Iterator[tuple[MCQuestion, Answer]]:
+        """Yield (question, answer) as they complete, never more than ``concurrency`` in flight."""
+        it = iter(questions)
+        with ThreadPoolExecutor(max_workers=self.ep.concurrency) as pool:
+            pending: dict[Future[Answer], MCQuestion] = {}
+            for q in it:
+                pending[pool.submit(self.ask, q)] = q
+                if len(pending) >= self.ep.concurrency:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    q = pending.pop(fut)
+                    try:
+                        ans = fut.result()
+                    except BaseException:
+                        for f in pending:
+                            f.cancel()
+                        raise
+                    yield q, ans
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending[pool.submit(self.ask, nxt)] = nxt
+
+
+# ---------------------------------------------------------------- run
+
+
+def setup_spec(cfg: EvalConfig) -> dict[str, Any]:
+    """What determines an answer; predictions made under another spec are not reused."""
+    if cfg.endpoint is not None:
+        who: dict[str, Any] = {"endpoint": cfg.endpoint.base_url, "model": cfg.endpoint.model}
+    else:
+        m = cfg.model
+        who = {k: getattr(m, k) for k in ("model", "subfolder", "revision", "adapter", "quantization", "dtype")}
+    spec: dict[str, Any] = {**who, "mode": cfg.mode, "with_task_description": cfg.with_task_description}
+    if cfg.mode == "generate":
+        g = cfg.generation
+        spec.update(
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, system=g.system, seed=g.seed
+        )
+    return spec
+
+
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_cached(path: Path, fingerprint: str, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Predictions already in ``path`` for this setup; errors if the file holds another setup's."""
+    cached: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return cached
+    from ..io import repair_jsonl_tail
+
+    repair_jsonl_tail(path)
+    for lineno, rec in read_jsonl(path):
+        if rec.get("fingerprint") != fingerprint:
+            old = rec.get("setup") or {}
+            changed = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k)) or ["setup"]
+            raise OutputExistsError(
+                f"{path} line {lineno} was answered with a different setup (changed: {', '.join(changed)}); "
+                "use another --out, or delete that file to start over"
+            )
+        cached[str(rec["id"])] = rec
+    return cached
+
+
+def prediction_record(q: MCQuestion, ans: Answer, fingerprint: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The line written to predictions.jsonl for one answered question."""
+    if ans.scores is not None:
+        best = max(range(len(ans.scores)), key=lambda i: ans.scores[i])  # type: ignore[index]
+        letter, how = LETTERS[best], "likelihood"
+    else:
+        parsed = parse_answer(ans.raw, q.options)
+        letter, how = parsed.letter, parsed.how
+    return {
+        "id": q.id,
+        "task": q.task,
+        "subtask": q.subtask,
+        "category": q.category,
+        "setting": q.setting,
+        "num_images": len(q.images),
+        "labels": q.labels,
+        "options": q.options,
+        "gold": q.answer,
+        "prediction": letter,
+        "how": how,
+        "correct": letter == q.answer,
+        "raw": ans.raw,
+        "scores": [round(s, 5) for s in ans.scores] if ans.scores is not None else None,
+        "fingerprint": fingerprint,
+        "setup": spec,
+    }
+
+
+def rescore(rec: dict[str, Any]) -> dict[str, Any]:
+    """Re-parse a cached generated answer with the current parser (cheap; keeps old runs comparable)."""
+    if rec.get("raw") is None or rec.get("scores") is not None:
+        return rec
+    parsed = parse_answer(rec["raw"], rec.get("options") or [])
+    return {**rec, "prediction": parsed.letter, "how": parsed.how, "correct": parsed.letter == rec.get("gold")}
+
+
+@dataclass
+class EvalOutcome:
+    """What a run did and where its files are."""
+
+    out_dir: Path
+    results: dict[str, Any]
+    asked: int
+    cached: int
+    files: dict[str, str] = field(default_factory=dict)
+    model_calls: int = 0
+
+
+def _cost(q: MCQuestion) -> tuple[int, int]:
+    """Sort key grouping questions of similar prompt size: image count, then text length."""
+    return (len(q.images), len(q.context or "") + len(q.question) + sum(len(o) for o in q.options))
+
+
+def _batches(items: Sequence[MCQuestion], size: int) -> Iterator[list[MCQuestion]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def evaluate(
+    cfg: EvalConfig,
+    *,
+    api_key: str | None = None,
+    lm: LoadedModel | None = None,
+    progress: Progress | None = None,
+    load_model: Callable[[], LoadedModel] | None = None,
+) -> EvalOutcome:
+    """Evaluate as ``cfg`` says and write predictions, config, results.json, report.md and the chart to ``cfg.out``.
+
+    Questions are loaded and their images checked before any model loads; a
+    model (``lm``, else ``load_model()``, else the loader) is loaded only when
+    some question is not answered yet.
+    """
+    from .report import build_results, write_reports
+
+    questions = select_questions(load_questions(cfg), cfg.tasks, cfg.limit)
+    if not questions:
+        raise ConfigError("tasks: no questions selected (check --tasks and --limit)")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    spec = setup_spec(cfg)
+    fp = spec_fingerprint(spec)
+    pred_path = out / PREDICTIONS
+    cached = read_cached(pred_path, fp, spec)
+    # Similar lengths batch together (a 6k-token tools prompt would pad a whole batch of short ones);
+    # answers are keyed by id, so the order does not matter for resuming or reporting.
+    todo = sorted((q for q in questions if q.id not in cached), key=_cost)
+    done = len(questions) - len(todo)
+    total = len(questions)
+    if progress:
+        progress(done, total)
+    calls = 0
+    if todo:
+        with JsonlAppender(pred_path) as sink:
+            if cfg.endpoint is not None:
+                backend: EndpointBackend | LocalBackend = EndpointBackend(cfg, api_key)
+                for q, ans in backend.run(todo):
+                    rec = prediction_record(q, ans, fp, spec)
+                    sink.write(rec)
+                    cached[q.id] = rec
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            else:
+                if lm is None:
+                    lm = load_model() if load_model else _load(cfg)
+                backend = LocalBackend(lm, cfg)
+                for batch in _batches(todo, cfg.batch_size):
+                    for q, ans in zip(batch, backend.answer(batch), strict=True):
+                        rec = prediction_record(q, ans, fp, spec)
+                        sink.write(rec)
+                        cached[q.id] = rec
+                    done += len(batch)
+                    if progress:
+                        progress(done, total)
+            calls = backend.calls
+    records = [rescore(cached[q.id]) for q in questions]
+    meta = {
+        "model": spec.get("model"),
+        "endpoint": spec.get("endpoint"),
+        "adapter": spec.get("adapter"),
+        "mode": cfg.mode,
+        "with_task_description": cfg.with_task_description,
+        "set": cfg.benchmark or cfg.data,
+        "questions": total,
+        "answered_this_run": len(todo),
+        "reused_from_cache": total - len(todo),
+    }
+    results = build_results(records, meta)
+    files = write_reports(results, out)
+    files["predictions"] = str(pred_path)
+    files["config"] = str(out / "config.yaml")
+    atomic_write_json(out / "run.json", {"setup": spec, "fingerprint": fp, "config": config_to_dict(cfg)})
+    return EvalOutcome(out, results, asked=len(todo), cached=total - len(todo), files=files, model_calls=calls)
+
+
+def _load(cfg: EvalConfig) -> LoadedModel:
+    from ..models.loader import load_model_and_processor
+
+    return load_model_and_processor(cfg.model)
