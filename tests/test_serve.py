@@ -602,3 +602,58 @@ def test_json_replies_are_trimmed_to_the_json_only_when_it_parses() -> None:
     assert extract_json(fenced) == '{"age": "20-29", "x": {"y": 2}}'
     assert extract_json("no json {here") == "no json {here"
     assert extract_json("[1, 2]") == "[1, 2]"
+
+
+@pytest.fixture
+def open_server(lm: Any) -> Any:
+    """A key-less server (as a local annotate/evaluate run would use) with the sharpened tiny model."""
+    from facellm_cli.config import ServeConfig
+
+    cfg = ServeConfig.model_validate({"model": {"model": "x"}, "served_model_name": "facellm-tiny",
+                                      "generation": {"max_new_tokens": 8}, "max_wait_ms": 20})
+    with running_server(cfg, lm) as (url, app):
+        yield url, app
+
+
+def _faces(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"face{i}.jpg"
+        Image.new("RGB", (96, 96), (70 * i, 120, 200 - 60 * i)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_evaluate_runs_end_to_end_against_the_server(cli: Any, open_server: Any, tmp_path: Path) -> None:
+    url, app = open_server
+    faces = _faces(tmp_path / "imgs", 3)
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(
+        json.dumps({"id": f"q{i}", "images": [p.name], "question": "What is the facial expression?",
+                    "options": ["smiling", "neutral", "frowning", "surprised"], "answer": "ABC"[i]}) + "\n"
+        for i, p in enumerate(faces)))
+    r = cli("evaluate", "--data", data, "--image-root", tmp_path / "imgs", "--base-url", url,
+            "--set", "endpoint.model=facellm-tiny", "--concurrency", "3", "--max-new-tokens", "4",
+            "--out", tmp_path / "eval")
+    assert r.code == 0, r.err
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["id"] for p in preds) == ["q0", "q1", "q2"]
+    assert app.state.batcher.snapshot()["requests"] == 3
+
+
+def test_annotate_runs_end_to_end_against_the_server(cli: Any, open_server: Any, tmp_path: Path) -> None:
+    url, app = open_server
+    _faces(tmp_path / "imgs", 2)
+    out = tmp_path / "ann.jsonl"
+    r = cli("annotate", tmp_path / "imgs", "--base-url", url, "--model", "facellm-tiny", "--concurrency", "8",
+            "--max-retries", "0", "--set", "max_tokens=8", "--out", out)
+    assert r.code == 0, r.err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 16  # 2 images x 8 aspects of the default prompt set, one request each
+    assert {x["status"] for x in lines} == {"ok"} and {x["model"] for x in lines} == {"facellm-tiny"}
+    assert all(x["answer"] and x["usage"]["completion_tokens"] > 0 for x in lines)
+    stats = app.state.batcher.snapshot()
+    assert stats["requests"] == 16 and stats["failed"] == 0
