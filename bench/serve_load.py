@@ -131,7 +131,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=None, help="batching-on size (default: --clients)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads (1 steadies CPU timings on a shared, oversubscribed machine)")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     import logging
 
@@ -155,7 +161,10 @@ def main() -> None:
     images = [face_like_data_uri(i, side) for i in range(8)]
     n_params = sum(p.numel() for p in lm.model.parameters())
     on_size = args.max_batch_size or args.clients
-    print(f"model: {path.name} ({n_params / 1e6:.1f} M params) on {lm.device}/{lm.dtype}; {args.clients} clients, "
+    import torch
+
+    print(f"model: {path.name} ({n_params / 1e6:.1f} M params) on {lm.device}/{lm.dtype}, "
+          f"{torch.get_num_threads()} torch threads; {args.clients} clients, "
           f"{args.requests} requests, {args.max_tokens} new tokens each, greedy", flush=True)
     results = {}
     for label, size in (("batching off (max batch 1)", 1), (f"batching on (max batch {on_size})", on_size)):
