@@ -266,6 +266,7 @@ BAD_REQUESTS = {
     "tools": (dict(messages=[{"role": "user", "content": "q"}],
                    tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     "temperature-range": (dict(messages=[{"role": "user", "content": "q"}], temperature=3), 400, "temperature"),
+    "context-length": (dict(messages=[{"role": "user", "content": "face " * 2100}]), 400, "context_length_exceeded"),
     "no-user-message": (dict(messages=[{"role": "system", "content": "q"}]), 400, "messages"),
 }
 
@@ -480,15 +481,15 @@ def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
     import jinja2
 
     from facellm_cli.infer.generate import Prompt
-    from facellm_cli.serve.app import _check_template
+    from facellm_cli.serve.app import _PromptCheck
     from facellm_cli.serve.protocol import ProtocolError
 
     def refuse(*_a: Any, **_k: Any) -> str:
         raise jinja2.TemplateError("Conversation roles must alternate user/assistant/user/assistant")
 
-    lm = SimpleNamespace(processor=SimpleNamespace(apply_chat_template=refuse))
+    lm = SimpleNamespace(processor=SimpleNamespace(apply_chat_template=refuse), model=None)
     with pytest.raises(ProtocolError) as e:
-        _check_template(lm, Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]))
+        _PromptCheck(lm)(Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]), 16)
     assert e.value.status == 400 and e.value.code == "invalid_messages"
     assert "cannot render these messages: Conversation roles must alternate" in e.value.message
 

@@ -162,17 +162,58 @@ def _sampling(req: ChatCompletionRequest, cfg: ServeConfig) -> SamplingParams:
     )
 
 
-def _check_template(lm: "LoadedModel", prompt: Any) -> None:
-    """Render the conversation now, so a chat template that refuses it (e.g. roles that must
-    alternate) is this request's 400 instead of a failure inside a shared batch."""
-    from ..infer.generate import render_prompt
+class _PromptCheck:
+    """Per-request checks that need the model, run before a request joins a batch.
 
-    try:
-        render_prompt(lm, prompt)
-    except Exception as e:  # noqa: BLE001 - jinja raises its own types (TemplateError, ...)
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ProtocolError(f"the model's chat template cannot render these messages: {first}",
-                            param="messages", code="invalid_messages") from None
+    It renders the conversation, so a chat template that refuses it (e.g. roles that must
+    alternate) is this request's 400 instead of a failure inside a shared batch, and it
+    refuses prompts that cannot fit the model's context (OpenAI's ``context_length_exceeded``),
+    so a huge prompt cannot exhaust memory in the middle of a batch. Counting uses a private
+    copy of the tokenizer under a lock: the batch worker sets padding on the shared one.
+    Image tokens are counted as the processor's per-image sequence length where it has one
+    (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
+    """
+
+    def __init__(self, lm: "LoadedModel") -> None:
+        import copy
+        import threading
+
+        self.lm = lm
+        self.context = _context_length(lm)
+        self.tokenizer = copy.deepcopy(lm.tokenizer) if self.context else None
+        self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
+        self.lock = threading.Lock()
+
+    def __call__(self, prompt: Any, max_tokens: int) -> None:
+        from ..infer.generate import render_prompt
+
+        try:
+            rendered = render_prompt(self.lm, prompt)
+        except Exception as e:  # noqa: BLE001 - jinja raises its own types (TemplateError, ...)
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ProtocolError(f"the model's chat template cannot render these messages: {first}",
+                                param="messages", code="invalid_messages") from None
+        if self.tokenizer is None or self.context is None:
+            return
+        with self.lock:
+            n = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        n += self.per_image * len(prompt.images)
+        if n + max_tokens > self.context:
+            raise ProtocolError(
+                f"this request needs at least {n:,} prompt tokens plus max_tokens {max_tokens:,}, more than the "
+                f"model's context of {self.context:,} tokens; shorten the messages or lower max_tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+
+def _context_length(lm: "LoadedModel") -> int | None:
+    conf = getattr(lm.model, "config", None)
+    for c in (getattr(conf, "text_config", None), conf):
+        n = getattr(c, "max_position_embeddings", None) if c is not None else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 async def _watch_disconnect(request: Any, job: Job) -> None:
@@ -193,6 +234,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     batcher = Batcher(lm, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
+    check_prompt = _PromptCheck(lm)
     name = served_name(cfg, lm)
     created = int(time.time())
     body_limit = int(cfg.max_body_mb * 1_000_000)
@@ -273,7 +315,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
                 fields["requested_model"] = req.model
             params = _sampling(req, cfg)
             prompt = await asyncio.to_thread(to_prompt, req, limits, cfg.generation.system)
-            await asyncio.to_thread(_check_template, lm, prompt)
+            await asyncio.to_thread(check_prompt, prompt, params.max_tokens)
         except ProtocolError as e:
             done(e.status, error=e.message)
             return _error(e.status, e.message, e.type, e.param, e.code)
