@@ -27,6 +27,6 @@ Behaviour, in short (details in each module's docstring):
 - Omitted ``temperature`` means the server default (greedy), not OpenAI's 1.0.
 - Safety: 127.0.0.1 by default; optional bearer key (constant-time compare, never
   logged); 413 for bodies and decoded images over the limits; 400 for too many images,
-  bad base64, non-JPEG/PNG/WebP data, unknown fields and unsupported options, all as
-  OpenAI error JSON; remote image URLs only with ``--allow-remote-images``.
+  bad base64, non-JPEG/PNG/WebP data, unknown fields, unsupported options and prompts
+  longer than the model's context, all as OpenAI error JSON; remote image URLs only with ``--allow-remote-images``.
 """
