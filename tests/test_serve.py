@@ -191,6 +191,9 @@ def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
                 assert r.choices[0].message.content == full[: full.find(stop)].strip()
                 assert r.choices[0].finish_reason == "stop"
                 assert r.usage.completion_tokens < 8
+                streamed = ask(client, color, q, max_tokens=8, stop=stop, stream=True)
+                text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+                assert text.strip() == r.choices[0].message.content and stop not in text
                 return
     pytest.fail("no answer of the tiny model had a usable stop string")
 
