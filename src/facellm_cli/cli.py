@@ -461,6 +461,65 @@ def _api_key(env_name: str, base_url: str | None) -> str:
     )
 
 
+# ---- serve ----
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    subfolder: SubfolderOpt = None,
+    adapter: AdapterOpt = None,
+    quantization: QuantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="Model id reported to clients (default: folder name).")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", help="Most requests per generate call (1 = no batching).")
+    ] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (default: data: URIs only).")
+    ] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="One JSON object per request on stderr.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)."""
+    from .config import ServeConfig, resolve_config
+    from .serve.app import require_serve_extras, serve_forever
+
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags.update({"host": host, "port": port, "api_key_env": api_key_env, "served_model_name": served_model_name,
+                  "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
+                  "allow_remote_images": allow_remote_images or None, "log_json": log_json or None})
+    cfg = resolve_config(ServeConfig, config, flags, set_)
+    require_serve_extras()
+    api_key = _api_key_from_env(cfg.api_key_env)
+    console = err_console()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        console.print(f"[yellow]warning:[/yellow] serving on {cfg.host} without an API key (see --api-key-env)")
+    lm = _load(cfg.model)
+    serve_forever(cfg, lm, api_key=api_key, on_ready=lambda url: console.print(f"serving {url} (Ctrl-C to stop)"))
+
+
+def _api_key_from_env(var: str | None) -> str | None:
+    """The key named by --api-key-env; an unset or empty variable is an error, never an open server."""
+    if var is None:
+        return None
+    from .errors import ConfigError
+
+    key = os.environ.get(var, "").strip()
+    if not key:
+        raise ConfigError(f"api_key_env: environment variable {var} is not set or empty (export {var}=..., "
+                          "or leave out --api-key-env to serve without a key)")
+    return key
+
+
 @dev_app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],

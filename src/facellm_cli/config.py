@@ -539,3 +539,38 @@ class AnnotateConfig(StrictModel):
         if v and info.data.get("provider") == "template":
             raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
         return v
+
+
+# ---- serve ----
+class ServeConfig(StrictModel):
+    """``facellm serve``: an OpenAI-compatible chat completions server for one model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to load (once, at start).")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="Defaults for fields a request leaves out (max_tokens, temperature, top_p; system if none sent).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id shown by /v1/models and in responses; default: the model folder name or hub id."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key clients must send as 'Authorization: Bearer <key>'."
+    )
+    max_batch_size: int = Field(8, gt=0, description="Most requests in one generate call (1 turns batching off).")
+    max_wait_ms: float = Field(10.0, ge=0, description="How long a queued request waits for others to batch with.")
+    max_queue: int = Field(256, gt=0, description="Requests waiting beyond this get 429 (server busy).")
+    max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for (400 above).")
+    max_body_mb: float = Field(20.0, gt=0, description="Largest request body in MB (413 above).")
+    max_images_per_request: int = Field(8, gt=0, description="Most images in one request (400 above).")
+    max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image, width x height (413 above).")
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: only base64 data: URIs).")
+    remote_image_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching one remote image.")
+    log_json: bool = Field(False, description="Log one JSON object per request on stderr instead of a text line.")
+
+    @model_validator(mode="after")
+    def _serve_checks(self) -> ServeConfig:
+        if self.api_key_env is not None and not self.api_key_env.strip():
+            raise ValueError("api_key_env: give the NAME of an environment variable (not the key itself)")
+        return self

@@ -21,11 +21,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class Prompt:
-    """One request: images (in order) and the user's text, plus an optional system prompt."""
+    """One request: images (in order) and the user's text, plus an optional system prompt.
+
+    ``messages`` (optional) is a whole transformers-format conversation (multi-turn, as
+    ``serve`` receives it); when given it is rendered instead of the single turn built from
+    ``system`` and ``text``, and ``images`` must follow the order of its image parts.
+    """
 
     images: Sequence[PILImage.Image]
     text: str
     system: str | None = None
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -38,6 +44,8 @@ class Generation:
 
 def build_messages(prompt: Prompt) -> list[dict[str, Any]]:
     """Chat messages in the transformers multimodal format: image parts first, then the text."""
+    if prompt.messages is not None:
+        return prompt.messages
     messages: list[dict[str, Any]] = []
     if prompt.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
@@ -85,8 +93,15 @@ def _generate_kwargs(lm: LoadedModel, cfg: GenerationConfig) -> dict[str, Any]:
     return kwargs
 
 
-def generate_batch(lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Generation]:
-    """Answer several prompts in one ``generate`` call."""
+def generate_batch(
+    lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationConfig, *, stopping_criteria: Any = None
+) -> list[Generation]:
+    """Answer several prompts in one ``generate`` call.
+
+    ``stopping_criteria`` (a transformers ``StoppingCriteria``) may stop rows one by one
+    (``serve`` uses it for per-request token limits, stop strings, streaming and cancelled
+    clients); stopped rows are padded, so their text ends where the criteria stopped them.
+    """
     import torch
 
     if not prompts:
@@ -95,7 +110,12 @@ def generate_batch(lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationCo
     images = [img for p in prompts for img in p.images]
     batch = encode(lm, texts, images)
     with torch.inference_mode():
-        out = lm.model.generate(**batch, **_generate_kwargs(lm, cfg))
+        extra: dict[str, Any] = {}
+        if stopping_criteria is not None:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([stopping_criteria])
+        out = lm.model.generate(**batch, **_generate_kwargs(lm, cfg), **extra)
     prompt_len = batch["input_ids"].shape[1]
     new = out[:, prompt_len:]
     eos = _eos_ids(lm)
