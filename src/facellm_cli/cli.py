@@ -321,7 +321,7 @@ def evaluate(
         }
     )
     cfg = resolve_config(EvalConfig, config, flags, set_)
-    api_key = os.environ.get(cfg.endpoint.api_key_env) if cfg.endpoint else None
+    api_key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url) if cfg.endpoint else None
     with _progress("evaluating") as bar:
         outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
     err_console().print(f"{outcome.asked} answered, {outcome.cached} from cache; report: {outcome.files['report']}")
@@ -494,9 +494,18 @@ def serve(
     from .serve.app import require_serve_extras, serve_forever
 
     flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
-    flags.update({"host": host, "port": port, "api_key_env": api_key_env, "served_model_name": served_model_name,
-                  "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-                  "allow_remote_images": allow_remote_images or None, "log_json": log_json or None})
+    flags.update(
+        {
+            "host": host,
+            "port": port,
+            "api_key_env": api_key_env,
+            "served_model_name": served_model_name,
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            "allow_remote_images": allow_remote_images or None,
+            "log_json": log_json or None,
+        }
+    )
     cfg = resolve_config(ServeConfig, config, flags, set_)
     require_serve_extras()
     api_key = _api_key_from_env(cfg.api_key_env)
@@ -515,8 +524,10 @@ def _api_key_from_env(var: str | None) -> str | None:
 
     key = os.environ.get(var, "").strip()
     if not key:
-        raise ConfigError(f"api_key_env: environment variable {var} is not set or empty (export {var}=..., "
-                          "or leave out --api-key-env to serve without a key)")
+        raise ConfigError(
+            f"api_key_env: environment variable {var} is not set or empty (export {var}=..., "
+            "or leave out --api-key-env to serve without a key)"
+        )
     return key
 
 
