@@ -143,6 +143,28 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
         return load_model_and_processor(model_cfg)
 
 
+# ---- synth-faces ----
+@dev_app.command("synth-faces")
+def synth_faces_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write face PNGs and labels.csv to.")],
+    n: Annotated[int, typer.Option("--n", help="Number of faces (expressions are balanced).")] = 300,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives byte-identical files.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (32 or more).")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw synthetic faces with known expression, eyes, pose, glasses, skin tone and background."""
+    from .synth import synth_faces
+
+    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite)
+    err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
+    if json_out:
+        info = {"out_dir": str(res.out_dir), "labels": str(res.labels_csv), "count": res.count, "counts": res.counts}
+        print(json.dumps(info))
+    else:
+        print(res.labels_csv)
+
+
 @dev_app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
