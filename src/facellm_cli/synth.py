@@ -113,17 +113,18 @@ def draw_face(attrs: FaceAttributes, size: int = 64, rng: random.Random | None =
         d.line((cx - eye_dx + g, eye_y, cx + eye_dx - g, eye_y), fill=rim, width=line)
     # nose
     d.line((cx, cy - ry * 0.02, cx, cy + ry * 0.18), fill=(*dark, 255), width=max(2, line // 2))
-    # mouth: a thick arc whose curvature is the expression label
-    mw = rx * 0.55
-    my = cy + ry * 0.48
-    bend = ry * 0.16
+    # mouth: a thick arc whose curvature is the expression label (corners ~7 px above/below the middle at 64 px)
+    mw = rx * 0.62
+    my = cy + ry * 0.5
+    bend = ry * 0.30
     mouth = (150, 30, 40, 255)
+    thick = max(4, s // 18)
     if attrs.expression == "neutral":
-        d.line((cx - mw, my, cx + mw, my), fill=mouth, width=line)
-    elif attrs.expression == "smiling":  # lower half of an ellipse: corners up
-        d.arc((cx - mw, my - bend * 2, cx + mw, my + bend * 0.2 + bend), 20, 160, fill=mouth, width=line)
-    else:  # frowning, upper half: corners down
-        d.arc((cx - mw, my - bend * 0.2, cx + mw, my + bend * 2.2), 200, 340, fill=mouth, width=line)
+        d.line((cx - mw, my, cx + mw, my), fill=mouth, width=thick)
+    elif attrs.expression == "smiling":  # lower part of an ellipse: corners up
+        d.arc((cx - mw, my - bend * 1.6, cx + mw, my + bend * 0.4), 15, 165, fill=mouth, width=thick)
+    else:  # frowning, upper part: corners down
+        d.arc((cx - mw, my - bend * 0.4, cx + mw, my + bend * 1.6), 195, 345, fill=mouth, width=thick)
 
     angle = {"left": _TILT_DEGREES, "upright": 0, "right": -_TILT_DEGREES}[attrs.pose]
     if angle:
