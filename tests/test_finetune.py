@@ -259,3 +259,66 @@ def test_config_error_is_raised_before_any_model_loads(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
     assert len(e.value.problems) == 3  # no output_dir, no data file, no config.json in the model folder
+
+
+def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
+    """bitsandbytes 0.50 runs 4-bit on CPU: the language model's linear layers are NF4, LoRA trains on top."""
+    import bitsandbytes as bnb
+    import torch
+    from safetensors.torch import load_file
+
+    from facellm_cli.config import ModelConfig
+    from facellm_cli.models.loader import load_model_and_processor
+    from facellm_cli.train import finetune as ft
+
+    seen: dict[str, int] = {}
+    real_prepare = ft.prepare_model
+
+    def spy(model, cfg):  # noqa: ANN001, ANN202 - records what the trainer receives
+        seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        return real_prepare(model, cfg)
+
+    ft.prepare_model = spy
+    try:
+        cfg = resolve_config(
+            FinetuneConfig,
+            _write_config(tmp_path / "q.yaml", tiny_internvl, face_data, tmp_path / "q"),
+            {"method": "qlora", "train.max_steps": 2},
+            ["train.eval_steps=null", "data.eval=null", "train.save_steps=null"],
+        )
+        assert cfg.model.quantization == "4bit"
+        res = ft.finetune(cfg)
+    finally:
+        ft.prepare_model = real_prepare
+    assert res.global_step == 2 and res.method == "qlora"
+    assert seen["4bit"] == 14  # 2 layers x 7 linear layers of the language model; vision and lm_head stay full
+    adapter = load_file(str(tmp_path / "q" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    lm = load_model_and_processor(
+        ModelConfig(model=str(tiny_internvl), adapter=str(tmp_path / "q"), quantization="4bit", device="cpu")
+    )
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
+    tmp_path: Path,
+    face_data: Path,
+    tiny_internvl: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cli,  # noqa: ANN001
+) -> None:
+    from facellm_cli.errors import QuantizationError
+    from facellm_cli.models import loader
+
+    def broken(cfg, device):  # noqa: ANN001, ANN202 - what the loader raises when the native library fails
+        raise QuantizationError(
+            "--quantization 4bit: bitsandbytes is installed but cannot run here (OSError: libbitsandbytes)"
+        )
+
+    monkeypatch.setattr(loader, "quantization_config", broken)
+    config = _write_config(tmp_path / "q.yaml", tiny_internvl, face_data, tmp_path / "q")
+    r = cli("finetune", "--config", config, "--method", "qlora")
+    assert r.code == 1
+    assert "qlora cannot run here: --quantization 4bit: bitsandbytes is installed but cannot run here" in r.err
+    assert "train with --method lora instead" in r.err

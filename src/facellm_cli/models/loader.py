@@ -213,7 +213,10 @@ def quantization_config(cfg: ModelConfig, device: str) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = list(SKIP_QUANT_MODULES)
+    # transformers 5 matches skip entries from the start of the full module name (or as a leaf suffix), so a
+    # bare "vision_tower" would not skip "model.vision_tower.encoder...": add a component-anchored regex per key
+    # (older transformers match the bare keys as substrings; the regexes are inert there).
+    skip = [*SKIP_QUANT_MODULES, *(rf"(.*\.)?{k}(\..*)?" for k in SKIP_QUANT_MODULES)]
     if cfg.quantization == "4bit":
         compute = torch.bfloat16 if (not device.startswith("cuda") or torch.cuda.is_bf16_supported()) else torch.float16
         return BitsAndBytesConfig(

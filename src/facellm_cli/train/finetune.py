@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
-from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError
+from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
 from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
 from .data import Sample, read_samples
 
@@ -461,7 +461,12 @@ def finetune(
     from ..io import JsonlAppender
 
     set_seed(cfg.train.seed)
-    lm = load_model_and_processor(cfg.model)
+    try:
+        lm = load_model_and_processor(cfg.model)
+    except QuantizationError as e:
+        if cfg.method != "qlora":
+            raise
+        raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
