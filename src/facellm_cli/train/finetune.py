@@ -304,6 +304,16 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
 # ---------------------------------------------------------------- the Trainer
 
 
+class _NullLog:
+    """Stands in for a JsonlAppender on non-main ranks."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _make_trainer_class() -> type:
     import torch
     from transformers import Trainer
@@ -396,6 +406,18 @@ def _truncate_step_log(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
+def _distributed() -> tuple[Callable[[], None], bool]:
+    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return (lambda: None), True
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.wait_for_everyone, state.is_main_process
+
+
 def _precision(cfg: FinetuneConfig, device: str) -> tuple[bool, bool]:
     import torch
 
@@ -440,20 +462,26 @@ def finetune(
 
     say = log or (lambda _msg: None)
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    if plan.checkpoint is not None:
-        step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-        for torn in out.glob("checkpoint-*"):
-            if torn.is_dir() and not (torn / "trainer_state.json").is_file():
-                say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                shutil.rmtree(torn)
-        _truncate_step_log(out / METRICS_NAME, step)
-        _truncate_step_log(out / SAMPLES_NAME, step)
-        say(f"resuming from {plan.checkpoint} at step {step}")
-    elif overwrite:
-        _clear_previous(out)
-    dump_config(cfg, out / CONFIG_NAME)
-    say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed()
+    barrier()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if plan.checkpoint is not None:
+            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+            for torn in out.glob("checkpoint-*"):
+                if torn.is_dir() and not (torn / "trainer_state.json").is_file():
+                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                    shutil.rmtree(torn)
+            _truncate_step_log(out / METRICS_NAME, step)
+            _truncate_step_log(out / SAMPLES_NAME, step)
+            say(f"resuming from {plan.checkpoint} at step {step}")
+        elif overwrite:
+            _clear_previous(out)
+        dump_config(cfg, out / CONFIG_NAME)
+        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
+    barrier()
 
     import torch
     from transformers import TrainingArguments, set_seed
@@ -528,8 +556,8 @@ def finetune(
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    metrics_log = JsonlAppender(out / METRICS_NAME)
-    samples_log = JsonlAppender(out / SAMPLES_NAME)
+    metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
+    samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -553,13 +581,14 @@ def finetune(
     runtime = time.perf_counter() - start
     peak, peak_kind = _peak_memory(lm.device)
 
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        lm.processor.save_pretrained(str(out))
-    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
     from .plots import plot_losses
 
-    plot = plot_losses(trainer.state.log_history, out / "loss.png")
+    plot = None
+    if main:
+        lm.processor.save_pretrained(str(out))
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        plot = plot_losses(trainer.state.log_history, out / "loss.png")
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -593,7 +622,8 @@ def finetune(
     )
     from ..io import atomic_write_json
 
-    atomic_write_json(out / SUMMARY_NAME, result.to_json())
+    if main:
+        atomic_write_json(out / SUMMARY_NAME, result.to_json())
     return result
 
 
