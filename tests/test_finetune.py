@@ -322,3 +322,14 @@ def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
     assert r.code == 1
     assert "qlora cannot run here: --quantization 4bit: bitsandbytes is installed but cannot run here" in r.err
     assert "train with --method lora instead" in r.err
+
+
+def test_help_of_every_finetune_command(cli) -> None:  # noqa: ANN001
+    r = cli("finetune", "--help")
+    assert r.code == 0 and "--resume-from" in r.out and "merge" in r.out and "accelerate launch" in r.out
+    r = cli("finetune", "merge", "--help")
+    assert r.code == 0 and "--max-shard-size" in r.out
+    r = cli("dev", "synth-faces", "--help")
+    assert r.code == 0 and "--seed" in r.out
+    r = cli("finetune")
+    assert r.code == 1 and "data.train: no training file given" in r.err and "output_dir: no output folder" in r.err

@@ -146,7 +146,8 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
 
 # ---- finetune ----
 finetune_app = typer.Typer(
-    help="Fine-tune a vision-language model (LoRA, QLoRA or full) on conversations from build-dataset.",
+    help="Fine-tune a vision-language model (LoRA, QLoRA or full) on conversations from build-dataset. "
+    "Several GPUs: accelerate launch -m facellm_cli finetune --config run.yaml",
     invoke_without_command=True,
 )
 app.add_typer(finetune_app, name="finetune")
@@ -169,7 +170,7 @@ def finetune(
     json_out: JsonOpt = False,
     set_: SetOpt = None,
 ) -> None:
-    """Train (without a sub-command). Multi-GPU: accelerate launch -m facellm_cli finetune --config run.yaml."""
+    """Train (without a sub-command); `finetune merge` merges an adapter into its base."""
     if ctx.invoked_subcommand is not None:
         return
     from .config import FinetuneConfig, resolve_config
