@@ -10,7 +10,8 @@ with the same TrainingArguments. The only difference is the loss:
   (``logits_to_keep`` boolean mask) and a summed cross-entropy.
 
 Each variant runs in its own subprocess so peak memory is its own. Shapes:
-``tiny`` (the test model, CPU), or random weights of the real InternVL3-1B-hf /
+``tiny`` (the test model, CPU), ``tiny-vocab`` (tiny, with InternVL3's 151,674-token
+vocabulary, CPU), or random weights of the real InternVL3-1B-hf /
 InternVL3-8B-hf sizes (``internvl3-1b``, ``internvl3-8b``; use a GPU).
 
     python bench/finetune_step.py                                  # tiny, CPU
@@ -54,6 +55,16 @@ def build_model_dir(shape: str, out: Path) -> Path:
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+    if shape == "tiny-vocab":  # tiny dims with InternVL3's real vocabulary: where full logits start to cost
+        config = InternVLConfig.from_pretrained(tiny)
+        config.text_config.vocab_size = VOCAB
+        torch.manual_seed(0)
+        path = out / shape
+        InternVLForConditionalGeneration(config).save_pretrained(path)
+        for f in tiny.iterdir():
+            if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "generation", "model")):
+                (path / f.name).write_bytes(f.read_bytes())
+        return path
     s = SHAPES[shape]
     config = InternVLConfig(
         vision_config=s["vision"],
@@ -143,7 +154,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
+    p.add_argument("--shape", choices=["tiny", "tiny-vocab", *SHAPES], default="tiny")
     p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="tokens per sample (image tokens included)")
