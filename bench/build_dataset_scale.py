@@ -77,10 +77,18 @@ def generate(workdir: Path, n_images: int, n_aspects: int) -> Path:
             for a in ASPECTS[:n_aspects]:
                 answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(70, 130))).capitalize() + "."
                 rec = {
-                    "image": rel, "image_sha256": sha, "aspect": a,
-                    "question": f"Describe the {a} of the person in this image.", "answer": answer,
-                    "status": "ok", "model": "gpt-4o", "provider": "openai", "prompt_version": "v1",
-                    "labels": labels, "usage": {"prompt_tokens": 900, "completion_tokens": 160}, "attempts": 1,
+                    "image": rel,
+                    "image_sha256": sha,
+                    "aspect": a,
+                    "question": f"Describe the {a} of the person in this image.",
+                    "answer": answer,
+                    "status": "ok",
+                    "model": "gpt-4o",
+                    "provider": "openai",
+                    "prompt_version": "v1",
+                    "labels": labels,
+                    "usage": {"prompt_tokens": 900, "completion_tokens": 160},
+                    "attempts": 1,
                     "created": "2026-01-01T00:00:00Z",
                 }
                 line = json.dumps(rec) + "\n"
@@ -103,8 +111,13 @@ def worker_ours(corpus: Path, jsonl: str, out: Path) -> dict:
         {"inputs": [str(corpus / jsonl)], "image_root": str(corpus / "faces"), "out": str(out), "force": True},
     )
     report = build_dataset(cfg)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base,
-            "qa_pairs": report.qa_pairs, "images": report.images}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": base,
+        "qa_pairs": report.qa_pairs,
+        "images": report.images,
+    }
 
 
 def worker_naive(corpus: Path, jsonl: str, out: Path) -> dict:
@@ -140,24 +153,52 @@ def worker_naive(corpus: Path, jsonl: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val", "test"):
         part = sorted((r for r in kept if splits[r["image"]] == name), key=lambda r: (r["image"], r["aspect"]))
-        share = [{"conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
-                                    {"from": "gpt", "value": r["answer"]}], "images": [r["image"]]} for r in part]
-        msgs = [{"id": f"{r['image']}#{r['aspect']}",
-                 "messages": [{"role": "user", "content": "<image>\n" + r["question"]},
-                              {"role": "assistant", "content": r["answer"]}], "images": [r["image"]]} for r in part]
+        share = [
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + r["question"]},
+                    {"from": "gpt", "value": r["answer"]},
+                ],
+                "images": [r["image"]],
+            }
+            for r in part
+        ]
+        msgs = [
+            {
+                "id": f"{r['image']}#{r['aspect']}",
+                "messages": [
+                    {"role": "user", "content": "<image>\n" + r["question"]},
+                    {"role": "assistant", "content": r["answer"]},
+                ],
+                "images": [r["image"]],
+            }
+            for r in part
+        ]
         (out / f"{name}.json").write_text(json.dumps(share, ensure_ascii=False))
         (out / f"{name}.jsonl").write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in msgs))
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base,
-            "qa_pairs": len(kept), "images": sum(ok_images.values())}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": base,
+        "qa_pairs": len(kept),
+        "images": sum(ok_images.values()),
+    }
 
 
 def run_worker(kind: str, corpus: Path, jsonl: str) -> dict:
     out = corpus / f"out-{kind}-{Path(jsonl).stem}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", kind, "--workdir", str(corpus), "--jsonl", jsonl, "--out", str(out)],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if proc.returncode:
         raise SystemExit(f"{kind} worker failed:\n{proc.stderr}")
@@ -182,8 +223,10 @@ def main() -> None:
     t0 = time.perf_counter()
     corpus = generate(args.workdir, args.images, args.aspects)
     size_mb = (corpus / "annotations.jsonl").stat().st_size / 1e6
-    print(f"corpus: {args.images:,} images x {args.aspects} aspects = {args.images * args.aspects:,} QA pairs, "
-          f"annotations.jsonl {size_mb:.0f} MB (ready in {time.perf_counter() - t0:.1f}s)")
+    print(
+        f"corpus: {args.images:,} images x {args.aspects} aspects = {args.images * args.aspects:,} QA pairs, "
+        f"annotations.jsonl {size_mb:.0f} MB (ready in {time.perf_counter() - t0:.1f}s)"
+    )
     ours = run_worker("ours", corpus, "annotations.jsonl")
     naive = run_worker("naive", corpus, "annotations.jsonl")
     quarter = run_worker("ours", corpus, "quarter.jsonl")
@@ -191,8 +234,10 @@ def main() -> None:
 
     def row(name: str, r: dict) -> str:
         delta = r["peak_rss_mb"] - r["baseline_rss_mb"]
-        return (f"{name:<28} {r['qa_pairs']:>8,} pairs  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.1f} MB "
-                f"(+{delta:6.1f} MB over {r['baseline_rss_mb']:.0f} MB after imports)")
+        return (
+            f"{name:<28} {r['qa_pairs']:>8,} pairs  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.1f} MB "
+            f"(+{delta:6.1f} MB over {r['baseline_rss_mb']:.0f} MB after imports)"
+        )
 
     print(row("naive (load everything)", naive))
     print(row("facellm build_dataset", ours))
@@ -200,11 +245,15 @@ def main() -> None:
     grow_naive = naive["peak_rss_mb"] - naive["baseline_rss_mb"]
     grow_ours = ours["peak_rss_mb"] - ours["baseline_rss_mb"]
     grow_quarter = quarter["peak_rss_mb"] - quarter["baseline_rss_mb"]
-    print(f"ratio naive/ours: time {naive['seconds'] / ours['seconds']:.2f}x, "
-          f"peak RSS {naive['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x, "
-          f"RSS growth over baseline {grow_naive / max(grow_ours, 0.1):.1f}x")
-    print(f"ours: 4x the records -> +{grow_ours - grow_quarter:.1f} MB peak growth "
-          f"({grow_quarter:.1f} -> {grow_ours:.1f} MB); corpus text is {size_mb:.0f} MB")
+    print(
+        f"ratio naive/ours: time {naive['seconds'] / ours['seconds']:.2f}x, "
+        f"peak RSS {naive['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x, "
+        f"RSS growth over baseline {grow_naive / max(grow_ours, 0.1):.1f}x"
+    )
+    print(
+        f"ours: 4x the records -> +{grow_ours - grow_quarter:.1f} MB peak growth "
+        f"({grow_quarter:.1f} -> {grow_ours:.1f} MB); corpus text is {size_mb:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

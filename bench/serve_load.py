@@ -43,12 +43,27 @@ def build_internvl3_1b_shapes(out: Path) -> Path:
     tok = processor.tokenizer
     del small
     config = InternVLConfig(
-        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                           image_size=448, patch_size=14),
-        text_config=dict(model_type="qwen2", vocab_size=151_674, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         max_position_embeddings=32768, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None),
+        vision_config=dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=448,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=151_674,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+        ),
         image_token_id=tok.context_image_token_id,
         image_seq_length=256,
         downsample_ratio=0.5,
@@ -92,10 +107,15 @@ async def run_load(url: str, clients: int, requests: int, max_tokens: int, image
         t0 = time.perf_counter()
         r = await client.chat.completions.create(
             model="bench",
-            messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
-                {"type": "text", "text": f"Describe the face in image {i}."},
-            ]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+                        {"type": "text", "text": f"Describe the face in image {i}."},
+                    ],
+                }
+            ],
             max_tokens=max_tokens,
             temperature=0,
         )
@@ -131,8 +151,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=None, help="batching-on size (default: --clients)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch intra-op threads (1 steadies CPU timings on a shared, oversubscribed machine)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 steadies CPU timings on a shared, oversubscribed machine)",
+    )
     args = ap.parse_args()
     if args.torch_threads:
         import torch
@@ -163,22 +187,36 @@ def main() -> None:
     on_size = args.max_batch_size or args.clients
     import torch
 
-    print(f"model: {path.name} ({n_params / 1e6:.1f} M params) on {lm.device}/{lm.dtype}, "
-          f"{torch.get_num_threads()} torch threads; {args.clients} clients, "
-          f"{args.requests} requests, {args.max_tokens} new tokens each, greedy", flush=True)
+    print(
+        f"model: {path.name} ({n_params / 1e6:.1f} M params) on {lm.device}/{lm.dtype}, "
+        f"{torch.get_num_threads()} torch threads; {args.clients} clients, "
+        f"{args.requests} requests, {args.max_tokens} new tokens each, greedy",
+        flush=True,
+    )
     results = {}
     for label, size in (("batching off (max batch 1)", 1), (f"batching on (max batch {on_size})", on_size)):
-        cfg = ServeConfig.model_validate({"model": {"model": str(path)}, "max_batch_size": size,
-                                          "max_wait_ms": args.max_wait_ms, "max_queue": args.requests + 8})
+        cfg = ServeConfig.model_validate(
+            {
+                "model": {"model": str(path)},
+                "max_batch_size": size,
+                "max_wait_ms": args.max_wait_ms,
+                "max_queue": args.requests + 8,
+            }
+        )
         with background_server(cfg, lm) as (url, app):
             results[label] = run = asyncio.run(run_load(url, args.clients, args.requests, args.max_tokens, images))
             stats = app.state.batcher.snapshot()
         run["mean_batch"] = stats["requests"] / max(1, stats["batches"])
-        print(f"{label:<30} {run['rps']:8.2f} req/s {run['tok_s']:9.1f} tok/s   p50 {run['p50'] * 1000:8.1f} ms   "
-              f"p95 {run['p95'] * 1000:8.1f} ms   mean batch {run['mean_batch']:.1f}", flush=True)
+        print(
+            f"{label:<30} {run['rps']:8.2f} req/s {run['tok_s']:9.1f} tok/s   p50 {run['p50'] * 1000:8.1f} ms   "
+            f"p95 {run['p95'] * 1000:8.1f} ms   mean batch {run['mean_batch']:.1f}",
+            flush=True,
+        )
     off, on = results.values()
-    print(f"ratio (on / off): throughput x{on['rps'] / off['rps']:.2f}, p50 latency x{on['p50'] / off['p50']:.2f}, "
-          f"p95 latency x{on['p95'] / off['p95']:.2f}")
+    print(
+        f"ratio (on / off): throughput x{on['rps'] / off['rps']:.2f}, p50 latency x{on['p50'] / off['p50']:.2f}, "
+        f"p95 latency x{on['p95'] / off['p95']:.2f}"
+    )
     tmp.cleanup()
 
 

@@ -168,8 +168,14 @@ def test_streaming_gives_the_same_answer_in_openai_chunks(client: openai.OpenAI,
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     # on the wire: SSE data lines ending with [DONE]
-    body = json.dumps({"model": "m", "messages": image_message(QUESTIONS[1], png_data_uri((30, 200, 30))),
-                       "max_tokens": 6, "stream": True}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": image_message(QUESTIONS[1], png_data_uri((30, 200, 30))),
+            "max_tokens": 6,
+            "stream": True,
+        }
+    ).encode()
     status, _, data = raw(server["url"] + "/chat/completions", body)
     assert status == 200
     events = [e for e in data.decode().split("\n\n") if e]
@@ -183,8 +189,11 @@ def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
         for q in QUESTIONS:
             full = ask(client, color, q, max_tokens=8).choices[0].message.content
             # an ASCII-letter pair that first appears after the start of the answer
-            cands = [full[i : i + 2] for i in range(1, len(full) - 1) if full[i : i + 2].isascii()
-                     and full[i : i + 2].isalpha() and full.find(full[i : i + 2]) == i]
+            cands = [
+                full[i : i + 2]
+                for i in range(1, len(full) - 1)
+                if full[i : i + 2].isascii() and full[i : i + 2].isalpha() and full.find(full[i : i + 2]) == i
+            ]
             if cands:
                 stop = cands[0]
                 r = ask(client, color, q, max_tokens=8, stop=[stop, "never-appears"])
@@ -201,12 +210,22 @@ def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
 def test_response_format_json_is_validated_and_passed_as_instruction(client: openai.OpenAI) -> None:
     plain = ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2)
     schema = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
-    r = ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": schema}})
+    r = ask(
+        client,
+        (1, 2, 3),
+        QUESTIONS[0],
+        max_tokens=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": schema}},
+    )
     assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 10  # the schema instruction is in the prompt
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2,
-            response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": {"type": "dict"}}})
+        ask(
+            client,
+            (1, 2, 3),
+            QUESTIONS[0],
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "face", "schema": {"type": "dict"}}},
+        )
     assert "schema.type 'dict' is not a JSON schema type" in e.value.message
     assert e.value.param == "response_format.json_schema.schema"
     assert ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2, response_format={"type": "json_object"}).choices
@@ -248,26 +267,44 @@ BAD_REQUESTS = {
     # name: (create kwargs, status, code or param)
     "body-too-large": (dict(messages=image_message("q", _noise_png(300))), 413, "request_too_large"),
     "body-far-too-large": (dict(messages=[{"role": "user", "content": "a" * 2_000_000}]), 413, "request_too_large"),
-    "image-too-many-pixels": (dict(messages=image_message("q", png_data_uri((5, 5, 5), (120, 120)))), 413,
-                              "image_too_large"),
+    "image-too-many-pixels": (
+        dict(messages=image_message("q", png_data_uri((5, 5, 5), (120, 120)))),
+        413,
+        "image_too_large",
+    ),
     "too-many-images": (dict(messages=image_message("q", *[png_data_uri((1, 1, 1))] * 3)), 400, "too_many_images"),
-    "malformed-base64": (dict(messages=image_message("q", "data:image/png;base64,iVBOR%%%w0KGgo=")), 400,
-                         "invalid_base64"),
+    "malformed-base64": (
+        dict(messages=image_message("q", "data:image/png;base64,iVBOR%%%w0KGgo=")),
+        400,
+        "invalid_base64",
+    ),
     "not-an-image": (dict(messages=image_message("q", _b64(b"hello, I am text"))), 400, "invalid_image_format"),
-    "gif-not-accepted": (dict(messages=image_message("q", png_data_uri((1, 1, 1), fmt="GIF"))), 400,
-                         "invalid_image_format"),
+    "gif-not-accepted": (
+        dict(messages=image_message("q", png_data_uri((1, 1, 1), fmt="GIF"))),
+        400,
+        "invalid_image_format",
+    ),
     "truncated-png": (dict(messages=image_message("q", _truncated_png())), 400, "invalid_image"),
     "not-a-data-uri": (dict(messages=image_message("q", "file:///etc/passwd")), 400, "invalid_image_url"),
-    "remote-url-refused": (dict(messages=image_message("q", "http://127.0.0.1:9/face.png")), 400,
-                           "remote_images_disabled"),
+    "remote-url-refused": (
+        dict(messages=image_message("q", "http://127.0.0.1:9/face.png")),
+        400,
+        "remote_images_disabled",
+    ),
     "unknown-field": (dict(messages=[{"role": "user", "content": "q"}], extra_body={"best_of": 3}), 400, "best_of"),
-    "unknown-part-field": (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "q", "x": 1}]}]), 400,
-                           "messages.0.content.0.x"),
+    "unknown-part-field": (
+        dict(messages=[{"role": "user", "content": [{"type": "text", "text": "q", "x": 1}]}]),
+        400,
+        "messages.0.content.0.x",
+    ),
     "tool-role": (dict(messages=[{"role": "tool", "content": "q", "tool_call_id": "1"}]), 400, "messages.0"),
     "n-above-1": (dict(messages=[{"role": "user", "content": "q"}], n=2), 400, "n"),
     "max-tokens-over-limit": (dict(messages=[{"role": "user", "content": "q"}], max_tokens=100_000), 400, "max_tokens"),
-    "tools": (dict(messages=[{"role": "user", "content": "q"}],
-                   tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    "tools": (
+        dict(messages=[{"role": "user", "content": "q"}], tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+    ),
     "temperature-range": (dict(messages=[{"role": "user", "content": "q"}], temperature=3), 400, "temperature"),
     "context-length": (dict(messages=[{"role": "user", "content": "face " * 2100}]), 400, "context_length_exceeded"),
     "no-user-message": (dict(messages=[{"role": "system", "content": "q"}]), 400, "messages"),
@@ -311,8 +348,9 @@ def test_concurrent_requests_are_batched_without_cross_talk(client: openai.OpenA
         color, q, stream = job
         if not stream:
             return ask(client, color, q, max_tokens=6).choices[0].message.content
-        return "".join(c.choices[0].delta.content or "" for c in ask(client, color, q, max_tokens=6, stream=True)
-                       if c.choices).strip()
+        return "".join(
+            c.choices[0].delta.content or "" for c in ask(client, color, q, max_tokens=6, stream=True) if c.choices
+        ).strip()
 
     alone = [one(j) for j in jobs]  # one by one: each request is a batch of its own
     assert len(set(alone)) >= 4, alone  # answers differ, so a mix-up would show
@@ -336,11 +374,20 @@ def test_concurrent_requests_are_batched_without_cross_talk(client: openai.OpenA
 
 def _open_stream(server: dict[str, Any], max_tokens: int, stream: bool) -> socket.socket:
     host, port = server["url"].removeprefix("http://").removesuffix("/v1").split(":")
-    body = json.dumps({"model": "m", "messages": image_message("Describe the face.", png_data_uri((3, 4, 5))),
-                       "max_tokens": max_tokens, "stream": stream}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": image_message("Describe the face.", png_data_uri((3, 4, 5))),
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    ).encode()
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     return sock
 
 
@@ -423,9 +470,24 @@ def test_cli_serve_subprocess_end_to_end(tiny_internvl: Path, tmp_path: Path) ->
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "facellm_cli", "serve", "--model", str(tiny_internvl), "--port", "0",
-             "--api-key-env", "FACELLM_SERVE_TEST_KEY", "--log-json", "--set", "generation.max_new_tokens=3"],
-            stdout=subprocess.DEVNULL, stderr=err, env=env,
+            [
+                sys.executable,
+                "-m",
+                "facellm_cli",
+                "serve",
+                "--model",
+                str(tiny_internvl),
+                "--port",
+                "0",
+                "--api-key-env",
+                "FACELLM_SERVE_TEST_KEY",
+                "--log-json",
+                "--set",
+                "generation.max_new_tokens=3",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
         )
     try:
         url = None
@@ -466,10 +528,13 @@ def test_qwen2_vl_family_serves_text_image_and_stream(tiny_qwen2_vl: Path) -> No
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         messages = [
             {"role": "system", "content": "You describe faces."},
-            {"role": "user", "content": [
-                {"type": "text", "text": "Look:"},
-                {"type": "image_url", "image_url": {"url": png_data_uri((9, 9, 9), (80, 48))}},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri((9, 9, 9), (80, 48))}},
+                ],
+            },
             {"role": "assistant", "content": "A face."},
             {"role": "user", "content": "More detail?"},
         ]
@@ -520,9 +585,12 @@ def test_a_request_that_breaks_its_batch_fails_alone(lm: Any, monkeypatch: pytes
         b = batcher_mod.Batcher(lm, max_batch_size=4, max_wait_s=0.5)
         b.start()
         loop = asyncio.get_running_loop()
-        jobs = [batcher_mod.Job(id=str(i), prompt=Prompt(images=[], text=t), loop=loop,
-                                params=batcher_mod.SamplingParams(max_tokens=3))
-                for i, t in enumerate(["a face", "poison", "two eyes"])]
+        jobs = [
+            batcher_mod.Job(
+                id=str(i), prompt=Prompt(images=[], text=t), loop=loop, params=batcher_mod.SamplingParams(max_tokens=3)
+            )
+            for i, t in enumerate(["a face", "poison", "two eyes"])
+        ]
         for j in jobs:
             b.submit(j)
         out = await asyncio.gather(*(j.result() for j in jobs), return_exceptions=True)
@@ -570,8 +638,9 @@ def test_remote_images_only_when_allowed(lm: Any) -> None:
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
-    cfg = ServeConfig.model_validate({"model": {"model": "x"}, "allow_remote_images": True,
-                                      "generation": {"max_new_tokens": 3}})
+    cfg = ServeConfig.model_validate(
+        {"model": {"model": "x"}, "allow_remote_images": True, "generation": {"max_new_tokens": 3}}
+    )
     try:
         with running_server(cfg, lm) as (url, _app):
             c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
@@ -614,8 +683,14 @@ def open_server(lm: Any) -> Any:
     """A key-less server (as a local annotate/evaluate run would use) with the sharpened tiny model."""
     from facellm_cli.config import ServeConfig
 
-    cfg = ServeConfig.model_validate({"model": {"model": "x"}, "served_model_name": "facellm-tiny",
-                                      "generation": {"max_new_tokens": 8}, "max_wait_ms": 20})
+    cfg = ServeConfig.model_validate(
+        {
+            "model": {"model": "x"},
+            "served_model_name": "facellm-tiny",
+            "generation": {"max_new_tokens": 8},
+            "max_wait_ms": 20,
+        }
+    )
     with running_server(cfg, lm) as (url, app):
         yield url, app
 
@@ -636,13 +711,38 @@ def test_evaluate_runs_end_to_end_against_the_server(cli: Any, open_server: Any,
     url, app = open_server
     faces = _faces(tmp_path / "imgs", 3)
     data = tmp_path / "set.jsonl"
-    data.write_text("".join(
-        json.dumps({"id": f"q{i}", "images": [p.name], "question": "What is the facial expression?",
-                    "options": ["smiling", "neutral", "frowning", "surprised"], "answer": "ABC"[i]}) + "\n"
-        for i, p in enumerate(faces)))
-    r = cli("evaluate", "--data", data, "--image-root", tmp_path / "imgs", "--base-url", url,
-            "--set", "endpoint.model=facellm-tiny", "--concurrency", "3", "--max-new-tokens", "4",
-            "--out", tmp_path / "eval")
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "images": [p.name],
+                    "question": "What is the facial expression?",
+                    "options": ["smiling", "neutral", "frowning", "surprised"],
+                    "answer": "ABC"[i],
+                }
+            )
+            + "\n"
+            for i, p in enumerate(faces)
+        )
+    )
+    r = cli(
+        "evaluate",
+        "--data",
+        data,
+        "--image-root",
+        tmp_path / "imgs",
+        "--base-url",
+        url,
+        "--set",
+        "endpoint.model=facellm-tiny",
+        "--concurrency",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        tmp_path / "eval",
+    )
     assert r.code == 0, r.err
     preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == ["q0", "q1", "q2"]
@@ -653,8 +753,22 @@ def test_annotate_runs_end_to_end_against_the_server(cli: Any, open_server: Any,
     url, app = open_server
     _faces(tmp_path / "imgs", 2)
     out = tmp_path / "ann.jsonl"
-    r = cli("annotate", tmp_path / "imgs", "--base-url", url, "--model", "facellm-tiny", "--concurrency", "8",
-            "--max-retries", "0", "--set", "max_tokens=8", "--out", out)
+    r = cli(
+        "annotate",
+        tmp_path / "imgs",
+        "--base-url",
+        url,
+        "--model",
+        "facellm-tiny",
+        "--concurrency",
+        "8",
+        "--max-retries",
+        "0",
+        "--set",
+        "max_tokens=8",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 16  # 2 images x 8 aspects of the default prompt set, one request each

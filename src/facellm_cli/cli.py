@@ -531,6 +531,117 @@ def _api_key_from_env(var: str | None) -> str | None:
     return key
 
 
+# ---- finetune ----
+finetune_app = typer.Typer(
+    help="Fine-tune a vision-language model (LoRA, QLoRA or full) on conversations from build-dataset. "
+    "Several GPUs: accelerate launch -m facellm_cli finetune --config run.yaml",
+    invoke_without_command=True,
+)
+app.add_typer(finetune_app, name="finetune")
+
+
+@finetune_app.callback()
+def finetune(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json).")
+    ] = None,
+    model: ModelOpt = None,
+    method: Annotated[str | None, typer.Option("--method", help="lora | qlora | full.")] = None,
+    out: OutDirOpt = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimiser steps.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in --out.")
+    ] = False,
+    resume_from: Annotated[
+        str | None, typer.Option("--resume-from", help="Continue from this checkpoint folder (implies --resume).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in a non-empty output folder.")] = False,
+    json_out: JsonOpt = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train (without a sub-command); `finetune merge` merges an adapter into its base."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .config import FinetuneConfig, resolve_config
+    from .train.finetune import finetune as run_finetune
+
+    flags = {
+        "data.train": data,
+        "model.model": model,
+        "method": method,
+        "output_dir": str(out) if out else None,
+        "train.max_steps": max_steps,
+    }
+    cfg = resolve_config(FinetuneConfig, config, flags, set_)
+    quiet_libraries()
+    console = err_console()
+    res = run_finetune(
+        cfg,
+        resume=resume_from or ("latest" if resume else None),
+        overwrite=overwrite,
+        source=str(config) if config else None,
+        log=lambda m: console.print(m, markup=False),
+    )
+    mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
+    console.print(
+        f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}, "
+        f"final train loss {res.final_train_loss}, eval loss {res.final_eval_loss}; saved to {res.output_dir}"
+    )
+    print(json.dumps(res.to_json()) if json_out else res.output_dir)
+
+
+@finetune_app.command("merge")
+def finetune_merge(
+    adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter folder (a finetune output).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged standalone model.")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (default: the one the adapter records).")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")
+    ] = "5GB",
+    dtype: DtypeOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a standalone model with its processor."""
+    quiet_libraries()
+    from .train.finetune import merge_adapter
+
+    with err_console().status("merging ..."):
+        res = merge_adapter(
+            adapter, out, base=base, max_shard_size=max_shard_size, dtype=dtype or "auto", overwrite=overwrite
+        )
+    err_console().print(
+        f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB"
+    )
+    print(json.dumps(res.__dict__) if json_out else res.output_dir)
+
+
+# ---- synth-faces ----
+@dev_app.command("synth-faces")
+def synth_faces_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write face PNGs and labels.csv to.")],
+    n: Annotated[int, typer.Option("--n", help="Number of faces (expressions are balanced).")] = 300,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives byte-identical files.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (32 or more).")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw synthetic faces with known expression, eyes, pose, glasses, skin tone and background."""
+    from .synth import synth_faces
+
+    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite)
+    err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
+    if json_out:
+        info = {"out_dir": str(res.out_dir), "labels": str(res.labels_csv), "count": res.count, "counts": res.counts}
+        print(json.dumps(info))
+    else:
+        print(res.labels_csv)
+
+
 @dev_app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],

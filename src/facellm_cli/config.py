@@ -574,3 +574,135 @@ class ServeConfig(StrictModel):
         if self.api_key_env is not None and not self.api_key_env.strip():
             raise ValueError("api_key_env: give the NAME of an environment variable (not the key itself)")
         return self
+
+
+# ---- finetune ----
+class FinetuneDataConfig(StrictModel):
+    """Where the training conversations are and how they are turned into tokens."""
+
+    train: str | None = Field(None, description="Training file: build-dataset's messages .jsonl or a ShareGPT .json.")
+    eval: str | None = Field(None, description="Optional evaluation file in the same format (eval loss in loss.png).")
+    format: Literal["auto", "messages", "sharegpt"] = Field(
+        "auto", description="auto: .jsonl = messages, .json = ShareGPT."
+    )
+    image_root: str | None = Field(
+        None, description="Folder relative image paths resolve against (default: the data file's folder)."
+    )
+    max_seq_length: int = Field(
+        2048,
+        gt=0,
+        description="Longest sequence in tokens (the paper's cutoff is 2048); longer samples are truncated at the "
+        "end, never through image tokens, or dropped.",
+    )
+    max_image_side: int | None = Field(
+        None, gt=0, description="Downscale images whose longer side exceeds this many pixels before the processor."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N training records (quick trials).")
+
+
+class LoraSettings(StrictModel):
+    """LoRA adapter shape and what else trains alongside it."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="all-linear = every linear layer of the language model (vision tower, projector and lm_head "
+        "excluded), "
+        "or a list of layer names (q_proj, v_proj...) matched inside the language model.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules trained fully and saved with the adapter."
+    )
+    train_embeddings: bool = Field(
+        False, description="Also train the language model's input embeddings and lm_head fully."
+    )
+    train_norms: bool = Field(False, description="Also train the language model's normalisation layers fully.")
+
+
+class TrainSettings(StrictModel):
+    """Optimiser, schedule, batching and checkpointing (passed to transformers' Trainer)."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    optimizer: str = Field(
+        "adamw_torch", description="transformers optim name (adamw_torch, adamw_8bit, paged_adamw_8bit, sgd...)."
+    )
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant...).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(1, gt=0, description="Samples per device per forward pass.")
+    grad_accumulation: int = Field(1, gt=0, description="Forward passes per optimiser step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU."
+    )
+    seed: int = Field(42, description="Seed for weights init of adapters, data order and dropout.")
+    logging_steps: int = Field(10, gt=0, description="Log the training loss every N steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps (default: at the end of each epoch when data.eval is set)."
+    )
+    save_steps: int | None = Field(
+        500, gt=0, description="Write a resumable checkpoint every N steps (None: only at the end)."
+    )
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    train_vision_tower: bool = Field(False, description="Train the vision tower fully (frozen by default).")
+    train_projector: bool = Field(False, description="Train the vision-language projector fully (frozen by default).")
+    dataloader_workers: int = Field(0, ge=0, description="Processes that load images and tokenise ahead of the model.")
+
+
+class FinetuneConfig(StrictModel):
+    """``facellm finetune``: LoRA / QLoRA / full fine-tuning of an image-text-to-text model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to fine-tune.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base + LoRA) or full.")
+    data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Training data.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (lora and qlora).")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
+    output_dir: str | None = Field(
+        None, description="Folder for the adapter or weights, checkpoints, config and plots."
+    )
+
+    @model_validator(mode="after")
+    def _qlora_is_4bit(self) -> FinetuneConfig:
+        if self.method == "qlora" and self.model.quantization == "none":
+            object.__setattr__(self.model, "quantization", "4bit")
+        return self
+
+    def problems(self) -> list[str]:
+        """Cross-field problems, all of them (checked before any file is read or model loads)."""
+        problems = []
+        if not self.data.train:
+            problems.append("data.train: no training file given (set data.train or pass --data)")
+        if not self.output_dir:
+            problems.append("output_dir: no output folder given (set output_dir or pass --out)")
+        if self.method == "qlora" and self.model.quantization == "8bit":
+            problems.append(
+                "model.quantization: qlora loads the base in 4bit; remove quantization: 8bit or use method: lora"
+            )
+        if self.method != "qlora" and self.model.quantization != "none":
+            problems.append(
+                f"model.quantization: {self.model.quantization} base weights cannot be trained with method "
+                f"{self.method}; "
+                "use method: qlora (4bit) or quantization: none"
+            )
+        if self.model.adapter:
+            problems.append(
+                "model.adapter: fine-tuning on top of an adapter is not supported; "
+                "merge it first (facellm finetune merge)"
+            )
+        if self.method != "full" and not isinstance(self.lora.target_modules, str) and not self.lora.target_modules:
+            problems.append("lora.target_modules: empty list; use all-linear or name at least one layer")
+        if self.train.eval_steps and not self.data.eval:
+            problems.append("train.eval_steps: set, but there is no data.eval file to evaluate on")
+        if self.model.device == "cpu" and self.train.precision == "fp16":
+            problems.append("train.precision: fp16 training needs a GPU; use fp32 or bf16 on CPU")
+        if self.method == "full" and (self.lora.train_embeddings or self.lora.train_norms or self.lora.modules_to_save):
+            problems.append(
+                "lora: train_embeddings/train_norms/modules_to_save apply to lora and qlora; "
+                "method full trains every language-model weight already"
+            )
+        return problems

@@ -50,8 +50,9 @@ def served_name(cfg: ServeConfig, lm: "LoadedModel") -> str:
     return cfg.served_model_name or lm.name
 
 
-def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> Any:
+def _error(
+    status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> Any:
     from fastapi.responses import JSONResponse
 
     return JSONResponse(error_body(message, type, param, code), status_code=status)
@@ -100,18 +101,30 @@ class _AuthAndSize:
         for name, value in scope.get("headers", []):
             if name.lower() == b"content-length" and value.isdigit() and int(value) > self.hard_limit:
                 _log_request({"id": None, "path": scope["path"], "status": 413, "error": "request body too large"})
-                await _send_json(send, 413, error_body(
-                    f"request body is {int(value):,} bytes, more than this server's limit of {self.limit:,} "
-                    "(send smaller images, or start the server with a higher --set max_body_mb)",
-                    "invalid_request_error", None, "request_too_large"))
+                await _send_json(
+                    send,
+                    413,
+                    error_body(
+                        f"request body is {int(value):,} bytes, more than this server's limit of {self.limit:,} "
+                        "(send smaller images, or start the server with a higher --set max_body_mb)",
+                        "invalid_request_error",
+                        None,
+                        "request_too_large",
+                    ),
+                )
                 return
         await self.app(scope, receive, send)
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -143,8 +156,13 @@ async def _read_body(request: Any, limit: int) -> bytes:
 
 
 def _count_images(req: ChatCompletionRequest) -> int:
-    return sum(1 for m in req.messages if m.role == "user" and not isinstance(m.content, str)
-               for p in m.content if p.type == "image_url")
+    return sum(
+        1
+        for m in req.messages
+        if m.role == "user" and not isinstance(m.content, str)
+        for p in m.content
+        if p.type == "image_url"
+    )
 
 
 def _sampling(req: ChatCompletionRequest, cfg: ServeConfig) -> SamplingParams:
@@ -191,8 +209,11 @@ class _PromptCheck:
             rendered = render_prompt(self.lm, prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises its own types (TemplateError, ...)
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ProtocolError(f"the model's chat template cannot render these messages: {first}",
-                                param="messages", code="invalid_messages") from None
+            raise ProtocolError(
+                f"the model's chat template cannot render these messages: {first}",
+                param="messages",
+                code="invalid_messages",
+            ) from None
         if self.tokenizer is None or self.context is None:
             return
         with self.lock:
@@ -289,8 +310,12 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Any:
         if model_id != name:
-            return _error(404, f"model '{model_id}' is not served here (this server serves '{name}')",
-                          param="model", code="model_not_found")
+            return _error(
+                404,
+                f"model '{model_id}' is not served here (this server serves '{name}')",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     @app.post("/v1/chat/completions")
@@ -329,8 +354,14 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = Non
         want_json = req.response_format is not None and req.response_format.type != "text"
 
         def finish(result: Result) -> None:
-            done(200, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                 batch=result.batch_size, queued_ms=round(result.queued_s * 1000, 1), finish=result.finish_reason)
+            done(
+                200,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                batch=result.batch_size,
+                queued_ms=round(result.queued_s * 1000, 1),
+                finish=result.finish_reason,
+            )
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -382,8 +413,11 @@ async def _sse(
             elif kind == "done":
                 yield _sse_data(chunk(rid, name, created, {}, finish_reason=value.finish_reason))
                 if include_usage:
-                    usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
-                             "total_tokens": value.prompt_tokens + value.completion_tokens}
+                    usage = {
+                        "prompt_tokens": value.prompt_tokens,
+                        "completion_tokens": value.completion_tokens,
+                        "total_tokens": value.prompt_tokens + value.completion_tokens,
+                    }
                     yield _sse_data(chunk(rid, name, created, None, usage=usage))
                 yield "data: [DONE]\n\n"
                 finished = True
@@ -395,8 +429,9 @@ async def _sse(
                     return
                 finished = True
                 done(500, error=f"{type(value).__name__}: {value}")
-                yield _sse_data(error_body(f"generation failed ({type(value).__name__}); see the server log",
-                                           "server_error"))
+                yield _sse_data(
+                    error_body(f"generation failed ({type(value).__name__}); see the server log", "server_error")
+                )
                 yield "data: [DONE]\n\n"
                 return
     finally:

@@ -70,8 +70,11 @@ def decode_data_uri(url: str, param: str) -> bytes:
         )
     mime = m.group("mime").lower()
     if mime and not mime.startswith("image/"):
-        raise ProtocolError(f"data URI media type '{mime}' is not an image (use image/jpeg, image/png or image/webp)",
-                            param=param, code="invalid_image_format")
+        raise ProtocolError(
+            f"data URI media type '{mime}' is not an image (use image/jpeg, image/png or image/webp)",
+            param=param,
+            code="invalid_image_format",
+        )
     payload = re.sub(r"\s+", "", m.group("data"))
     try:
         raw = base64.b64decode(payload, validate=True)
@@ -95,8 +98,12 @@ def fetch_remote(url: str, param: str, limits: ImageLimits) -> bytes:
         reason = getattr(e, "reason", e)
         raise ProtocolError(f"could not fetch image {url}: {reason}", param=param, code="image_fetch_failed") from None
     if len(data) > limits.remote_max_bytes:
-        raise ProtocolError(f"remote image {url} is larger than {limits.remote_max_bytes:,} bytes",
-                            status=413, param=param, code="image_too_large")
+        raise ProtocolError(
+            f"remote image {url} is larger than {limits.remote_max_bytes:,} bytes",
+            status=413,
+            param=param,
+            code="image_too_large",
+        )
     return data
 
 
@@ -115,8 +122,11 @@ def load_image(url: str, param: str, limits: ImageLimits) -> PILImage.Image:
             )
         raw = fetch_remote(url, param, limits)
     else:
-        raise ProtocolError(f"unsupported image URL scheme '{scheme or url[:20]}' (send a base64 data: URI)",
-                            param=param, code="invalid_image_url")
+        raise ProtocolError(
+            f"unsupported image URL scheme '{scheme or url[:20]}' (send a base64 data: URI)",
+            param=param,
+            code="invalid_image_url",
+        )
     if sniff_format(raw) is None:
         raise ProtocolError("image data is not a JPEG, PNG or WebP image", param=param, code="invalid_image_format")
     try:

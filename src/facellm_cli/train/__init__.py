@@ -1,0 +1,1 @@
+"""Fine-tuning: data reading, chat-template collation with label masking, Trainer + peft, plots."""

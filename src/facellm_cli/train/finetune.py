@@ -1,0 +1,673 @@
+"""``finetune``: LoRA / QLoRA / full fine-tuning on transformers' Trainer, resumable and checked up front.
+
+Why Trainer: accelerate/torchrun multi-GPU, DDP and FSDP then work with no
+code of ours (``accelerate launch -m facellm_cli finetune --config run.yaml``),
+and checkpoints carry optimiser, scheduler and RNG state for exact resume.
+
+What is ours: the config is checked and the data read before a model loads;
+the loss is computed only at assistant positions (the model is asked for
+logits there alone through ``logits_to_keep``, never for the whole vocabulary
+at every position); every optimiser step's sample ids go to ``samples.jsonl``
+so a resumed run can be compared with an uninterrupted one; a torn checkpoint
+(a run killed while saving) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
+from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
+from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
+from .data import Sample, read_samples
+
+Log = Callable[[str], None]
+
+CONFIG_NAME = "finetune_config.yaml"
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
+SUMMARY_NAME = "summary.json"
+PROJECTOR_KEYS = ("multi_modal_projector", "connector", "mlp1", "merger")
+# Settings that must match between a run and its resume (others, like max_steps or save_steps, may change).
+_RESUME_FIXED = (
+    "model",
+    "method",
+    "data",
+    "lora",
+    "train.learning_rate",
+    "train.optimizer",
+    "train.lr_scheduler",
+    "train.batch_size",
+    "train.grad_accumulation",
+    "train.seed",
+    "train.warmup_ratio",
+    "train.weight_decay",
+)
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced; printed as the final summary and written to summary.json."""
+
+    output_dir: str
+    method: str
+    global_step: int
+    epochs: float
+    train_samples: int
+    samples_per_second: float
+    runtime_seconds: float
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    trainable_parameters: int
+    total_parameters: int
+    dropped_samples: int
+    truncated_samples: int
+    resumed_from: str | None
+    artefacts: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- checks before loading
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """``latest``: the newest complete ``checkpoint-N`` (trainer_state.json is written last); else a named one."""
+    if resume != "latest":
+        for cand in (Path(resume), output_dir / resume):
+            if cand.is_dir():
+                return cand
+        return None
+    complete = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resume_differences(cfg: FinetuneConfig, saved_path: Path) -> list[str]:
+    import yaml
+
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return []
+    now = _flatten(config_to_dict(cfg))
+    return sorted(k for k in now if k.startswith(_RESUME_FIXED) and k in saved and saved[k] != now[k])
+
+
+@dataclass
+class Plan:
+    """Everything checked and read before the model loads."""
+
+    train: list[Sample]
+    eval: list[Sample] | None
+    output_dir: Path
+    checkpoint: Path | None
+
+
+def preflight(
+    cfg: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False, source: str | None = None
+) -> Plan:
+    """Check the config, the data and the output folder; raise one ConfigError listing every problem."""
+    import importlib.util
+
+    problems = cfg.problems()
+    train: list[Sample] = []
+    eval_: list[Sample] | None = None
+    if cfg.data.train:
+        try:
+            train = read_samples(
+                cfg.data.train, image_root=cfg.data.image_root, fmt=cfg.data.format, max_samples=cfg.data.max_samples
+            )
+        except DataError as e:
+            problems.append(f"data.train: {e}")
+    if cfg.data.eval:
+        try:
+            eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format)
+        except DataError as e:
+            problems.append(f"data.eval: {e}")
+    out = Path(cfg.output_dir or ".")
+    checkpoint = None
+    if cfg.output_dir:
+        if resume:
+            checkpoint = find_checkpoint(out, resume)
+            if checkpoint is None:
+                what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
+                problems.append(
+                    f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)"
+                )
+            elif (out / CONFIG_NAME).is_file():
+                diff = _resume_differences(cfg, out / CONFIG_NAME)
+                if diff:
+                    problems.append(
+                        f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
+                        f"use the same config as in {out / CONFIG_NAME}"
+                    )
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            problems.append(
+                f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
+    if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
+    try:
+        from ..models.loader import resolve_source
+
+        resolve_source(cfg.model)
+    except ModelLoadError as e:
+        problems.append(f"model.model: {e}")
+    if cfg.train.precision == "fp16":
+        import torch
+
+        if cfg.model.device == "cpu" or not torch.cuda.is_available():
+            problems.append("train.precision: fp16 mixed precision needs a GPU; use fp32 or bf16")
+    if problems:
+        raise ConfigError(problems, source)
+    return Plan(train, eval_, out, checkpoint)
+
+
+# ---------------------------------------------------------------- model preparation
+
+
+def _components(name: str) -> list[str]:
+    return name.split(".")
+
+
+def is_projector(name: str) -> bool:
+    return any(k in _components(name) for k in PROJECTOR_KEYS)
+
+
+def is_vision(name: str) -> bool:
+    from ..models.loader import VISION_MODULE_KEYS
+
+    return any(k in _components(name) for k in VISION_MODULE_KEYS) and not is_projector(name)
+
+
+def _module_name(model: Any, module: Any) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def language_linear_names(model: Any, targets: str | list[str]) -> list[str]:
+    """Full names of the language model's linear layers (vision tower, projector and lm_head excluded)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head or is_vision(name) or is_projector(name):
+            continue
+        if targets == "all-linear" or name.split(".")[-1] in targets:
+            names.append(name)
+    if not names:
+        raise ConfigError(f"lora.target_modules: {targets!r} matches no linear layer of the language model")
+    return names
+
+
+def language_norm_names(model: Any) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if (
+            "Norm" in cls
+            and not is_vision(name)
+            and not is_projector(name)
+            and not any(n.startswith(name + ".") for n, _ in module.named_modules() if n)
+        ):
+            names.append(name)
+    return names
+
+
+def _vision_roots(model: Any) -> tuple[list[str], list[str]]:
+    """Top-most module names of vision towers and projectors."""
+    vision, projector = [], []
+    for name, _ in model.named_modules():
+        if not name:
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if is_projector(name) and not is_projector(parent):
+            projector.append(name)
+        elif is_vision(name) and not is_vision(parent) and not is_projector(name):
+            vision.append(name)
+    return vision, projector
+
+
+def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
+    """Freeze/unfreeze for ``full``, or wrap in a LoRA PeftModel for lora/qlora."""
+    vision, projector = _vision_roots(model)
+    if cfg.method == "full":
+        for name, p in model.named_parameters():
+            if is_projector(name):
+                p.requires_grad_(cfg.train.train_projector)
+            elif is_vision(name):
+                p.requires_grad_(cfg.train.train_vision_tower)
+            else:
+                p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    save = list(cfg.lora.modules_to_save)
+    if cfg.train.train_vision_tower:
+        save += vision
+    if cfg.train.train_projector:
+        save += [p for p in projector if not any(p.startswith(v + ".") for v in save)]
+    if cfg.lora.train_embeddings:
+        for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+            name = _module_name(model, mod)
+            if name and name not in save:
+                save.append(name)
+    if cfg.lora.train_norms:
+        save += language_norm_names(model)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=language_linear_names(model, cfg.lora.target_modules),
+        modules_to_save=save or None,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.model.model
+    return peft_model
+
+
+# ---------------------------------------------------------------- the Trainer
+
+
+class _NullLog:
+    """Stands in for a JsonlAppender on non-main ranks."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _make_trainer_class() -> type:
+    import torch
+    from transformers import Trainer
+
+    class AssistantOnlyTrainer(Trainer):
+        """Loss from logits at assistant positions only; records each step's sample ids."""
+
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args: Any, samples_log: Any = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # so Trainer counts label tokens across accumulation steps
+            self.samples_log = samples_log
+            self._keep_mask_ok: bool | None = None
+
+        def _logits_at(self, model: Any, inputs: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+            if self._keep_mask_ok is not False:
+                try:
+                    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+                    if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+                        self._keep_mask_ok = True
+                        return logits
+                    self._keep_mask_ok = False
+                except TypeError:
+                    self._keep_mask_ok = False
+            # fallback for models without boolean logits_to_keep: full logits, then select
+            return model(**inputs, use_cache=False).logits[keep]
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            inputs = dict(inputs)
+            ids = inputs.pop("sample_ids", None)
+            labels = inputs.pop("labels")
+            if model.training and ids is not None and self.samples_log is not None and self.is_world_process_zero():
+                self.samples_log.write({"step": self.state.global_step + 1, "ids": list(ids)})
+            targets = labels[:, 1:]
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != -100
+            logits = self._logits_at(model, inputs, keep)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss / keep.sum().clamp(min=1)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def prediction_step(
+            self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+        ) -> Any:
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return AssistantOnlyTrainer
+
+
+def _make_callback(metrics_log: Any, log: Log | None) -> Any:
+    from transformers import TrainerCallback
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not logs or not state.is_world_process_zero:
+                return
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+            metrics_log.write(rec)
+            if log:
+                parts = [
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in logs.items()
+                    if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
+                ]
+                if parts:
+                    log(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+
+    return Reporter()
+
+
+def _truncate_step_log(path: Path, max_step: int) -> None:
+    """Drop records beyond the resumed checkpoint, written by the run that was killed."""
+    from ..io import atomic_write_text, read_jsonl, repair_jsonl_tail
+
+    if not path.exists():
+        return
+    repair_jsonl_tail(path)
+    keep = [rec for _, rec in read_jsonl(path) if int(rec.get("step", 0)) <= max_step]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+
+
+def _distributed() -> tuple[Callable[[], None], bool]:
+    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return (lambda: None), True
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.wait_for_everyone, state.is_main_process
+
+
+def _precision(cfg: FinetuneConfig, device: str) -> tuple[bool, bool]:
+    import torch
+
+    p = cfg.train.precision
+    if p == "auto":
+        if device.startswith("cuda"):
+            return (True, False) if torch.cuda.is_bf16_supported() else (False, True)
+        return False, False
+    return p == "bf16", p == "fp16"
+
+
+def _peak_memory(device: str) -> tuple[int, str]:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated()), "cuda max allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+def _clear_previous(out: Path) -> None:
+    """--overwrite: remove what a previous run left that would mix with this one."""
+    for p in out.glob("checkpoint-*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+    for name in (METRICS_NAME, SAMPLES_NAME, SUMMARY_NAME, "trainer_state.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    log: Log | None = None,
+) -> FinetuneResult:
+    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring)."""
+    plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
+    from ..models.loader import load_model_and_processor
+
+    say = log or (lambda _msg: None)
+    out = plan.output_dir
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed()
+    barrier()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if plan.checkpoint is not None:
+            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+            for torn in out.glob("checkpoint-*"):
+                if torn.is_dir() and not (torn / "trainer_state.json").is_file():
+                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                    shutil.rmtree(torn)
+            _truncate_step_log(out / METRICS_NAME, step)
+            _truncate_step_log(out / SAMPLES_NAME, step)
+            say(f"resuming from {plan.checkpoint} at step {step}")
+        elif overwrite:
+            _clear_previous(out)
+        dump_config(cfg, out / CONFIG_NAME)
+        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
+    barrier()
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from ..io import JsonlAppender
+
+    set_seed(cfg.train.seed)
+    try:
+        lm = load_model_and_processor(cfg.model)
+    except QuantizationError as e:
+        if cfg.method != "qlora":
+            raise
+        raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
+    model = prepare_model(lm.model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise FacellmError("nothing to train: every parameter is frozen; check method and train.* settings")
+    say(f"{cfg.method}: {trainable:,} of {total:,} parameters trainable")
+
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoder = ConversationEncoder(
+        lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
+    )
+    drops: list[str] = []
+    collator = Collator(
+        pad_id,
+        on_drop=lambda d: (
+            drops.append(d.id),
+            say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
+        ),
+    )
+    train_ds = ConversationDataset(plan.train, encoder)
+    eval_ds = ConversationDataset(plan.eval, encoder) if plan.eval else None
+    bf16, fp16 = _precision(cfg, lm.device)
+    t = cfg.train
+    eval_strategy = "no" if eval_ds is None else ("steps" if t.eval_steps else "epoch")
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        learning_rate=t.learning_rate,
+        optim=t.optimizer,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=bf16,
+        fp16=fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=lm.device == "cpu",
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
+    samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        samples_log=samples_log,
+        callbacks=[_make_callback(metrics_log, log)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if lm.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+        final_eval = trainer.evaluate() if eval_ds is not None else {}
+    finally:
+        metrics_log.close()
+        samples_log.close()
+    runtime = time.perf_counter() - start
+    peak, peak_kind = _peak_memory(lm.device)
+
+    trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+    from .plots import plot_losses
+
+    plot = None
+    if main:
+        lm.processor.save_pretrained(str(out))
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        plot = plot_losses(trainer.state.log_history, out / "loss.png")
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    steps_run = trainer.state.global_step - (int(plan.checkpoint.name.split("-")[-1]) if plan.checkpoint else 0)
+    samples_done = steps_run * t.batch_size * t.grad_accumulation * max(1, args.world_size)
+    result = FinetuneResult(
+        output_dir=str(out),
+        method=cfg.method,
+        global_step=trainer.state.global_step,
+        epochs=round(float(trainer.state.epoch or 0.0), 4),
+        train_samples=len(plan.train),
+        samples_per_second=round(samples_done / runtime, 3) if runtime > 0 else 0.0,
+        runtime_seconds=round(runtime, 2),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        final_train_loss=train_losses[-1] if train_losses else train_out.metrics.get("train_loss"),
+        final_eval_loss=final_eval.get("eval_loss", eval_losses[-1] if eval_losses else None),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        dropped_samples=len(drops),
+        truncated_samples=encoder.stats["truncated"],
+        resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
+        artefacts={
+            "weights": str(out / ("adapter_model.safetensors" if cfg.method != "full" else "model.safetensors")),
+            "config": str(out / CONFIG_NAME),
+            "metrics": str(out / METRICS_NAME),
+            "samples": str(out / SAMPLES_NAME),
+            "trainer_state": str(out / "trainer_state.json"),
+            "loss_plot": str(plot) if plot else "",
+        },
+    )
+    from ..io import atomic_write_json
+
+    if main:
+        atomic_write_json(out / SUMMARY_NAME, result.to_json())
+    return result
+
+
+# ---------------------------------------------------------------- merge
+
+
+@dataclass
+class MergeResult:
+    output_dir: str
+    base_model: str
+    adapter: str
+    files: list[str]
+    total_bytes: int
+
+
+def merge_adapter(
+    adapter: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    max_shard_size: str = "5GB",
+    dtype: str = "auto",
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merge a LoRA adapter into its base and save a standalone model (sharded safetensors) with the processor."""
+    adapter = Path(adapter)
+    out = Path(out_dir)
+    conf_path = adapter / "adapter_config.json"
+    if not conf_path.is_file():
+        raise ConfigError(f"adapter: {adapter} has no adapter_config.json; point --adapter at a finetune output folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder is not empty: {out} (choose another or pass --overwrite)")
+    base_name = base or json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base_name:
+        raise ConfigError(f"adapter {adapter} does not record its base model; pass --base")
+    from ..models.loader import load_model_and_processor
+
+    lm = load_model_and_processor(
+        ModelConfig(model=base_name, adapter=str(adapter), merge_adapter=True, dtype=dtype, device=device)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    lm.processor.save_pretrained(str(out))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return MergeResult(str(out), base_name, str(adapter), files, size)
