@@ -642,6 +642,76 @@ def synth_faces_cmd(
         print(res.labels_csv)
 
 
+# ---- quickstart ----
+@app.command()
+def quickstart(
+    out: OutDirOpt = None,
+    faces: Annotated[int | None, typer.Option("--faces", help="Synthetic faces to draw (default 750).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Training epochs (default 5).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for everything (default 0).")] = None,
+    base_url: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    force: Annotated[bool | None, typer.Option("--force", help="Replace an earlier quickstart in --out.")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole FaceLLM loop offline: synthetic faces -> annotate -> build-dataset -> finetune -> evaluate -> ask."""
+    from .config import QuickstartConfig, resolve_config
+    from .quickstart import quickstart as run_quickstart
+
+    flags = {
+        "out": str(out) if out else None,
+        "faces": faces,
+        "epochs": epochs,
+        "seed": seed,
+        "base_url": base_url,
+        "api_key_env": api_key_env,
+        "force": force,
+    }
+    cfg = resolve_config(QuickstartConfig, config, flags, set_)
+    api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None
+    quiet_libraries()
+    console = err_console()
+    result = run_quickstart(
+        cfg,
+        api_key=api_key,
+        on_stage=lambda name: console.print(f"[bold]>>[/bold] {name}"),
+        log=lambda msg: console.print(f"   {msg}"),
+    )
+    if json_out:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    _print_quickstart(result)
+
+
+def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, imported lazily
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    acc = Table(title=f"Expression accuracy on {result.test_questions} held-out faces (chance {result.chance:.1f}%)")
+    acc.add_column("model")
+    acc.add_column("accuracy", justify="right")
+    acc.add_row("tiny model, random weights", f"{result.accuracy_before:.1f}%")
+    acc.add_row("after facellm finetune", f"{result.accuracy_after:.1f}%")
+    out.print(acc)
+    stages = Table(title=f"Time per stage (total {result.total_seconds:.0f} s)")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for s in result.stages:
+        stages.add_row(s.name, f"{s.seconds:.1f}")
+    out.print(stages)
+    verdict = "correct" if result.ask["correct"] else f"wrong, truth: {result.ask['truth']}"
+    out.print(f'facellm ask {result.ask["image"]} "{result.ask["question"]}"\n  -> {result.ask["answer"]} ({verdict})')
+    arts = Table(title="Artefacts")
+    arts.add_column("what")
+    arts.add_column("where")
+    for k, v in result.artefacts.items():
+        arts.add_row(k, v)
+    out.print(arts)
+
+
 @dev_app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],

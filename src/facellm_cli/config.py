@@ -706,3 +706,20 @@ class FinetuneConfig(StrictModel):
                 "method full trains every language-model weight already"
             )
         return problems
+
+
+# ---- quickstart ----
+class QuickstartConfig(StrictModel):
+    """``facellm quickstart``: the whole FaceLLM loop offline on synthetic faces and a tiny model."""
+
+    out: str = Field("facellm-quickstart", description="Folder for every artefact (must be new or empty unless force).")
+    faces: int = Field(750, ge=30, description="Synthetic faces to draw (split 80/10/10 into train/val/test).")
+    image_size: int = Field(64, ge=32, description="Side of the drawn faces and of the tiny model's input, in pixels.")
+    seed: int = Field(0, description="Seed for faces, splits, model weights and training.")
+    epochs: float = Field(5.0, gt=0, description="Training epochs over the train split.")
+    base_url: str | None = Field(
+        None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
+    )
+    annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's key.")
+    force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")

@@ -1,0 +1,55 @@
+"""The quickstart end to end at a reduced size: every stage runs for real and training must clearly help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quickstart_learns_expressions(cli, tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    r = cli("quickstart", "--out", out, "--faces", "300", "--json")
+    assert r.code == 0, r.err
+    result = json.loads(r.out)
+    assert result["faces"] == 300
+    assert set(result["splits"]) == {"train", "val", "test"}
+    # accuracies are measured by evaluate on held-out faces; chance is 1/3
+    assert result["accuracy_before"] < 50.0
+    assert result["accuracy_after"] >= result["accuracy_before"] + 30.0, result
+    assert [s["name"] for s in result["stages"]] == [
+        "synthesize faces",
+        "annotate",
+        "build-dataset",
+        "build tiny model",
+        "evaluate before training",
+        "finetune",
+        "evaluate after training",
+        "ask",
+    ]
+    for key in ("annotations", "mcq test set", "fine-tuned model", "eval after"):
+        assert Path(result["artefacts"][key]).exists(), key
+    assert json.loads((out / "eval-after" / "results.json").read_text())["overall"]["accuracy"] == pytest.approx(
+        result["accuracy_after"]
+    )
+    assert isinstance(result["ask"]["answer"], str) and result["ask"]["truth"] in ("smiling", "neutral", "frowning")
+    assert (out / "quickstart-results.json").is_file()
+
+    # a second run refuses to overwrite, --force replaces only a quickstart folder
+    r = cli("quickstart", "--out", out, "--faces", "30")
+    assert r.code == 1 and f"output folder is not empty: {out} (choose another --out or pass --force)" in r.err
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("user data")
+    r = cli("quickstart", "--out", other, "--force")
+    assert r.code == 1 and "has no quickstart.json" in r.err
+    assert (other / "keep.txt").read_text() == "user data"
+
+
+def test_quickstart_config_errors(cli, tmp_path: Path) -> None:
+    r = cli("quickstart", "--out", tmp_path / "q", "--faces", "3")
+    assert r.code == 1 and "faces: Input should be greater than or equal to 30" in r.err
+    assert not (tmp_path / "q").exists()
