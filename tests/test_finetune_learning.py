@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from finetune_helpers import QUESTION, face_rows, letter_accuracy, mcq_records, write_jsonl
 
 from facellm_cli.config import FinetuneConfig, resolve_config
 from facellm_cli.train.recipes import QUICKSTART_TINY, QUICKSTART_TINY_MODEL, quickstart_tiny_config
+from finetune_helpers import QUESTION, face_rows, letter_accuracy, mcq_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 600, 150

@@ -157,12 +157,16 @@ app.add_typer(finetune_app, name="finetune")
 def finetune(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json).")] = None,
+    data: Annotated[
+        Optional[str], typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json).")
+    ] = None,
     model: ModelOpt = None,
     method: Annotated[Optional[str], typer.Option("--method", help="lora | qlora | full.")] = None,
     out: OutDirOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimiser steps.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in --out.")
+    ] = False,
     resume_from: Annotated[
         Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder (implies --resume).")
     ] = None,
@@ -185,7 +189,8 @@ def finetune(
                        source=str(config) if config else None, log=lambda m: console.print(m, markup=False))
     mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
     console.print(f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}, "
-                  f"final train loss {res.final_train_loss}, eval loss {res.final_eval_loss}; saved to {res.output_dir}")
+                  f"final train loss {res.final_train_loss}, eval loss {res.final_eval_loss}; "
+                  f"saved to {res.output_dir}")
     print(json.dumps(res.to_json()) if json_out else res.output_dir)
 
 
@@ -193,8 +198,12 @@ def finetune(
 def finetune_merge(
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter folder (a finetune output).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged standalone model.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the one the adapter records).")] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = "5GB",
+    base: Annotated[
+        Optional[str], typer.Option("--base", help="Base model (default: the one the adapter records).")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")
+    ] = "5GB",
     dtype: DtypeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
     json_out: JsonOpt = False,
@@ -206,7 +215,8 @@ def finetune_merge(
     with err_console().status("merging ..."):
         res = merge_adapter(adapter, out, base=base, max_shard_size=max_shard_size, dtype=dtype or "auto",
                             overwrite=overwrite)
-    err_console().print(f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB")
+    size = f"{res.total_bytes / 1e6:.1f} MB"
+    err_console().print(f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {size}")
     print(json.dumps(res.__dict__) if json_out else res.output_dir)
 
 

@@ -7,8 +7,13 @@ multiple-choice task on synthetic faces. The same settings are in
 
 Why full fine-tuning and not LoRA: LoRA adapts a pretrained model through a
 low-rank update; a random-init model has nothing to adapt, and plain LoRA on it
-stays at chance. The vision tower and projector must learn to see the mouth,
-so they train too (they are frozen by default for real checkpoints).
+stays at chance. Why the vision tower stays frozen (at its random init) while
+the projector and the language model train: measured here, training the random
+vision tower as well kept held-out accuracy at chance for 550+ steps, while
+with it frozen its random patch features carry the mouth shape and the
+projector + language model learn to read them. Why 128-wide text: the first
+phase (learning to answer with a letter at all) is bounded by how far Adam can
+move the output logits per step, which grows with the hidden width.
 """
 
 from __future__ import annotations
@@ -19,7 +24,12 @@ from typing import Any
 from ..config import FinetuneConfig
 
 # build_tiny_model keyword arguments for the quickstart / learning-test model.
-QUICKSTART_TINY_MODEL: dict[str, Any] = {"family": "internvl", "image_size": 64}
+QUICKSTART_TINY_MODEL: dict[str, Any] = {
+    "family": "internvl",
+    "image_size": 64,
+    "text_hidden": 128,
+    "vision_hidden": 64,
+}
 
 QUICKSTART_TINY: dict[str, Any] = {
     "method": "full",
@@ -38,7 +48,7 @@ QUICKSTART_TINY: dict[str, Any] = {
         "seed": 0,
         "logging_steps": 25,
         "save_steps": None,
-        "train_vision_tower": True,
+        "train_vision_tower": False,
         "train_projector": True,
     },
 }
