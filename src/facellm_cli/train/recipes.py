@@ -5,6 +5,11 @@
 multiple-choice task on synthetic faces. The same settings are in
 ``examples/quickstart-tiny.yaml`` (a test keeps the two equal).
 
+Measured on this 2-core machine (idle): 2,400 training faces + 150 held-out,
+6 epochs = 1,800 steps at batch 8, ~106 samples/s: held-out accuracy 0.28 ->
+0.967 in 158 s end to end (synthesis, model build, training, evaluation).
+With 600 faces the model overfits: 0.867 after 900 steps, 0.900 after 1,800.
+
 Why full fine-tuning and not LoRA: LoRA adapts a pretrained model through a
 low-rank update; a random-init model has nothing to adapt, and plain LoRA on it
 stays at chance. Why the vision tower stays frozen (at its random init) while
@@ -37,11 +42,11 @@ QUICKSTART_TINY: dict[str, Any] = {
     "data": {"max_seq_length": 512},
     "train": {
         "learning_rate": 3e-4,
-        "lr_scheduler": "constant",
+        "lr_scheduler": "cosine",
         "warmup_ratio": 0.0,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "epochs": 12,
+        "epochs": 6,
         "batch_size": 8,
         "grad_accumulation": 1,
         "precision": "fp32",
