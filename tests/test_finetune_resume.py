@@ -53,7 +53,8 @@ def _steps(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow  # three training runs, two of them in fresh processes
+@pytest.mark.timeout(600)
 def test_killed_run_resumes_to_the_same_end(tmp_path: Path, tiny_internvl: Path) -> None:
     import torch
     from safetensors.torch import load_file

@@ -139,11 +139,13 @@ def read_samples(
     fmt: Literal["auto", "messages", "sharegpt"] = "auto",
     check_images: bool = True,
     max_samples: int | None = None,
+    key: str = "data.train",
 ) -> list[Sample]:
     """Read and check every record. Relative image paths resolve against ``image_root`` (default: the file's folder)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"training data not found: {p} (check data.train / --data)")
+        hint = "data.train / --data" if key == "data.train" else key
+        raise DataError(f"data file not found: {p} (check {hint})")
     kind = detect_format(p) if fmt == "auto" else fmt
     root = Path(image_root) if image_root else p.parent
     samples = (_read_messages if kind == "messages" else _read_sharegpt)(p, root, check_images)

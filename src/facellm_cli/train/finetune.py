@@ -146,7 +146,7 @@ def preflight(
             problems.append(f"data.train: {e}")
     if cfg.data.eval:
         try:
-            eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format)
+            eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format, key="data.eval")
         except DataError as e:
             problems.append(f"data.eval: {e}")
     out = Path(cfg.output_dir or ".")
