@@ -646,8 +646,8 @@ def synth_faces_cmd(
 @app.command()
 def quickstart(
     out: OutDirOpt = None,
-    faces: Annotated[int | None, typer.Option("--faces", help="Synthetic faces to draw (default 750).")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Training epochs (default 5).")] = None,
+    faces: Annotated[int | None, typer.Option("--faces", help="Synthetic faces to draw (default 3000).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Training epochs (default 6).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for everything (default 0).")] = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,

@@ -255,6 +255,16 @@ class DatasetConfig(StrictModel):
         None, description="Add the train-split MCQs to the training files (default: on when mcq is set)."
     )
     mcq_max_options: int = Field(4, ge=2, le=10, description="Most options per MCQ (the true value plus distractors).")
+    qa: bool = Field(
+        True,
+        description="Write the annotated question-answer conversations; false writes only the multiple-choice "
+        "conversations (needs mcq), e.g. to train a classifier-style model.",
+    )
+    mcq_option_order: Literal["shuffled", "fixed"] = Field(
+        "shuffled",
+        description="shuffled: option order varies per question (as FaceXBench); fixed: sorted values, so each letter "
+        "always means the same value (a plain classification).",
+    )
     group_key: str | None = Field(
         None, description="Label column naming an identity/group; all images of a group go to the same split."
     )
@@ -303,6 +313,8 @@ class DatasetConfig(StrictModel):
             problems.append(f"split: {self.split} leaves no training data (the first fraction must be > 0)")
         if len(set(self.mcq)) != len(self.mcq):
             problems.append(f"mcq: {self.mcq} names a label twice")
+        if not self.qa and not (self.mcq and self.mcq_train is not False):
+            problems.append("qa: false leaves nothing to train on; add --mcq COLUMN (with its training conversations)")
         if problems:
             raise ValueError("; ".join(problems))
         if self.mcq_train is None:
@@ -713,10 +725,10 @@ class QuickstartConfig(StrictModel):
     """``facellm quickstart``: the whole FaceLLM loop offline on synthetic faces and a tiny model."""
 
     out: str = Field("facellm-quickstart", description="Folder for every artefact (must be new or empty unless force).")
-    faces: int = Field(750, ge=30, description="Synthetic faces to draw (split 80/10/10 into train/val/test).")
+    faces: int = Field(3000, ge=30, description="Synthetic faces to draw (split 80/10/10 into train/val/test).")
     image_size: int = Field(64, ge=32, description="Side of the drawn faces and of the tiny model's input, in pixels.")
     seed: int = Field(0, description="Seed for faces, splits, model weights and training.")
-    epochs: float = Field(5.0, gt=0, description="Training epochs over the train split.")
+    epochs: float = Field(6.0, gt=0, description="Training epochs over the train split.")
     base_url: str | None = Field(
         None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
     )

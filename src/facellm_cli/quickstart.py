@@ -12,7 +12,6 @@ The model starts from random weights, so accuracy before training is chance
 
 from __future__ import annotations
 
-import csv
 import shutil
 import time
 from collections.abc import Callable
@@ -31,10 +30,11 @@ from .config import (
     dump_config,
 )
 from .errors import FacellmError, OutputExistsError
+from .eval.scoring import parse_answer
 from .io import atomic_write_json, read_jsonl
+from .schema import LETTERS, MCQuestion, format_mcq_prompt
 
 MARKER = "quickstart.json"
-EXPRESSION_QUESTION = "What is the facial expression of the person in the image?"
 
 
 @dataclass
@@ -140,6 +140,13 @@ def quickstart(
             labels=str(faces.labels_csv),
             out=str(data_dir),
             mcq=["expression"],
+            # Letters keep one meaning (A frowning, B neutral, C smiling): a 2-layer random model learns to read
+            # the mouth in the time budget, but not also to look up a shuffled option list (measured: 87% free-text
+            # accuracy, chance on shuffled letters after the same training).
+            mcq_option_order="fixed",
+            # Train on the multiple-choice conversations only: measured here, mixing in the free-text pairs at the
+            # same step budget reached 88% instead of the 95%+ of MCQ-only training.
+            qa=False,
             seed=cfg.seed,
         )
     )
@@ -180,15 +187,15 @@ def quickstart(
     done()
 
     done = stage("ask")
-    labels = {row["file"]: row["expression"] for row in csv.DictReader(faces.labels_csv.open(encoding="utf-8"))}
     _, first = next(read_jsonl(mcq_test))
-    image_rel = first["images"][0]
+    question = MCQuestion.model_validate(first)
+    image_path = faces.out_dir / question.images[0]
     lm = load_model_and_processor(ModelConfig(model=str(run_dir), device="cpu"))
-    ask_cfg = AskConfig(model=lm.config, generation=GenerationConfig(max_new_tokens=12), batch_size=1)
-    answer = next(ask_many(lm, ask_cfg, [str(faces.out_dir / image_rel)], EXPRESSION_QUESTION))
-    truth = labels.get(Path(image_rel).as_posix(), labels.get(Path(image_rel).name, ""))
-    said = (answer.answer or "").lower()
-    mentioned = [e for e in EXPRESSIONS if e in said or (e == "neutral" and "neutral" in said)]
+    ask_cfg = AskConfig(model=lm.config, generation=GenerationConfig(max_new_tokens=4), batch_size=1)
+    prompt = format_mcq_prompt(question)
+    answer = next(ask_many(lm, ask_cfg, [str(image_path)], prompt))
+    picked = parse_answer(answer.answer or "", question.options).letter
+    truth = question.options[LETTERS.index(question.answer)]
     done()
 
     result = QuickstartResult(
@@ -200,11 +207,12 @@ def quickstart(
         chance=100.0 / len(EXPRESSIONS),
         test_questions=after.results["overall"]["n"],
         ask={
-            "image": str(faces.out_dir / image_rel),
-            "question": EXPRESSION_QUESTION,
+            "image": str(image_path),
+            "question": prompt,
             "answer": answer.answer,
+            "picked": question.options[LETTERS.index(picked)] if picked else None,
             "truth": truth,
-            "correct": mentioned == [truth],
+            "correct": picked == question.answer,
         },
         stages=stages,
         artefacts={

@@ -463,7 +463,9 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                 acc.image(split, labels)
                 for r, (_, a) in zip(recs, pairs, strict=True):
                     acc.qa(split, r.aspect, a)
-                if cfg.merge_aspects:
+                if not cfg.qa:
+                    pass  # validated and counted above, but only the multiple-choice conversations are written
+                elif cfg.merge_aspects:
                     w.add(rel, pairs, rel)
                 else:
                     used: Counter[str] = Counter()
@@ -484,6 +486,7 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                         values=mcq_values[col],
                         seed=cfg.seed,
                         max_options=cfg.mcq_max_options,
+                        option_order=cfg.mcq_option_order,
                         labels=labels,
                     )
                     assert w.mcq is not None

@@ -43,11 +43,20 @@ def build_mcq(
     seed: int,
     max_options: int = 4,
     labels: dict[str, str] | None = None,
+    option_order: str = "shuffled",
 ) -> MCQuestion:
-    """One question: options are distinct, include ``true_value`` once, and ``answer`` is its letter."""
+    """One question: options are distinct, include ``true_value`` once, and ``answer`` is its letter.
+
+    ``option_order="fixed"`` lists the options in the column's sorted value order, so a letter means the same value
+    in every question of that column (a plain classification, as in the quickstart); "shuffled" (the default, as in
+    FaceXBench) orders them by a keyed hash, so the model must read the options.
+    """
     others = sorted((v for v in values if v != true_value), key=lambda v: (stable_hash(seed, image, label, v), v))
     options = [true_value, *others[: max(0, min(max_options, len(LETTERS)) - 1)]]
-    options.sort(key=lambda v: (stable_hash(seed, image, label, "order", v), v))
+    if option_order == "fixed":
+        options.sort()
+    else:
+        options.sort(key=lambda v: (stable_hash(seed, image, label, "order", v), v))
     return MCQuestion(
         id=qid,
         images=[image],
