@@ -265,6 +265,20 @@ def test_mcq_export_is_well_formed(tmp_path: Path, corpus) -> None:
     assert not any("#mcq-" in r["id"] for r in read_jsonl(tmp_path / "no-train" / "train.jsonl"))
 
 
+def test_fixed_option_order_and_mcq_only_training(tmp_path: Path, corpus) -> None:
+    jsonl, _ = corpus
+    build(tmp_path, [jsonl], mcq=["expression"], mcq_option_order="fixed", mcq_max_options=5, qa=False)
+    out = tmp_path / "out"
+    questions = [MCQuestion.model_validate(r) for s in SPLITS for r in read_jsonl(out / f"mcq_{s}.jsonl")]
+    assert {tuple(q.options) for q in questions} == {tuple(sorted(EXPRESSIONS))}  # one order: a letter = one value
+    assert all(q.options[LETTERS.index(q.answer)] == q.labels["expression"] for q in questions)
+    train = read_jsonl(out / "train.jsonl")
+    assert train and all("#mcq-" in r["id"] for r in train)  # no free-text QA written
+    assert read_jsonl(out / "val.jsonl") == [] and read_jsonl(out / "test.jsonl") == []
+    with pytest.raises(ConfigError, match="qa: false leaves nothing to train on"):
+        build(tmp_path, [jsonl], out="none", qa=False)
+
+
 def test_mcq_needs_a_label_with_two_values(tmp_path: Path) -> None:
     jsonl, _ = make_corpus(tmp_path, n_images=4, with_labels=False)
     with pytest.raises(ConfigError, match=r"--mcq expression: no kept image has a 'expression' label"):
