@@ -40,29 +40,6 @@ from facellm_cli.infer.generate import Prompt, generate_batch  # noqa: E402
 from facellm_cli.schema import MCQuestion, format_mcq_prompt  # noqa: E402
 
 BENCHMARK = Path("/work/shared/facexbench/benchmark")
-# InternVL3-1B (OpenGVLab/InternVL3-1B-hf): InternViT-300M-448px-V2.5 + Qwen2.5-0.5B.
-INTERNVL3_1B_VISION = dict(
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    image_size=448,
-    patch_size=14,
-    use_qk_norm=False,
-    layer_scale_init_value=0.1,
-)
-INTERNVL3_1B_TEXT = dict(
-    model_type="qwen2",
-    vocab_size=151674,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    tie_word_embeddings=False,
-)
 
 
 def make_questions(n: int, image_size: int, folder: Path, seed: int = 0) -> list[MCQuestion]:
@@ -102,21 +79,19 @@ def load(args: argparse.Namespace, tmp: Path):  # noqa: ANN201 - LoadedModel, to
     if not args.real_shapes:
         path = build_tiny_model(tmp / "tiny", "internvl", image_size=args.image_size)
         return load_model_and_processor(ModelConfig(model=str(path), device=args.device, dtype=args.dtype))
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
+
+    from facellm_cli.testing.shapes import real_shape_config
 
     # The tiny builder's processor at 448 px / patch 14 gives InternVL3's 256 image tokens per image.
     path = build_tiny_model(tmp / "shapes", "internvl", image_size=448, patch_size=14)
     lm = load_model_and_processor(ModelConfig(model=str(path), device="cpu", dtype="float32"))
     tok = lm.tokenizer
-    cfg = InternVLConfig(
-        vision_config=INTERNVL3_1B_VISION,
-        text_config={**INTERNVL3_1B_TEXT, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+    cfg = real_shape_config(
+        "internvl3-1b",
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         image_token_id=tok.context_image_token_id,
-        image_seq_length=256,
-        downsample_ratio=0.5,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
     )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")

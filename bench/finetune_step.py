@@ -33,36 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# Real sizes (config.json of OpenGVLab/InternVL3-{1B,8B}-hf): InternViT-300M vision + Qwen2.5 language model.
-_VISION_300M = dict(
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    image_size=448,
-    patch_size=14,
-    use_qk_norm=False,
-    layer_scale_init_value=0.1,
-)
-SHAPES = {
-    "internvl3-1b": dict(
-        vision=_VISION_300M,
-        text=dict(
-            hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
-        ),
-    ),
-    "internvl3-8b": dict(
-        vision=_VISION_300M,
-        text=dict(
-            hidden_size=3584,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            intermediate_size=18944,
-        ),
-    ),
-}
-VOCAB = 151674
+from facellm_cli.testing.shapes import SHAPES, VOCAB  # noqa: E402
 
 
 def build_model_dir(shape: str, out: Path) -> Path:
@@ -85,24 +56,9 @@ def build_model_dir(shape: str, out: Path) -> Path:
             if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "generation", "model")):
                 (path / f.name).write_bytes(f.read_bytes())
         return path
-    s = SHAPES[shape]
-    config = InternVLConfig(
-        vision_config=s["vision"],
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=VOCAB,
-            max_position_embeddings=32768,
-            rope_theta=1e6,
-            tie_word_embeddings=False,
-            **s["text"],
-        ),
-        image_token_id=151667,
-        image_seq_length=256,
-        downsample_ratio=0.5,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
+    from facellm_cli.testing.shapes import real_shape_config
+
+    config = real_shape_config(shape)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = InternVLForConditionalGeneration(config).to(torch.bfloat16)

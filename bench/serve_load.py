@@ -34,39 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def build_internvl3_1b_shapes(out: Path) -> Path:
     """A random InternVL3-1B-shaped checkpoint (tiny tokenizer, real processor class), saved to ``out``."""
     import torch
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
     from facellm_cli.testing import tiny
+    from facellm_cli.testing.shapes import real_shape_config
 
     torch.manual_seed(0)
     small, processor = tiny._build_internvl(448, 14, 64, 32, 1, 600)  # for its processor (448 px, 256 tokens)
     tok = processor.tokenizer
     del small
-    config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            image_size=448,
-            patch_size=14,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=151_674,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
-        ),
+    config = real_shape_config(
+        "internvl3-1b",
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         image_token_id=tok.context_image_token_id,
-        image_seq_length=256,
-        downsample_ratio=0.5,
     )
     model = InternVLForConditionalGeneration(config)
     gen = model.generation_config
