@@ -702,8 +702,10 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     for s in result.stages:
         stages.add_row(s.name, f"{s.seconds:.1f}")
     out.print(stages)
-    verdict = "correct" if result.ask["correct"] else f"wrong, truth: {result.ask['truth']}"
-    out.print(f'facellm ask {result.ask["image"]} "{result.ask["question"]}"\n  -> {result.ask["answer"]} ({verdict})')
+    ask = result.ask
+    verdict = "correct" if ask["correct"] else f"wrong, truth: {ask['truth']}"
+    out.print(f'facellm ask {ask["image"]} "<its multiple-choice question>"')
+    out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})")
     arts = Table(title="Artefacts")
     arts.add_column("what")
     arts.add_column("where")
