@@ -491,47 +491,14 @@ def test_cli_evaluate_end_to_end(fxb: Path, tiny_internvl: Path, tmp_path: Path,
     r = cli("evaluate", "--help")
     assert r.code == 0 and "--with-task-description" in r.out and "--compare" in r.out
     out = tmp_path / "cli"
-    r = cli(
-        "evaluate",
-        "--benchmark",
-        "facexbench",
-        "--data-dir",
-        fxb,
-        "--model",
-        tiny_internvl,
-        "--mode",
-        "likelihood",
-        "--limit",
-        "3",
-        "--tasks",
-        "wmca_single_mcq",
-        "--batch-size",
-        "3",
-        "--out",
-        out,
-        "--json",
-    )
+    args = ["evaluate", "--benchmark", "facexbench", "--data-dir", fxb, "--model", tiny_internvl]
+    args += ["--mode", "likelihood", "--limit", "3", "--tasks", "wmca_single_mcq", "--out", out]
+    r = cli(*args, "--batch-size", "3", "--json")
     assert r.code == 0, r.err
     res = json.loads(r.out)
     assert res["overall"]["n"] == 3 and res["categories"][0]["name"] == "Face Authentication"
     assert "3 answered, 0 from cache" in r.err
-    r = cli(
-        "evaluate",
-        "--benchmark",
-        "facexbench",
-        "--data-dir",
-        fxb,
-        "--model",
-        tiny_internvl,
-        "--mode",
-        "likelihood",
-        "--limit",
-        "3",
-        "--tasks",
-        "wmca_single_mcq",
-        "--out",
-        out,
-    )
+    r = cli(*args)
     assert r.code == 0 and "0 answered, 3 from cache" in r.err and r.out.startswith("| | accuracy %")
     r = cli("evaluate", "--data", tmp_path / "missing.jsonl", "--model", tiny_internvl, "--out", out / "x")
     assert r.code == 1 and "evaluation set not found" in r.err

@@ -183,14 +183,15 @@ def quickstart(
     done()
 
     done = stage("evaluate after training")
-    after = evaluate(eval_cfg(run_dir, "eval-after"))
+    # Loaded once here and reused by the ask stage below.
+    lm = load_model_and_processor(ModelConfig(model=str(run_dir), device="cpu"))
+    after = evaluate(eval_cfg(run_dir, "eval-after"), lm=lm)
     done()
 
     done = stage("ask")
     _, first = next(read_jsonl(mcq_test))
     question = MCQuestion.model_validate(first)
     image_path = faces.out_dir / question.images[0]
-    lm = load_model_and_processor(ModelConfig(model=str(run_dir), device="cpu"))
     ask_cfg = AskConfig(model=lm.config, generation=GenerationConfig(max_new_tokens=4), batch_size=1)
     prompt = format_mcq_prompt(question)
     answer = next(ask_many(lm, ask_cfg, [str(image_path)], prompt))
