@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import AskConfig
@@ -93,7 +92,3 @@ def ask_many(
         if len(pending) >= cfg.batch_size:
             yield from flush()
     yield from flush()
-
-
-def display_path(path: str) -> str:
-    return path if path in ("-", "<stdin>") else str(Path(path))
