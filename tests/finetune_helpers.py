@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from facellm_cli.schema import LETTERS, MCQuestion, format_mcq_prompt
-from facellm_cli.synth import EXPRESSIONS, synth_faces
+from facellm_cli.synth import EXPRESSIONS, default_workers, synth_faces
 
 QUESTION = "What is the facial expression of the person?"
 
 
 def face_rows(folder: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
-    synth_faces(folder, n, seed=seed)
+    synth_faces(folder, n, seed=seed, workers=default_workers(n))
     with open(folder / "labels.csv", newline="") as f:
         return list(csv.DictReader(f))
 

@@ -8,7 +8,15 @@ import pytest
 
 from facellm_cli.config import ModelConfig
 from facellm_cli.errors import DataError
-from facellm_cli.train.collate import IGNORE_INDEX, Collator, ConversationEncoder, Dropped, Encoded, image_token_ids
+from facellm_cli.train.collate import (
+    IGNORE_INDEX,
+    Collator,
+    ConversationDataset,
+    ConversationEncoder,
+    Dropped,
+    Encoded,
+    image_token_ids,
+)
 from facellm_cli.train.data import read_samples
 from finetune_helpers import describe_records, face_rows, write_jsonl, write_sharegpt
 
@@ -122,3 +130,24 @@ def test_truncation_never_cuts_image_tokens(faces: tuple[Path, list[dict[str, st
         Collator(lm.tokenizer.pad_token_id)([dropped])
     batch = Collator(lm.tokenizer.pad_token_id)([dropped, kept])
     assert batch["sample_ids"] == ["rec-0"] and batch["input_ids"].shape == (1, cut)
+
+
+def test_cached_dataset_encodes_each_sample_once(faces: tuple[Path, list[dict[str, str]]], tiny_internvl: Path) -> None:
+    import torch
+
+    folder, rows = faces
+    lm = _lm(tiny_internvl)
+    samples = read_samples(write_jsonl(folder / "cache.jsonl", describe_records(rows)))
+    ids = image_token_ids(lm.model, lm.processor)
+    plain_enc, cached_enc = ConversationEncoder(lm.processor, 4096, ids), ConversationEncoder(lm.processor, 4096, ids)
+    plain = ConversationDataset(samples, plain_enc)
+    cached = ConversationDataset(samples, cached_enc, cache=True)
+    for _epoch in range(3):
+        for i in range(len(samples)):
+            a, b = plain[i], cached[i]
+            assert isinstance(a, Encoded) and isinstance(b, Encoded) and a.id == b.id
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.extra_tensors["pixel_values"], b.extra_tensors["pixel_values"])
+    # three epochs: the plain dataset encoded every sample three times, the cached one once
+    assert plain_enc.stats["encoded"] == 3 * len(samples)
+    assert cached_enc.stats["encoded"] == len(samples)

@@ -38,6 +38,20 @@ def test_tiny_models_load_on_cpu_fp32_and_generate(request: pytest.FixtureReques
     assert gen.completion_tokens >= 1 and gen.prompt_tokens > 10
 
 
+@pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
+def test_tiny_model_text_init_std_sets_the_language_model_weights(family: str, tmp_path: Path) -> None:
+    def q_proj_std(std: float) -> tuple[float, float]:
+        path = build_tiny_model(tmp_path / f"{family}-{std}", family, text_init_std=std, text_hidden=128)
+        lm = load_model_and_processor(ModelConfig(model=str(path)))
+        weights = torch.cat([m.weight.flatten() for n, m in lm.model.named_modules() if n.endswith("self_attn.q_proj")])
+        return lm.model.config.text_config.initializer_range, float(weights.std())
+
+    saved, measured = q_proj_std(0.02)
+    assert saved == 0.02 and measured == pytest.approx(0.02, rel=0.1)
+    saved, measured = q_proj_std(0.08)
+    assert saved == 0.08 and measured == pytest.approx(0.08, rel=0.1)
+
+
 def test_dtype_and_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_device("auto") == "cpu"  # no CUDA on CI
     assert choose_dtype("auto", "cpu") == "float32"

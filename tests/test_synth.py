@@ -33,6 +33,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     assert a == b
     assert len(a) == 10  # 9 PNGs + labels.csv
     assert a != c
+    synth_faces(tmp_path / "d", 9, seed=3, workers=2)  # two spawned processes draw the same files
+    assert _digest(tmp_path / "d") == a
 
 
 def test_labels_csv_matches_files_and_vocabulary(tmp_path: Path) -> None:

@@ -628,12 +628,20 @@ def synth_faces_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives byte-identical files.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (32 or more).")] = 64,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Processes drawing faces (default: one per 100 faces, up to the usable CPUs or 8; same files).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Draw synthetic faces with known expression, eyes, pose, glasses, skin tone and background."""
-    from .synth import synth_faces
+    from .synth import default_workers, synth_faces
 
-    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite)
+    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n))
     err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
     if json_out:
         info = {"out_dir": str(res.out_dir), "labels": str(res.labels_csv), "count": res.count, "counts": res.counts}
@@ -646,8 +654,8 @@ def synth_faces_cmd(
 @app.command()
 def quickstart(
     out: OutDirOpt = None,
-    faces: Annotated[int | None, typer.Option("--faces", help="Synthetic faces to draw (default 3000).")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Training epochs (default 6).")] = None,
+    faces: Annotated[int | None, typer.Option("--faces", help="Synthetic faces to draw (default 4000).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Training epochs (default 4.5).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for everything (default 0).")] = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,

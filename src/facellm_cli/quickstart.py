@@ -89,7 +89,7 @@ def quickstart(
     from .eval.runner import evaluate
     from .infer.ask import ask_many
     from .models.loader import load_model_and_processor, require_model_extras
-    from .synth import EXPRESSIONS, synth_faces
+    from .synth import EXPRESSIONS, default_workers, synth_faces
     from .testing import build_tiny_model
     from .train.finetune import finetune
     from .train.recipes import QUICKSTART_TINY_MODEL, quickstart_tiny_config
@@ -108,7 +108,9 @@ def quickstart(
         return lambda: stages.append(StageTime(name, time.perf_counter() - t0))
 
     done = stage("synthesize faces")
-    faces = synth_faces(out / "faces", cfg.faces, seed=cfg.seed, size=cfg.image_size)
+    faces = synth_faces(
+        out / "faces", cfg.faces, seed=cfg.seed, size=cfg.image_size, workers=default_workers(cfg.faces)
+    )
     done()
 
     done = stage("annotate" if cfg.base_url is None else f"annotate ({cfg.base_url})")

@@ -5,8 +5,9 @@ features that carry a label stay visible at 64x64: the mouth is a thick arc
 (curving up = smiling, flat = neutral, curving down = frowning), eyes are open
 discs with pupils or thick closed lines, glasses are dark rims with a bridge,
 and pose is a tilt of the whole head. Everything (attributes, jitter, colours)
-comes from one ``random.Random(seed)``, and PNGs carry no timestamps, so the
-same seed gives byte-identical files.
+comes from per-face seeds drawn from one ``random.Random(seed)``, and PNGs
+carry no timestamps, so the same seed gives byte-identical files however many
+processes draw them.
 """
 
 from __future__ import annotations
@@ -141,14 +142,51 @@ class SynthResult:
     counts: dict[str, dict[str, int]]
 
 
-def synth_faces(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, overwrite: bool = False) -> SynthResult:
+def _draw_chunk(job: tuple[str, int, list[tuple[str, str, int]]]) -> list[dict[str, str]]:
+    """Draw and save one chunk of faces (runs in a worker process); return their label rows in order."""
+    out, size, items = job
+    rows = []
+    for name, expression, face_seed in items:
+        rng = random.Random(face_seed)
+        attrs = random_attributes(rng, expression)
+        draw_face(attrs, size, rng).save(Path(out) / name, format="PNG", optimize=False)
+        rows.append({"file": name, **asdict(attrs)})
+    return rows
+
+
+def default_workers(n: int) -> int:
+    """Processes worth using to draw ``n`` faces: the usable CPUs, at most 8, one per ~100 faces."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus, n // 100))
+
+
+def synth_faces(
+    out_dir: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = 64,
+    overwrite: bool = False,
+    workers: int = 1,
+) -> SynthResult:
     """Write ``n`` faces as ``face_00000.png``... plus ``labels.csv`` (FairFace-style: ``file`` then attributes).
 
     Expressions are balanced (each appears n/3 times, in a seeded order) so
     chance accuracy on the expression task is 1/3 and a held-out split is fair.
+    Each face has its own seed drawn from ``seed``, so the files are the same
+    whatever the number of ``workers``. ``workers > 1`` draws in spawned
+    processes (so a calling script needs the usual ``if __name__ == "__main__":``
+    guard); ``default_workers(n)`` is what the CLI uses.
     """
     if n <= 0:
         raise FacellmError(f"--n must be at least 1, got {n}")
+    if size < 32:
+        raise FacellmError(f"face size {size} is too small to show the attributes; use --size 32 or more")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder is not empty: {out} (choose another or pass --overwrite)")
@@ -157,17 +195,24 @@ def synth_faces(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, o
     expressions = [EXPRESSIONS[i % len(EXPRESSIONS)] for i in range(n)]
     rng.shuffle(expressions)
     width = max(5, len(str(n - 1)))
-    rows = []
+    items = [(f"face_{i:0{width}d}.png", e, rng.getrandbits(64)) for i, e in enumerate(expressions)]
+    workers = max(1, min(workers, n))
+    chunk = max(1, -(-n // (workers * 4)))
+    jobs = [(str(out), size, items[i : i + chunk]) for i in range(0, n, chunk)]
+    if workers == 1:
+        chunks = [_draw_chunk(j) for j in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may already hold OpenMP threads (torch), which a forked child can deadlock on
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            chunks = list(pool.map(_draw_chunk, jobs))
+    rows = [row for part in chunks for row in part]
     counts: dict[str, dict[str, int]] = {c: {} for c in LABEL_COLUMNS[1:]}
-    for i, expression in enumerate(expressions):
-        attrs = random_attributes(rng, expression)
-        img = draw_face(attrs, size, rng)
-        name = f"face_{i:0{width}d}.png"
-        img.save(out / name, format="PNG", optimize=False)
-        row = {"file": name, **asdict(attrs)}
-        rows.append(row)
-        for key, value in asdict(attrs).items():
-            counts[key][value] = counts[key].get(value, 0) + 1
+    for row in rows:
+        for key in LABEL_COLUMNS[1:]:
+            counts[key][row[key]] = counts[key].get(row[key], 0) + 1
     labels = out / "labels.csv"
     with open(labels, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(LABEL_COLUMNS), lineterminator="\n")

@@ -76,7 +76,7 @@ def _chat_template(image_markup: str) -> str:
     return _CHATML.replace("IMAGE", repr(image_markup))
 
 
-def _text_config(tok: Any, hidden: int, layers: int) -> dict[str, Any]:
+def _text_config(tok: Any, hidden: int, layers: int, init_std: float) -> dict[str, Any]:
     """Qwen2-style language model sizes shared by every tiny family."""
     return dict(
         vocab_size=len(tok),
@@ -85,6 +85,7 @@ def _text_config(tok: Any, hidden: int, layers: int) -> dict[str, Any]:
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
+        initializer_range=init_std,
         max_position_embeddings=2048,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -107,7 +108,13 @@ def _hf_tokenizer(tok: Any, extra: dict[str, str]) -> Any:
 
 
 def _build_internvl(
-    image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int
+    image_size: int,
+    patch_size: int,
+    text_hidden: int,
+    vision_hidden: int,
+    layers: int,
+    vocab_size: int,
+    text_init_std: float,
 ) -> tuple[Any, Any]:
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -142,7 +149,7 @@ def _build_internvl(
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=dict(model_type="qwen2", **_text_config(tok, text_hidden, layers)),
+        text_config=dict(model_type="qwen2", **_text_config(tok, text_hidden, layers, text_init_std)),
         image_token_id=tok.context_image_token_id,
         image_seq_length=seq,
         downsample_ratio=0.5,
@@ -151,7 +158,13 @@ def _build_internvl(
 
 
 def _build_qwen2_vl(
-    image_size: int, patch_size: int, text_hidden: int, vision_hidden: int, layers: int, vocab_size: int
+    image_size: int,
+    patch_size: int,
+    text_hidden: int,
+    vision_hidden: int,
+    layers: int,
+    vocab_size: int,
+    text_init_std: float,
 ) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -193,7 +206,7 @@ def _build_qwen2_vl(
             temporal_patch_size=2,
         ),
         text_config=dict(
-            **_text_config(tok, text_hidden, layers),
+            **_text_config(tok, text_hidden, layers, text_init_std),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
@@ -223,8 +236,13 @@ def build_tiny_model(
     vision_hidden: int = 32,
     layers: int = 2,
     vocab_size: int = 600,
+    text_init_std: float = 0.02,
 ) -> Path:
-    """Create and save a tiny random model of ``family``; return its folder."""
+    """Create and save a tiny random model of ``family``; return its folder.
+
+    ``text_init_std`` is the language model's weight-init standard deviation
+    (transformers' ``initializer_range``, 0.02 in real checkpoints).
+    """
     if family not in _BUILDERS:
         raise FacellmError(f"unknown tiny-model family '{family}'; choose one of: {', '.join(FAMILIES)}")
     if image_size % (2 * patch_size):
@@ -234,7 +252,9 @@ def build_tiny_model(
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    model, processor = _BUILDERS[family](image_size, patch_size, text_hidden, vision_hidden, layers, vocab_size)
+    model, processor = _BUILDERS[family](
+        image_size, patch_size, text_hidden, vision_hidden, layers, vocab_size, text_init_std
+    )
     gen = model.generation_config
     gen.eos_token_id = processor.tokenizer.eos_token_id
     gen.pad_token_id = processor.tokenizer.pad_token_id

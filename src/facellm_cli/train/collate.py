@@ -143,17 +143,29 @@ class ConversationEncoder:
 
 
 class ConversationDataset:
-    """A map-style dataset that encodes lazily (so dataloader workers do the image work)."""
+    """A map-style dataset that encodes lazily (so dataloader workers do the image work).
 
-    def __init__(self, samples: list[Sample], encoder: ConversationEncoder) -> None:
+    With ``cache=True`` each sample is encoded once and kept in memory (pixel
+    values included), so later epochs skip image decoding, chat-template
+    rendering and tokenisation. In dataloader worker processes each worker keeps
+    its own cache (the Trainer keeps workers alive across epochs for this).
+    """
+
+    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, *, cache: bool = False) -> None:
         self.samples = samples
         self.encoder = encoder
+        self.cache: dict[int, Encoded | Dropped] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> Encoded | Dropped:
-        return self.encoder.encode(self.samples[i])
+        if self.cache is None:
+            return self.encoder.encode(self.samples[i])
+        item = self.cache.get(i)
+        if item is None:
+            item = self.cache[i] = self.encoder.encode(self.samples[i])
+        return item
 
 
 @dataclass

@@ -515,8 +515,8 @@ def finetune(
             say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
         ),
     )
-    train_ds = ConversationDataset(plan.train, encoder)
-    eval_ds = ConversationDataset(plan.eval, encoder) if plan.eval else None
+    train_ds = ConversationDataset(plan.train, encoder, cache=cfg.data.cache_encoded)
+    eval_ds = ConversationDataset(plan.eval, encoder, cache=cfg.data.cache_encoded) if plan.eval else None
     bf16, fp16 = _precision(cfg, lm.device)
     t = cfg.train
     eval_strategy = "no" if eval_ds is None else ("steps" if t.eval_steps else "epoch")
@@ -547,6 +547,7 @@ def finetune(
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=cfg.data.cache_encoded and t.dataloader_workers > 0,
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,
