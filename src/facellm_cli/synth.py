@@ -73,12 +73,16 @@ def random_attributes(rng: random.Random, expression: str | None = None) -> Face
     )
 
 
+def _check_size(size: int) -> None:
+    if size < 32:
+        raise FacellmError(f"face size {size} is too small to show the attributes; use --size 32 or more")
+
+
 def draw_face(attrs: FaceAttributes, size: int = 64, rng: random.Random | None = None) -> PILImage.Image:
     """Render one face. ``rng`` adds small jitter (position, size, colour) so faces are not identical."""
     from PIL import Image, ImageDraw
 
-    if size < 32:
-        raise FacellmError(f"face size {size} is too small to show the attributes; use --size 32 or more")
+    _check_size(size)
     rng = rng or random.Random(0)
     s = size * _SCALE
     bg = BACKGROUNDS[attrs.background]
@@ -185,8 +189,7 @@ def synth_faces(
     """
     if n <= 0:
         raise FacellmError(f"--n must be at least 1, got {n}")
-    if size < 32:
-        raise FacellmError(f"face size {size} is too small to show the attributes; use --size 32 or more")
+    _check_size(size)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder is not empty: {out} (choose another or pass --overwrite)")

@@ -29,7 +29,7 @@ from ..config import AnnotateConfig
 from ..errors import EndpointError, ImageError
 from ..io import JsonlAppender, atomic_write_json
 from ..schema import Annotation, Usage
-from .client import classify_answer
+from .client import chat_request, classify_answer
 from .pipeline import (
     AnnotateSummary,
     Plan,
@@ -91,14 +91,7 @@ def batch_dir_for(cfg: AnnotateConfig, out: Path) -> Path:
 
 
 def _request_body(cfg: AnnotateConfig, messages: list[dict[str, Any]], rf: dict[str, Any] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": cfg.model, "messages": messages}
-    if cfg.max_tokens is not None:
-        body["max_tokens"] = cfg.max_tokens
-    if cfg.temperature is not None:
-        body["temperature"] = cfg.temperature
-    if rf is not None:
-        body["response_format"] = rf
-    return body
+    return chat_request(cfg.model, messages, cfg.max_tokens, cfg.temperature, rf)
 
 
 def write_round(

@@ -131,6 +131,24 @@ def is_local_endpoint(base_url: str | None) -> bool:
     return bool(base_url) and any(h in base_url for h in _LOCAL_HOSTS)
 
 
+def chat_request(
+    model: str,
+    messages: list[dict[str, Any]],
+    max_tokens: int | None,
+    temperature: float | None,
+    response_format: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The body of one chat-completions request (live calls and Batch API lines alike); unset options are left out."""
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if response_format is not None:
+        body["response_format"] = response_format
+    return body
+
+
 class ChatClient:
     """Bounded-concurrency chat completions with our own retry policy (see module docstring)."""
 
@@ -192,13 +210,7 @@ class ChatClient:
         """One chat completion, retried on transient failures; raises RequestFailed or FatalEndpointError."""
         import openai
 
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
-        if self.max_tokens is not None:
-            kwargs["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        if response_format is not None:
-            kwargs["response_format"] = response_format
+        kwargs = chat_request(self.model, messages, self.max_tokens, self.temperature, response_format)
         attempt = 0
         while True:
             await self._wait_pause()

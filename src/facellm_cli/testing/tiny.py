@@ -9,6 +9,7 @@ exactly like a hub checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,29 @@ def _chat_template(image_markup: str) -> str:
     return _CHATML.replace("IMAGE", repr(image_markup))
 
 
-def _text_config(tok: Any, hidden: int, layers: int, init_std: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TinySizes:
+    """The shape of a tiny model (``build_tiny_model``'s size arguments)."""
+
+    image_size: int
+    patch_size: int
+    text_hidden: int
+    vision_hidden: int
+    layers: int
+    vocab_size: int
+    text_init_std: float
+
+
+def _text_config(tok: Any, z: TinySizes) -> dict[str, Any]:
     """Qwen2-style language model sizes shared by every tiny family."""
     return dict(
         vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
+        hidden_size=z.text_hidden,
+        intermediate_size=z.text_hidden * 2,
+        num_hidden_layers=z.layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        initializer_range=init_std,
+        initializer_range=z.text_init_std,
         max_position_embeddings=2048,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -107,21 +121,13 @@ def _hf_tokenizer(tok: Any, extra: dict[str, str]) -> Any:
     return hf
 
 
-def _build_internvl(
-    image_size: int,
-    patch_size: int,
-    text_hidden: int,
-    vision_hidden: int,
-    layers: int,
-    vocab_size: int,
-    text_init_std: float,
-) -> tuple[Any, Any]:
+def _build_internvl(z: TinySizes) -> tuple[Any, Any]:
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
     tok = _hf_tokenizer(
-        _train_tokenizer(specials, vocab_size),
+        _train_tokenizer(specials, z.vocab_size),
         {
             "start_image_token": "<img>",
             "end_image_token": "</img>",
@@ -129,10 +135,10 @@ def _build_internvl(
             "video_token": "<video>",
         },
     )
-    grid = image_size // patch_size
+    grid = z.image_size // z.patch_size
     seq = (grid // 2) ** 2  # pixel shuffle with downsample ratio 0.5
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, crop_to_patches=False, min_patches=1, max_patches=1
+        size={"height": z.image_size, "width": z.image_size}, crop_to_patches=False, min_patches=1, max_patches=1
     )
     processor = _image_only_class(InternVLProcessor)(
         image_processor=image_processor,
@@ -142,14 +148,14 @@ def _build_internvl(
     )
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=vision_hidden,
-            num_hidden_layers=layers,
+            hidden_size=z.vision_hidden,
+            num_hidden_layers=z.layers,
             num_attention_heads=2,
-            intermediate_size=vision_hidden * 2,
-            image_size=image_size,
-            patch_size=patch_size,
+            intermediate_size=z.vision_hidden * 2,
+            image_size=z.image_size,
+            patch_size=z.patch_size,
         ),
-        text_config=dict(model_type="qwen2", **_text_config(tok, text_hidden, layers, text_init_std)),
+        text_config=dict(model_type="qwen2", **_text_config(tok, z)),
         image_token_id=tok.context_image_token_id,
         image_seq_length=seq,
         downsample_ratio=0.5,
@@ -157,15 +163,7 @@ def _build_internvl(
     return InternVLForConditionalGeneration(config), processor
 
 
-def _build_qwen2_vl(
-    image_size: int,
-    patch_size: int,
-    text_hidden: int,
-    vision_hidden: int,
-    layers: int,
-    vocab_size: int,
-    text_init_std: float,
-) -> tuple[Any, Any]:
+def _build_qwen2_vl(z: TinySizes) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -179,12 +177,12 @@ def _build_qwen2_vl(
         "<|video_pad|>",
     ]
     tok = _hf_tokenizer(
-        _train_tokenizer(specials, vocab_size), {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+        _train_tokenizer(specials, z.vocab_size), {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     )
-    pixels = image_size * image_size
+    pixels = z.image_size * z.image_size
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": pixels, "longest_edge": pixels},
-        patch_size=patch_size,
+        patch_size=z.patch_size,
         merge_size=2,
         temporal_patch_size=2,
     )
@@ -193,20 +191,20 @@ def _build_qwen2_vl(
         tokenizer=tok,
         chat_template=_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
-    head_dim = text_hidden // 2
+    head_dim = z.text_hidden // 2
     config = Qwen2VLConfig(
         vision_config=dict(
-            depth=layers,
-            embed_dim=vision_hidden,
-            hidden_size=text_hidden,
+            depth=z.layers,
+            embed_dim=z.vision_hidden,
+            hidden_size=z.text_hidden,
             num_heads=2,
             mlp_ratio=2,
-            patch_size=patch_size,
+            patch_size=z.patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
         ),
         text_config=dict(
-            **_text_config(tok, text_hidden, layers, text_init_std),
+            **_text_config(tok, z),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
@@ -252,9 +250,8 @@ def build_tiny_model(
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    model, processor = _BUILDERS[family](
-        image_size, patch_size, text_hidden, vision_hidden, layers, vocab_size, text_init_std
-    )
+    sizes = TinySizes(image_size, patch_size, text_hidden, vision_hidden, layers, vocab_size, text_init_std)
+    model, processor = _BUILDERS[family](sizes)
     gen = model.generation_config
     gen.eos_token_id = processor.tokenizer.eos_token_id
     gen.pad_token_id = processor.tokenizer.pad_token_id
