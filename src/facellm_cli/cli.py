@@ -261,9 +261,22 @@ def evaluate(
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="generate | likelihood.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="With --data DIR (build-dataset output): train | val | test (default) | all."),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="generate (default: answer, then parse the letter) | likelihood (score the option letters; "
+            "best for small or base models).",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="A seeded sample of N questions, stratified over tasks.")
+    ] = None,
     tasks: Annotated[
         list[str] | None,
         typer.Option("--tasks", help="Tasks, sub-tasks or categories to run (repeat or comma-separate)."),
@@ -275,7 +288,11 @@ def evaluate(
     out: OutDirOpt = None,
     compare: Annotated[
         list[str] | None,
-        typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
+        typer.Option(
+            "--compare",
+            help="Result folders to show side by side (--compare DIR1 DIR2 ...); alone, only compares "
+            "(table on stdout, comparison.png in --out or the current folder).",
+        ),
     ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -283,15 +300,9 @@ def evaluate(
 ) -> None:
     """Multiple-choice accuracy on FaceXBench or a JSONL set: batched, resumable, with per-task and fairness reports."""
     from .config import EvalConfig, resolve_config
-    from .eval.report import compare as compare_runs
-    from .eval.report import render_compare
 
     if compare and not (benchmark or data or config or set_):
-        table = compare_runs(compare)
-        print(
-            json.dumps(table, ensure_ascii=False) if json_out else render_compare(table),
-            end="" if not json_out else "\n",
-        )
+        _show_compare(compare, Path(out) if out else Path("."), json_out)
         return
     from .eval.runner import evaluate as run_eval
 
@@ -311,6 +322,7 @@ def evaluate(
             "data_dir": data_dir,
             "data": data,
             "image_root": image_root,
+            "split": split,
             "mode": mode,
             "batch_size": batch_size,
             "limit": limit,
@@ -322,9 +334,24 @@ def evaluate(
     )
     cfg = resolve_config(EvalConfig, config, flags, set_)
     api_key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url) if cfg.endpoint else None
-    with _progress("evaluating") as bar:
+    from ._progress import ProgressBar
+
+    console = err_console()
+    with ProgressBar(console, "evaluate", unit="questions") as bar:
         outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
-    err_console().print(f"{outcome.asked} answered, {outcome.cached} from cache; report: {outcome.files['report']}")
+    meta = outcome.results["meta"]
+    scored = f"{meta['set_name']}" + (f" (split {meta['split']})" if meta.get("split") else "")
+    console.print(
+        f"{outcome.asked} answered, {outcome.cached} from cache on {scored}; report: {outcome.files['report']}"
+    )
+    if meta.get("selection"):
+        console.print(f"questions: {meta['selection']}", markup=False)
+    overall = outcome.results["overall"]
+    if cfg.mode == "generate" and overall["n"] and overall["unparseable"] > overall["n"] / 2:
+        console.print(
+            f"[yellow]hint:[/yellow] {overall['unparseable']} of {overall['n']} answers named no option letter; "
+            "small or base models often do better with --mode likelihood (scores the letters, nothing to parse)"
+        )
     if json_out:
         print(json.dumps(outcome.results, ensure_ascii=False))
     else:
@@ -332,40 +359,21 @@ def evaluate(
 
         print(summary_table(outcome.results), end="")
     if compare:
-        table = compare_runs([*compare, str(outcome.out_dir)])
-        print(
-            json.dumps(table, ensure_ascii=False) if json_out else "\n" + render_compare(table),
-            end="" if not json_out else "\n",
-        )
+        if not json_out:
+            print()
+        _show_compare([*compare, str(outcome.out_dir)], outcome.out_dir, json_out)
 
 
-class _progress:
-    """A rich progress bar on stderr, called as ``bar(done, total)``."""
+def _show_compare(folders: list[str], chart_dir: Path, json_out: bool) -> None:
+    """The comparison table on stdout and comparison.png in ``chart_dir``."""
+    from .eval.report import compare as compare_runs
+    from .eval.report import render_compare, write_compare_chart
 
-    def __init__(self, label: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn(label),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err_console(),
-            transient=True,
-        )
-        self._task = None
-
-    def __enter__(self) -> _progress:
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._p.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._task is None:
-            self._task = self._p.add_task("", total=total)
-        self._p.update(self._task, completed=done, total=total)
+    table = compare_runs(folders)
+    print(json.dumps(table, ensure_ascii=False) if json_out else render_compare(table), end="\n" if json_out else "")
+    chart = write_compare_chart(folders, chart_dir / "comparison.png")
+    if chart:
+        err_console().print(f"chart: {chart}")
 
 
 # ---- annotate ----
@@ -576,18 +584,28 @@ def finetune(
     }
     cfg = resolve_config(FinetuneConfig, config, flags, set_)
     quiet_libraries()
+    from ._progress import ProgressBar
+
     console = err_console()
-    res = run_finetune(
-        cfg,
-        resume=resume_from or ("latest" if resume else None),
-        overwrite=overwrite,
-        source=str(config) if config else None,
-        log=lambda m: console.print(m, markup=False),
-    )
+    with ProgressBar(console, "finetune", unit="steps") as bar:
+        res = run_finetune(
+            cfg,
+            resume=resume_from or ("latest" if resume else None),
+            overwrite=overwrite,
+            source=str(config) if config else None,
+            log=lambda m: bar.print(m, markup=False),
+            progress=bar,
+        )
     mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
+    losses = [
+        f"{name} {value:.4g}"
+        for name, value in (("final train loss", res.final_train_loss), ("eval loss", res.final_eval_loss))
+        if value is not None
+    ]
     console.print(
-        f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}, "
-        f"final train loss {res.final_train_loss}, eval loss {res.final_eval_loss}; saved to {res.output_dir}"
+        f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}"
+        + (", " + ", ".join(losses) if losses else "")
+        + f"; saved to {res.output_dir}"
     )
     print(json.dumps(res.to_json()) if json_out else res.output_dir)
 
@@ -608,11 +626,18 @@ def finetune_merge(
 ) -> None:
     """Merge a LoRA adapter into its base model and save a standalone model with its processor."""
     quiet_libraries()
+    from ._progress import ProgressBar
     from .train.finetune import merge_adapter
 
-    with err_console().status("merging ..."):
+    with ProgressBar(err_console(), "merge (load, save weights, save processor)", unit="parts") as bar:
         res = merge_adapter(
-            adapter, out, base=base, max_shard_size=max_shard_size, dtype=dtype or "auto", overwrite=overwrite
+            adapter,
+            out,
+            base=base,
+            max_shard_size=max_shard_size,
+            dtype=dtype or "auto",
+            overwrite=overwrite,
+            progress=bar,
         )
     err_console().print(
         f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB"
@@ -639,9 +664,13 @@ def synth_faces_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Draw synthetic faces with known expression, eyes, pose, glasses, skin tone and background."""
+    from ._progress import ProgressBar
     from .synth import default_workers, synth_faces
 
-    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n))
+    with ProgressBar(err_console(), "synth-faces", unit="faces", transient=True) as bar:
+        res = synth_faces(
+            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), progress=bar
+        )
     err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
     if json_out:
         info = {"out_dir": str(res.out_dir), "labels": str(res.labels_csv), "count": res.count, "counts": res.counts}
@@ -680,13 +709,18 @@ def quickstart(
     cfg = resolve_config(QuickstartConfig, config, flags, set_)
     api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None
     quiet_libraries()
+    from ._progress import ProgressBar
+
     console = err_console()
-    result = run_quickstart(
-        cfg,
-        api_key=api_key,
-        on_stage=lambda name: console.print(f"[bold]>>[/bold] {name}"),
-        log=lambda msg: console.print(f"   {msg}"),
-    )
+    with ProgressBar(console, "quickstart") as bar:
+
+        def on_stage(name: str) -> None:
+            bar.print(f"[bold]>>[/bold] {name}")
+            bar.stage(name)
+
+        result = run_quickstart(
+            cfg, api_key=api_key, on_stage=on_stage, log=lambda msg: bar.print(f"   {msg}"), progress=bar
+        )
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
@@ -712,8 +746,9 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     out.print(stages)
     ask = result.ask
     verdict = "correct" if ask["correct"] else f"wrong, truth: {ask['truth']}"
-    out.print(f'facellm ask {ask["image"]} "<its multiple-choice question>"')
-    out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})")
+    out.print("Ask the fine-tuned model yourself (this command runs as printed):")
+    out.print(ask["command"], markup=False)
+    out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})", markup=False)
     arts = Table(title="Artefacts")
     arts.add_column("what")
     arts.add_column("where")
@@ -743,6 +778,31 @@ def tiny_model(
     print(path)
 
 
+def expand_compare(argv: list[str]) -> list[str]:
+    """``evaluate --compare A B C`` -> ``--compare A --compare B --compare C``.
+
+    click options take a fixed number of values; the README's (and users') form
+    lists the folders after one ``--compare``.
+    """
+    if "evaluate" not in argv:
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] != "--compare":
+            out.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("-"):
+            out += ["--compare", argv[j]]
+            j += 1
+        if j == i + 1:
+            out.append("--compare")  # no folder: click reports the missing value
+        i = j
+    return out
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the single place known errors are rendered.
 
@@ -751,7 +811,7 @@ def run(argv: list[str] | None = None) -> int:
     shows tracebacks for known errors too.
     """
     try:
-        app(args=argv, prog_name="facellm")
+        app(args=expand_compare(sys.argv[1:] if argv is None else argv), prog_name="facellm")
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -208,6 +208,7 @@ def collect_inputs(
     for i, p in enumerate(paths):
         by_name.setdefault(p.name, []).append(i)
     bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
+    asked_dirs = [Path(a).resolve() for a in images if Path(a).is_dir()]
     matched: set[int] = set()
     for row in table.rows:
         idx = None
@@ -219,7 +220,10 @@ def collect_inputs(
             same = by_name.get(Path(row.image).name, [])
             idx = same[0] if len(same) == 1 else None
         if idx is None:
-            problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
+            # Missing from a folder being annotated: a problem. Elsewhere: an image not asked for
+            # (a few images, or one folder, annotated with the full labels file), not a problem.
+            if any(_inside((base / row.image).resolve(), d) for base in bases for d in asked_dirs):
+                problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
             continue
         if idx in matched:
             problems.append(
@@ -229,3 +233,7 @@ def collect_inputs(
         matched.add(idx)
         items[idx].labels = row.labels
     return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
