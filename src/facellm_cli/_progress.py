@@ -149,7 +149,8 @@ class ProgressBar:
         if self.task not in self._started:
             # The first report may start mid-way (a resumed run): the rate counts from here, not from 0.
             self._started.add(self.task)
-            self.progress.reset(self.task, total=total, completed=done, **fields)
+            # (reset replaces the task's fields: pass them all)
+            self.progress.reset(self.task, total=total, completed=done, **{"rate": "", **self._fields, **fields})
             return
         self.progress.update(self.task, completed=done, total=total, **fields)
         speed = next((t.speed for t in self.progress.tasks if t.id == self.task), None)
