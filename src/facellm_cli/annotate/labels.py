@@ -217,12 +217,14 @@ def collect_inputs(
             if idx is not None:
                 break
         if idx is None:
-            same = by_name.get(Path(row.image).name, [])
+            # Fall back to the path's tail: "train/1.jpg" is fairface/train/1.jpg, never fairface/val/1.jpg.
+            tail = Path(row.image).parts
+            same = [i for i in by_name.get(Path(row.image).name, []) if paths[i].resolve().parts[-len(tail) :] == tail]
             idx = same[0] if len(same) == 1 else None
         if idx is None:
             # Missing from a folder being annotated: a problem. Elsewhere: an image not asked for
             # (a few images, or one folder, annotated with the full labels file), not a problem.
-            if any(_inside((base / row.image).resolve(), d) for base in bases for d in asked_dirs):
+            if _lands_in(row.image, [b for b in (root, table.source.parent) if b is not None], asked_dirs):
                 problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
             continue
         if idx in matched:
@@ -237,3 +239,17 @@ def collect_inputs(
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def _lands_in(image: str, bases: list[Path], folders: list[Path]) -> bool:
+    """Whether a label row's path, read from a base or from above an asked folder, lies in that folder.
+
+    ``train/5.jpg`` lands in an asked ``fairface/train`` (read from ``fairface``);
+    ``val/5.jpg`` does not. A bare name is read from the folder itself.
+    """
+    bare = len(Path(image).parts) == 1
+    for d in folders:
+        starts = [*bases, *d.parents, *([d] if bare else [])]
+        if any(_inside((b / image).resolve(), d) for b in starts):
+            return True
+    return False
