@@ -370,3 +370,30 @@ def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
             bar(done, 2000)
     text = console.export_text()
     assert text.count("throughput fell") == 1 and "OMP_NUM_THREADS" in text and "--threads" in text
+
+
+# ---------------------------------------------------------------- 8 and 10: finetune's output
+
+
+@pytest.mark.slow
+def test_finetune_shows_steps_and_prints_eval_loss_once(tmp_path: Path, tiny_internvl: Path, cli: Any) -> None:
+    import re
+
+    from finetune_helpers import describe_records, face_rows
+    from finetune_helpers import write_jsonl as write_messages
+
+    rows = face_rows(tmp_path / "faces", 8)
+    train = write_messages(tmp_path / "faces" / "train.jsonl", describe_records(rows[:6]))
+    write_messages(tmp_path / "faces" / "val.jsonl", describe_records(rows[6:]))
+    r = cli(
+        "finetune", "--data", train, "--model", tiny_internvl, "--out", tmp_path / "run",
+        "--set", "data.eval=" + str(tmp_path / "faces" / "val.jsonl"), "--set", "model.device=cpu",
+        "--set", "train.batch_size=2", "--set", "train.logging_steps=1", "--set", "train.max_steps=3",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    # 6 samples / batch 2 = one epoch of 3 steps: the epoch-end evaluation is the final one, shown once
+    assert r.err.count("eval_loss") == 1, r.err
+    assert "None" not in r.err
+    final = re.search(r"final train loss (\S+), eval loss (\S+);", r.err)
+    assert final and all(len(v.replace(".", "").lstrip("0")) <= 4 for v in final.groups()), r.err
+    assert (tmp_path / "run" / "loss.png").is_file()

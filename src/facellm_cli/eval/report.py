@@ -155,6 +155,10 @@ def _pyplot():  # noqa: ANN202 - matplotlib is optional
     return plt
 
 
+# A white box behind value labels keeps chance lines and error bars from running through the numbers.
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85}
+
+
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion, in percent (an error bar that stays inside 0..100)."""
     if n == 0:
@@ -193,8 +197,8 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
         if c.get("chance") is not None:
             ax.hlines(
                 c["chance"],
-                b.get_x() - 0.05,
-                b.get_x() + b.get_width() + 0.05,
+                b.get_x() + 0.04,
+                b.get_x() + b.get_width() - 0.04,
                 colors="#C44E52",
                 linestyles="--",
                 linewidth=1.5,
@@ -208,6 +212,8 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
             f"{c['accuracy']:.1f}%\n{c['correct']}/{c['n']}",
             ha="center",
             va="bottom",
+            bbox=_LABEL_BOX,
+            zorder=4,
             fontsize=8,
         )
     ax.set_xticks(list(x), names)
@@ -256,7 +262,9 @@ def write_compare_chart(folders: Sequence[str | Path], path: Path, labels: Seque
                 capsize=2,
                 ecolor="#333333",
             )
-            ax.text(xpos, hi + 1.5, f"{c['accuracy']:.1f}", ha="center", va="bottom", fontsize=7)
+            ax.text(
+                xpos, hi + 1.5, f"{c['accuracy']:.1f}", ha="center", va="bottom", bbox=_LABEL_BOX, zorder=4, fontsize=7
+            )
     for gi, key in enumerate(rows):
         ref = next(
             (r["overall"] if key == "__overall__" else next((c for c in r["categories"] if c["key"] == key), None))
@@ -265,8 +273,8 @@ def write_compare_chart(folders: Sequence[str | Path], path: Path, labels: Seque
         if ref is not None and ref.get("chance") is not None:
             ax.hlines(
                 ref["chance"],
-                gi - 0.45,
-                gi + 0.45,
+                gi - 0.4,
+                gi + 0.4,
                 colors="#C44E52",
                 linestyles="--",
                 linewidth=1.5,
