@@ -79,6 +79,28 @@ class ThroughputWatch:
         return None
 
 
+def _times_column() -> Any:
+    """'0:01:05 elapsed · 0:02:10 left' in one column (rich's own columns are unlabelled)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    def fmt(seconds: float | None) -> str:
+        if seconds is None:
+            return "-:--"
+        s = int(seconds)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    class TimesColumn(ProgressColumn):
+        max_refresh = 0.5
+
+        def render(self, task: Any) -> Text:
+            elapsed = task.finished_time if task.finished else task.elapsed
+            left = 0.0 if task.finished else task.time_remaining
+            return Text(f"{fmt(elapsed)} elapsed, {fmt(left)} left", style="progress.remaining")
+
+    return TimesColumn()
+
+
 class ProgressBar:
     """``with ProgressBar(console, "evaluate", unit="questions") as bar: run(progress=bar)``.
 
@@ -98,15 +120,7 @@ class ProgressBar:
         transient: bool = False,
         watch: ThroughputWatch | None = None,
     ) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.console = console
         self.unit = unit
@@ -114,32 +128,41 @@ class ProgressBar:
         self._fields = dict(fields or {})
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TaskProgressColumn(),
             *(TextColumn(c) for c in columns),
             TextColumn("{task.fields[rate]}"),
-            TextColumn("elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
+            _times_column(),
             console=console,
             transient=transient,
             speed_estimate_period=60.0,
         )
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
         self._started: set[Any] = set()
+        self._stages = 0
 
     def __enter__(self) -> ProgressBar:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self.task not in self._started and self._stages:
+            self.progress.update(self.task, total=1, completed=1)  # a last stage that counted nothing
         self.progress.stop()
 
     def stage(self, label: str) -> None:
-        """Finish the current bar and start a fresh one (its own elapsed time and estimate)."""
-        self.progress.stop_task(self.task)
+        """Finish the current bar and start a fresh one (its own elapsed time and estimate).
+
+        A stage that reported no counts shows as 1/1 when done; the opening bar
+        is dropped when it never counted anything (it only stood for the command).
+        """
+        if self.task in self._started or self._stages:
+            if self.task not in self._started:
+                self.progress.update(self.task, total=1, completed=1)
+            self.progress.stop_task(self.task)
+        else:
+            self.progress.remove_task(self.task)
+        self._stages += 1
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
 
     def print(self, message: str, **kwargs: Any) -> None:
@@ -155,7 +178,8 @@ class ProgressBar:
         self.progress.update(self.task, completed=done, total=total, **fields)
         speed = next((t.speed for t in self.progress.tasks if t.id == self.task), None)
         if speed:
-            self.progress.update(self.task, rate=f"{speed:.2f} {self.unit}/s" if self.unit else f"{speed:.2f}/s")
+            shown = f"{speed:,.0f}" if speed >= 100 else f"{speed:.3g}"
+            self.progress.update(self.task, rate=f"{shown} {self.unit}/s" if self.unit else f"{shown}/s")
         drop = self.watch.update(done)
         if drop:
             earlier, recent = drop

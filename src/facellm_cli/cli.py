@@ -747,7 +747,7 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     ask = result.ask
     verdict = "correct" if ask["correct"] else f"wrong, truth: {ask['truth']}"
     out.print("Ask the fine-tuned model yourself (this command runs as printed):")
-    out.print(ask["command"], markup=False)
+    out.print(ask["command"], markup=False, highlight=False, soft_wrap=True)  # never wrapped: it must paste as is
     out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})", markup=False)
     arts = Table(title="Artefacts")
     arts.add_column("what")

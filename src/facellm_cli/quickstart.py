@@ -206,6 +206,7 @@ def quickstart(
         [out / "eval-before", out / "eval-after"],
         out / "before_after.png",
         labels=["random weights (before)", "after facellm finetune"],
+        title=f"quickstart: expression accuracy on {after.results['overall']['n']} held-out faces",
     )
     done()
 

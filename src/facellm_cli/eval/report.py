@@ -182,7 +182,9 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    cats = [*results["categories"], {**results["overall"], "name": "Overall"}]
+    cats = list(results["categories"])
+    if len(cats) != 1:  # with one category "Overall" would repeat it
+        cats.append({**results["overall"], "name": "Overall"})
     names = [c["name"] for c in cats]
     values = [c["accuracy"] for c in cats]
     lo_hi = [wilson(c["correct"], c["n"]) for c in cats]
@@ -192,7 +194,14 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     ]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.6))
     x = range(len(names))
-    bars = ax.bar(x, values, color=["#4C72B0"] * (len(cats) - 1) + ["#DD8452"], yerr=err, capsize=3, ecolor="#333333")
+    bars = ax.bar(
+        x,
+        values,
+        color=["#DD8452" if c["name"] == "Overall" else "#4C72B0" for c in cats],
+        yerr=err,
+        capsize=3,
+        ecolor="#333333",
+    )
     for i, (b, c) in enumerate(zip(bars, cats, strict=True)):
         if c.get("chance") is not None:
             ax.hlines(
@@ -231,7 +240,9 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_compare_chart(folders: Sequence[str | Path], path: Path, labels: Sequence[str] | None = None) -> Path | None:
+def write_compare_chart(
+    folders: Sequence[str | Path], path: Path, labels: Sequence[str] | None = None, title: str | None = None
+) -> Path | None:
     """Side-by-side bars per category (and overall), one colour per run, with each category's chance level."""
     plt = _pyplot()
     if plt is None:
@@ -240,8 +251,8 @@ def write_compare_chart(folders: Sequence[str | Path], path: Path, labels: Seque
     names = list(labels) if labels else compare(folders)["runs"]
     names = [n if isinstance(n, str) else n["name"] for n in names]
     keys = _category_order({c["key"] for r in runs for c in r["categories"]})
-    rows = [*keys, "__overall__"]
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) * max(2, len(runs)) / 2 + 2), 4.8))
+    rows = [*keys, "__overall__"] if len(keys) != 1 else keys
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(rows) * max(2, len(runs)) / 2 + 2), 4.8))
     width = 0.8 / len(runs)
     colors = ["#8C8C8C", "#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860"]
     for ri, r in enumerate(runs):
@@ -286,7 +297,7 @@ def write_compare_chart(folders: Sequence[str | Path], path: Path, labels: Seque
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("accuracy (%)")
     sets = {chart_title(r.get("meta", {})).split(" on ", 1)[-1] for r in runs}
-    ax.set_title(f"{' vs '.join(names)} on {', '.join(sorted(sets))}")
+    ax.set_title(title or f"{' vs '.join(names)} on {', '.join(sorted(sets))}", fontsize=11)
     ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=min(4, len(runs) + 1))
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     ax.spines[["top", "right"]].set_visible(False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -515,8 +516,6 @@ def evaluate(
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "x"
 
 
@@ -544,9 +543,16 @@ def set_name(cfg: EvalConfig) -> str:
     """A short name for the question set: facexbench, or the data folder/file name (with its split)."""
     if cfg.benchmark:
         return cfg.benchmark
+    from ..data.manifest import find_manifest
+
     p = Path((cfg.data or "set").rstrip("/"))
     split = data_split(cfg)
-    return f"{p.name}-{split}" if split else p.stem
+    if split:
+        return f"{p.name}-{split}"
+    m = re.fullmatch(r"mcq_(\w+)", p.stem)
+    if m and p.is_file() and find_manifest(p) is not None:  # one split file of a build-dataset folder
+        return f"{p.parent.name}-{m.group(1)}"
+    return p.stem
 
 
 def default_out_dir(cfg: EvalConfig) -> Path:
