@@ -247,7 +247,8 @@ def evaluate(
         str | None, typer.Option("--data-dir", help="FaceXBench checkout (or its benchmark/ folder).")
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="JSONL set, or a folder of build-dataset mcq_*.jsonl.")
+        str | None,
+        typer.Option("--data", help="JSONL set, or a build-dataset folder (its mcq_test.jsonl; see --split)."),
     ] = None,
     image_root: Annotated[
         str | None, typer.Option("--image-root", help="Root for relative image paths in --data.")
@@ -553,7 +554,8 @@ def finetune(
     ctx: typer.Context,
     config: ConfigOpt = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json).")
+        str | None,
+        typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json), or a build-dataset folder."),
     ] = None,
     model: ModelOpt = None,
     method: Annotated[str | None, typer.Option("--method", help="lora | qlora | full.")] = None,
