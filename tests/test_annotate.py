@@ -214,6 +214,25 @@ def test_template_provider_offline(cli, tmp_path: Path, faces: Path, monkeypatch
     assert (faces / "ff.jsonl").read_text() == before
 
 
+def test_complete_last_line_without_newline_is_kept(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(faces)
+    args = ["annotate", "faces", "--labels", "labels.csv", "--provider", "template", "--out", "ff.jsonl", "--json"]
+    assert cli(*args).code == 0
+    out = faces / "ff.jsonl"
+    full = out.read_text()
+    n = full.count("\n")
+    out.write_text(full.rstrip("\n"))  # a complete record, only its newline missing (e.g. edited by hand)
+    r = cli(*args)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["written_ok"] == 0 and json.loads(r.out)["items_done_before"] == n
+    assert out.read_text() == full  # kept, newline added
+    with open(out, "a") as f:  # a torn tail is still cut
+        f.write('{"image": "faces/000.jpg", "image_sha')
+    r = cli(*args)
+    assert r.code == 0 and json.loads(r.out)["written_ok"] == 0
+    assert out.read_text() == full
+
+
 # ---- live endpoint ---------------------------------------------------------------------------
 
 
