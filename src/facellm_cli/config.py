@@ -120,6 +120,8 @@ def _format_validation_error(err: ValidationError, source: str | None) -> Config
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path is a folder, not a YAML file: {p} (give the .yaml file inside it to --config)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (check the path given to --config)")
     try:
