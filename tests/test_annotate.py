@@ -427,6 +427,20 @@ def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypa
     assert "rejected the API key (HTTP 401" in r.err and "sk-wrong-0000" not in r.err
 
 
+def test_named_api_key_variable_must_be_set(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(faces)
+    monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
+    r = cli("annotate", "faces", "--base-url", server.base_url, "--api-key-env", "FACELLM_TEST_UNSET_KEY", *fast())
+    assert r.code == 1 and server.count() == 0
+    assert error_lines(r.err) == [
+        "error: api_key_env: environment variable FACELLM_TEST_UNSET_KEY is not set or empty "
+        "(export FACELLM_TEST_UNSET_KEY=..., or name another with --api-key-env)"
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+
+
 def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(faces)
     cases = [

@@ -516,3 +516,21 @@ def test_shipped_example_config_loads() -> None:
         32,
     )
     assert cfg.model.model == "Idiap/FaceLLM-1B" and cfg.model.subfolder == "model"
+
+
+def test_named_api_key_variable_must_be_set(tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    q = {"id": "q1", "images": ["a.png"], "question": "Which?", "options": ["x", "y"], "answer": "A"}
+    (tmp_path / "set.jsonl").write_text(json.dumps(q) + "\n")
+    monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
+    with FakeOpenAI() as server:
+        args = ["evaluate", "--data", tmp_path / "set.jsonl", "--base-url", server.base_url, "--model", "m"]
+        r = cli(*args, "--api-key-env", "FACELLM_TEST_UNSET_KEY", "--out", tmp_path / "e1")
+        assert r.code == 1 and server.requests == []  # nothing sent without the key
+        assert [x for x in r.err.splitlines() if x.startswith("error:")] == [
+            "error: api_key_env: environment variable FACELLM_TEST_UNSET_KEY is not set or empty "
+            "(export FACELLM_TEST_UNSET_KEY=..., or name another with --api-key-env)"
+        ]
+        r = cli(*args, "--out", tmp_path / "e2")  # no variable named: a local endpoint may go without a key
+        assert r.code == 0, r.err
+        assert len(server.requests) == 1

@@ -334,7 +334,11 @@ class EvalEndpointConfig(StrictModel):
 
     base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(description="Model name the endpoint serves.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the API key (never stored); it must be set when named. "
+        "Default: OPENAI_API_KEY, which a local endpoint may go without.",
+    )
     concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
@@ -467,10 +471,11 @@ class AnnotateConfig(StrictModel):
     model: str = Field(
         "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
     )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
+    api_key_env: str | None = Field(
+        None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding the API key (the key itself is never stored).",
+        description="Environment variable holding the API key (the key itself is never stored); it must be set "
+        "when named. Default: OPENAI_API_KEY, which a local endpoint may go without.",
     )
     concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
     rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
@@ -741,5 +746,8 @@ class QuickstartConfig(StrictModel):
         None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
     )
     annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's key.")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
+    )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
