@@ -304,7 +304,10 @@ def test_grouped_mode_sends_each_image_once(
     r = cli(
         "annotate", "faces", "--out", "g.jsonl", "--base-url", server.base_url, "--mode", "grouped", "--json", *fast()
     )
-    assert r.code == 0, r.err
+    assert r.code == 1, r.err  # the broken image makes the exit code non-zero, after the others are all done
+    assert error_lines(r.err) == [
+        "error: 1 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
     recs = lines(faces / "g.jsonl")
     assert len(recs) == 24 and all(x["status"] == "ok" for x in recs)
     assert len({(x["image_sha256"], x["aspect"]) for x in recs}) == 24
@@ -319,7 +322,7 @@ def test_grouped_mode_sends_each_image_once(
         "Describe the face pose of the image based on the visual information."
     }
     assert first in {x["image"] for x in recs}
-    assert "not an image file (format not recognised): faces/broken.jpg" in r.err  # reported, not fatal
+    assert "not an image file (format not recognised): faces/broken.jpg" in r.err  # reported; the rest done
     assert json.loads(r.out)["images_skipped"] == 1
 
 
@@ -439,6 +442,51 @@ def test_named_api_key_variable_must_be_set(
         "(export FACELLM_TEST_UNSET_KEY=..., or name another with --api-key-env)"
     ]
     assert not (faces / "annotations.jsonl").exists()
+
+
+def _bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A PNG whose header claims side x side pixels (10 G): a decompression bomb for any decoder that trusts it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    data = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + data)
+    return path
+
+
+def test_skipped_inputs_make_the_exit_code_non_zero(
+    cli, tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (bad / "b.png").write_text("not an image")
+    r = cli("annotate", "bad", "--out", "b.jsonl", "--base-url", server.base_url, "--json", *fast())
+    assert r.code == 1 and server.count() == 0
+    summary = json.loads(r.out)  # the summary is still printed
+    assert summary["images_skipped"] == 2 and summary["written_ok"] == 0
+    assert error_lines(r.err) == [
+        "error: 2 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
+    assert "not an image file (format not recognised): bad/a.jpg" in r.err
+
+    make_faces(tmp_path / "mixed", 1)
+    _bomb_png(tmp_path / "mixed" / "bomb.png")
+    (tmp_path / "l.csv").write_text("file,expression\nmixed/000.jpg,smiling\nmixed/bomb.png,neutral\n")
+    r = cli("annotate", "--labels", "l.csv", "--provider", "template", "--out", "t.jsonl", "--json")
+    assert r.code == 1
+    summary = json.loads(r.out)
+    assert summary["images_skipped"] == 1 and summary["written_ok"] == 1
+    assert "image too large (decompression bomb guard" in " ".join(r.err.split())
+    assert error_lines(r.err) == [
+        "error: 1 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
 
 
 def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:

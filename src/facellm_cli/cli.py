@@ -441,10 +441,18 @@ def annotate(
     for line in summary_lines(summary):
         console.print(line, markup=False)
     print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
+    reasons = []
     if summary.failed:
-        raise FacellmError(
+        reasons.append(
             f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
         )
+    if summary.images_skipped:
+        reasons.append(
+            f"{summary.images_skipped} input image(s) skipped as unreadable or missing (see the problems above); "
+            "fix or remove them"
+        )
+    if reasons:
+        raise FacellmError("; ".join(reasons))
 
 
 def _api_key(env_name: str | None, base_url: str | None = None, *, serving: bool = False) -> str | None:
