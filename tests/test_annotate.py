@@ -142,6 +142,72 @@ def test_label_files(tmp_path: Path) -> None:
         read_labels(tmp_path / "n.csv")
 
 
+def test_fairface_label_values_are_checked_before_any_request(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(faces)
+    (faces / "bad.csv").write_text(
+        "file,age,gender,race,service_test\n"
+        "faces/000.jpg,3-9,Male,Martian,True\n"
+        "faces/001.jpg,banana,Robot,East Asian,False\n"
+        "faces/002.jpg,more than 70,Male,Black,False\n"
+    )
+    r = cli("annotate", "faces", "--labels", "bad.csv", "--base-url", server.base_url, *fast())
+    assert r.code == 1 and server.count() == 0
+    races = "White, Black, Latino_Hispanic, East Asian, Southeast Asian, Indian, Middle Eastern"
+    assert error_lines(r.err) == [
+        f"error: bad.csv line 2: race 'Martian' is not a known value (one of: {races})",
+        "error: bad.csv line 3: age 'banana' is not a known value "
+        "(one of: 0-2, 3-9, 10-19, 20-29, 30-39, 40-49, 50-59, 60-69, more than 70)",
+        "error: bad.csv line 3: gender 'Robot' is not a known value (one of: Male, Female)",
+        "error: 3 label value(s) would go into the prompts as written: fix them, "
+        "or give --prompts a prompt set YAML whose label_values allow them",
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+    # the template provider and dry runs check them too; FairFace's spellings with other case or '_' pass
+    assert cli("annotate", "--labels", "bad.csv", "--provider", "template").code == 1
+    assert cli("annotate", "faces", "--labels", "bad.csv", "--dry-run").code == 1
+    (faces / "ok.csv").write_text("file,age,gender,race\nfaces/000.jpg,20-29,female,east_asian\n")
+    r = cli("annotate", "faces/000.jpg", "--labels", "ok.csv", "--provider", "template", "--out", "ok.jsonl")
+    assert r.code == 0, r.err
+
+
+def test_ragged_and_malformed_csv_rows_name_their_lines(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(faces)
+    (faces / "ragged.csv").write_text(
+        "file,age,gender,race\n"
+        "faces/000.jpg,3-9,Male\n"
+        "faces/001.jpg,20-29,Female,White\n"
+        "faces/002.jpg,20-29,Female,White,extra\n"
+    )
+    r = cli("annotate", "--labels", "ragged.csv", "--provider", "template")
+    assert r.code == 1
+    assert error_lines(r.err) == [
+        "error: ragged.csv line 2: 3 cells but the header has 4 (file, age, gender, race); too few cells in that row",
+        "error: ragged.csv line 4: 5 cells but the header has 4 (file, age, gender, race); too many cells in that row",
+    ]
+    # a stray quote opens a cell that swallows the next rows: a CSV error at its line, not a missing image
+    (faces / "quote.csv").write_text(
+        "file,age,gender,race\n"
+        "faces/000.jpg,3-9,Male,White\n"
+        'faces/001.jpg,"20-29,Female,White\n'
+        'faces/002.jpg,20-29,Female,White"\n'
+    )
+    r = cli("annotate", "--labels", "quote.csv", "--provider", "template")
+    assert r.code == 1
+    assert error_lines(r.err) == [
+        "error: quote.csv line 3: a quoted cell runs on to line 4, merging rows (a stray \" in the file?); "
+        "fix the quoting (not a valid CSV)"
+    ]
+    (faces / "open.csv").write_text('file,age\nfaces/000.jpg,3-9\nfaces/001.jpg,"20-29\nfaces/002.jpg,3-9\n')
+    r = cli("annotate", "--labels", "open.csv", "--provider", "template")
+    assert error_lines(r.err) == [
+        "error: open.csv line 3: not a valid CSV (unexpected end of data); check the quoting from that line on"
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+
+
 def test_refusal_detector() -> None:
     assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
     assert is_refusal("Sorry, I can't assist with identifying people.")

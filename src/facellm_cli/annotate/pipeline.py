@@ -275,7 +275,12 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     prompt_set = load_prompt_set(cfg.prompts)
     aspects = prompt_set.select(cfg.aspects) if cfg.provider == "openai" else list(prompt_set.aspects)
     inputs = collect_inputs(
-        cfg.images, cfg.labels, image_column=cfg.label_image_column, ignore=cfg.label_ignore, image_root=cfg.image_root
+        cfg.images,
+        cfg.labels,
+        image_column=cfg.label_image_column,
+        ignore=cfg.label_ignore,
+        image_root=cfg.image_root,
+        label_values=prompt_set.label_values,
     )
     problems = list(inputs.problems)
     if not inputs.items:
