@@ -197,7 +197,7 @@ def test_ragged_and_malformed_csv_rows_name_their_lines(cli, faces: Path, monkey
     r = cli("annotate", "--labels", "quote.csv", "--provider", "template")
     assert r.code == 1
     assert error_lines(r.err) == [
-        "error: quote.csv line 3: a quoted cell runs on to line 4, merging rows (a stray \" in the file?); "
+        'error: quote.csv line 3: a quoted cell runs on to line 4, merging rows (a stray " in the file?); '
         "fix the quoting (not a valid CSV)"
     ]
     (faces / "open.csv").write_text('file,age\nfaces/000.jpg,3-9\nfaces/001.jpg,"20-29\nfaces/002.jpg,3-9\n')
