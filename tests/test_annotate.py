@@ -441,18 +441,28 @@ def test_failed_items_are_recorded_then_retried_by_a_later_run(
     r = cli(*args)
     assert r.code == 1
     assert error_lines(r.err) == [
-        "error: 3 item(s) failed (status=failed in a.jsonl); re-run the same command to retry them"
+        "error: 3 item(s) failed (reasons in a.failures.jsonl); re-run the same command to retry them"
     ]
-    failed = [x for x in lines(faces / "a.jsonl") if x["status"] == "failed"]
+    # the output holds answers only, one per pair; the failures and their reasons are in the sidecar
+    assert len(lines(faces / "a.jsonl")) == 21 and all(x["status"] == "ok" for x in lines(faces / "a.jsonl"))
+    failed = lines(faces / "a.failures.jsonl")
     assert sorted(x["aspect"] for x in failed) == ["face_pose"] * 3
-    assert all(x["answer"] == "" and "HTTP 500" in x["error"] for x in failed)
+    assert all(x["status"] == "failed" and x["answer"] == "" and "HTTP 500" in x["error"] for x in failed)
+    assert json.loads(r.out)["failures_outstanding"] == 3
+    server.script(Behaviour.server_error(500, match="Describe only the face pose"))  # one of the three fails again
+    r = cli(*args)
+    assert r.code == 1 and json.loads(r.out)["failed_before"] == 3
+    assert json.loads(r.out)["written_ok"] == 2 and json.loads(r.out)["failures_outstanding"] == 1
+    assert len(lines(faces / "a.failures.jsonl")) == 1  # the two answered pairs left the sidecar
     r = cli(*args)
     assert r.code == 0, r.err
-    assert json.loads(r.out)["written_ok"] == 3 and json.loads(r.out)["items_done_before"] == 21
+    assert json.loads(r.out)["written_ok"] == 1 and json.loads(r.out)["items_done_before"] == 23
+    assert not (faces / "a.failures.jsonl").exists()
     final = read_annotations(faces / "a.jsonl")
     assert len(final) == 24 and all(a.status == "ok" for a in final.values())
-    ok_lines = [x for x in lines(faces / "a.jsonl") if x["status"] == "ok"]
-    assert len(ok_lines) == len({(x["image_sha256"], x["aspect"]) for x in ok_lines}) == 24
+    recs = lines(faces / "a.jsonl")
+    assert len(recs) == len({(x["image_sha256"], x["aspect"]) for x in recs}) == 24
+    assert all(x["status"] == "ok" and x["answer"] for x in recs)
 
 
 def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -681,25 +691,32 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
         "--concurrency",
         "4",
     ]
+    failures = tmp_path / "ann.failures.jsonl"
     with FakeOpenAI(api_key=KEY, latency=0.05) as srv:
-        cmd += ["--base-url", srv.base_url, "--json"]
+        srv.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
+        cmd += ["--base-url", srv.base_url, "--json", "--max-retries", "0"]
         proc = subprocess.Popen(
             cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        _wait_lines(out, 20, proc)
+        _wait_lines(failures, 3, proc)  # the three failures are in the sidecar...
+        _wait_lines(out, 20, proc)  # ...and at least 20 answers in the output
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         partial = out.read_text().count("\n")
-        assert 20 <= partial < 96
+        assert 20 <= partial < 93
         with open(out, "a") as f:  # what a kill in the middle of a write leaves behind
             f.write('{"image": "faces/011.jpg", "image_sha256": "ab')
+        with open(failures, "a") as f:
+            f.write('{"image": "faces/011.jpg", "ima')
         done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["items_done_before"] == partial and summary["written_ok"] == 96 - partial
+    assert summary["failed_before"] == 3 and summary["failures_outstanding"] == 0
     recs = lines(out)
     assert len(recs) == 96 and all(x["status"] == "ok" for x in recs)
     assert len({(x["image_sha256"], x["aspect"]) for x in recs}) == 96
+    assert not failures.exists()  # every failed pair was answered on resume
 
 
 # ---- batch API -------------------------------------------------------------------------------
@@ -737,6 +754,14 @@ def test_batch_splits_merges_and_reasks(cli, faces: Path, monkeypatch: pytest.Mo
     parts = sorted(p.name for p in (faces / "b.batch").glob("round1_part*.jsonl"))
     assert parts == ["round1_part1.jsonl", "round1_part2.jsonl", "round1_part3.jsonl"]
     assert [len((faces / "b.batch" / p).read_text().splitlines()) for p in parts] == [10, 10, 4]
+    # what is still unanswered after the last round goes to the failures sidecar, not the output
+    with FakeOpenAI(api_key=KEY, batch_polls=1) as srv:
+        srv.script(Behaviour.refusal(match="Describe this image"))
+        args = ["annotate", "faces", "--out", "c.jsonl", "--base-url", srv.base_url, "--batch", "--json"]
+        r = cli(*args, "--set", "batch_poll_s=0.01", "--set", "max_reasks=0", "--set", "aspects=[detail]")
+    assert r.code == 1 and json.loads(r.out)["failures_outstanding"] == 1
+    assert len(lines(faces / "c.jsonl")) == 2 and all(x["status"] == "ok" for x in lines(faces / "c.jsonl"))
+    assert [(x["status"], x["error"]) for x in lines(faces / "c.failures.jsonl")] == [("failed", "refusal answer")]
 
 
 def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:

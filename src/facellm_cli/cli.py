@@ -444,7 +444,7 @@ def annotate(
     reasons = []
     if summary.failed:
         reasons.append(
-            f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
+            f"{summary.failed} item(s) failed (reasons in {summary.failures}); re-run the same command to retry them"
         )
     if summary.images_skipped:
         reasons.append(

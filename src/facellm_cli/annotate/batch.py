@@ -10,7 +10,7 @@ polls the batches already submitted instead of paying for them twice.
 
 Refused, empty or malformed answers (and requests the batch failed) go into a
 new round, up to ``max_reasks`` extra rounds; what is still unanswered after that
-is written as ``failed`` records, which a later run retries.
+is written as ``failed`` records to the failures sidecar, which a later run retries.
 
 The few control calls (upload, create, retrieve, download) use the SDK's own
 retries: they are rare, sequential and not latency-bound, unlike the live path.
@@ -27,18 +27,19 @@ from typing import Any
 
 from ..config import AnnotateConfig
 from ..errors import EndpointError, ImageError
-from ..io import JsonlAppender, atomic_write_json
+from ..io import atomic_write_json
 from ..schema import Annotation, Usage
 from .client import chat_request, classify_answer
 from .pipeline import (
     AnnotateSummary,
+    AnnotationWriter,
     Plan,
     ProgressState,
     build_messages,
+    done_pairs,
     encode_image,
     now_iso,
     parse_grouped,
-    read_annotations,
 )
 from .prompts import AspectTemplate, grouped_json_schema, render_aspect, render_grouped
 
@@ -162,7 +163,7 @@ def write_round(
 
 
 def _pending(plan: Plan, out: Path) -> dict[str, list[AspectTemplate]]:
-    done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
+    done_ok = done_pairs(out)
     todo: dict[str, list[AspectTemplate]] = {}
     for w in plan.work:
         left = [a for a in w.pending if (w.sha, a.key) not in done_ok]
@@ -213,7 +214,7 @@ def run_batch(
             if rounds > 1:  # rounds after the first re-ask what was refused or failed
                 summary.reasks += summary.requests - before
             _poll(client, cfg, bstate, state_path, sleep)
-            with JsonlAppender(out) as writer:
+            with AnnotationWriter(out) as writer:
                 for part in bstate.parts:
                     if not part.merged:
                         _merge(
@@ -236,8 +237,8 @@ def run_batch(
                         if on_progress:
                             on_progress(state)
         # What is still unanswered after the last round is recorded as failed (a later run retries it).
-        done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
-        with JsonlAppender(out) as writer:
+        done_ok = done_pairs(out)
+        with AnnotationWriter(out) as writer:
             for (sha, key), reason in reasons.items():
                 if (sha, key) in done_ok or key not in aspects_by_key:
                     continue
@@ -318,7 +319,7 @@ def _record(
     error: str | None,
     usage: tuple[int, int],
     attempts: int,
-) -> dict[str, Any]:
+) -> Annotation:
     return Annotation(
         image=entry["image"],
         image_sha256=entry["sha"],
@@ -334,7 +335,7 @@ def _record(
         usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
         attempts=attempts,
         created=now_iso(),
-    ).model_dump(mode="json")
+    )
 
 
 def _merge(
@@ -345,7 +346,7 @@ def _merge(
     part: BatchPart,
     bdir: Path,
     out: Path,
-    writer: JsonlAppender,
+    writer: AnnotationWriter,
     reasons: dict[tuple[str, str], str],
     entries_seen: dict[tuple[str, str], dict[str, Any]],
     summary: AnnotateSummary,
@@ -360,7 +361,7 @@ def _merge(
             rec = json.loads(line)
             if rec.get("part") == part.path:
                 manifest[rec["custom_id"]] = rec
-    done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
+    done_ok = done_pairs(out)
     batch = client.batches.retrieve(part.batch_id)
     if batch.status != "completed":
         problems.append(f"batch {part.batch_id} ended '{batch.status}'; its unanswered items go to the next round")
