@@ -583,6 +583,9 @@ class ServeConfig(StrictModel):
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body in MB (413 above).")
     max_images_per_request: int = Field(8, gt=0, description="Most images in one request (400 above).")
+    max_content_parts: int = Field(
+        1024, gt=0, description="Most content parts (texts and images, all messages together) in one request."
+    )
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image, width x height (413 above).")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: only base64 data: URIs).")
     remote_image_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching one remote image.")
