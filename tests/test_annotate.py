@@ -465,6 +465,28 @@ def test_failed_items_are_recorded_then_retried_by_a_later_run(
     assert all(x["status"] == "ok" and x["answer"] for x in recs)
 
 
+def test_failed_lines_left_by_older_versions_move_to_the_sidecar(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(faces)
+    args = ["annotate", "faces", "--out", "a.jsonl", "--base-url", server.base_url, "--max-retries", "0", "--json"]
+    args += fast("--set", "aspects=[detail,face_pose]")
+    server.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
+    assert cli(*args).code == 1
+    out, sidecar = faces / "a.jsonl", faces / "a.failures.jsonl"
+    with open(out, "a") as f:  # what an older facellm wrote: failures among the answers
+        f.write(sidecar.read_text())
+    sidecar.unlink()
+    server.script(Behaviour.server_error(500, match="Describe only the face pose"))
+    r = cli(*args)
+    assert r.code == 1 and json.loads(r.out)["failed_before"] == 3 and json.loads(r.out)["written_ok"] == 2
+    recs = lines(out)
+    assert len(recs) == len({(x["image_sha256"], x["aspect"]) for x in recs}) == 5
+    assert all(x["status"] == "ok" for x in recs)
+    assert [x["aspect"] for x in lines(sidecar)] == ["face_pose"]
+
+
 def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_VLM_KEY", KEY)
     monkeypatch.chdir(faces)

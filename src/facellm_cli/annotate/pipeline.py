@@ -111,25 +111,43 @@ class AnnotationWriter:
 
 
 def settle_failures(out: Path) -> int:
-    """Rewrite the sidecar with only the pairs still unanswered (their last failure); return how many.
+    """Leave the answers alone in the output and the unanswered pairs (their last failure) in the sidecar.
 
-    Called at the end of a run, under the output lock. The rewrite is atomic, so a
-    kill leaves the old sidecar, whose answered pairs the next run drops.
+    Returns how many pairs are still unanswered. Called at the end of a run, under the
+    output lock. Outputs of older versions held ``failed`` lines among the answers:
+    those move to the sidecar here. Every rewrite is atomic and the sidecar is written
+    first, so a kill at any point loses neither answers nor failure reasons.
     """
     sidecar = failures_path_for(out)
-    if not sidecar.exists():
-        return 0
-    done = done_pairs(out)
+    legacy: list[Annotation] = []
+    done: set[tuple[str, str]] = set()
+    if out.exists():
+        for _, rec in read_jsonl(out):  # plain JSON: the records were validated when the run read them
+            if rec.get("status", "ok") == "ok":
+                done.add((rec.get("image_sha256"), rec.get("aspect")))
+            else:
+                legacy.append(Annotation.model_validate(rec))
     last: dict[tuple[str, str], Annotation] = {}
-    for a in _read_records(sidecar):
+    for a in [*legacy, *_read_records(sidecar)]:
         if (a.image_sha256, a.aspect) not in done:
             last[(a.image_sha256, a.aspect)] = a
-    if not last:
-        sidecar.unlink()
-        return 0
-    text = "".join(json.dumps(a.model_dump(mode="json"), ensure_ascii=False) + "\n" for a in last.values())
-    atomic_write_text(sidecar, text)
+    if last:
+        text = "".join(json.dumps(a.model_dump(mode="json"), ensure_ascii=False) + "\n" for a in last.values())
+        atomic_write_text(sidecar, text)
+    else:
+        sidecar.unlink(missing_ok=True)
+    if legacy:
+        kept = [line for _, line in _raw_lines(out) if json.loads(line).get("status", "ok") == "ok"]
+        atomic_write_text(out, "".join(kept))
     return len(last)
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text with its newline) of every complete, non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.endswith("\n") and line.strip():
+                yield lineno, line
 
 
 def config_path_for(out: Path) -> Path:
