@@ -573,6 +573,9 @@ def test_skipped_inputs_make_the_exit_code_non_zero(
         "error: 2 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
     ]
     assert "not an image file (format not recognised): bad/a.jpg" in r.err
+    make_faces(bad, 1)  # one good image: the batch path reports the two bad ones once and fails the run
+    r = cli("annotate", "bad", "--out", "c.jsonl", "--base-url", server.base_url, "--json", "--batch", *fast())
+    assert r.code == 1 and json.loads(r.out)["images_skipped"] == 2 and json.loads(r.out)["written_ok"] == 8
 
     make_faces(tmp_path / "mixed", 1)
     _bomb_png(tmp_path / "mixed" / "bomb.png")

@@ -30,6 +30,7 @@ from ..errors import EndpointError, ImageError
 from ..io import atomic_write_json
 from ..schema import Annotation, Usage
 from .client import chat_request, classify_answer
+from .labels import Problems
 from .pipeline import (
     AnnotateSummary,
     AnnotationWriter,
@@ -101,9 +102,14 @@ def write_round(
     todo: dict[str, list[AspectTemplate]],
     bdir: Path,
     round_no: int,
-    problems: list[str],
+    problems: Problems,
+    left_out: set[str],
 ) -> BatchState:
-    """Write the request files (split under the limits) and the manifest for one round."""
+    """Write the request files (split under the limits) and the manifest for one round.
+
+    Images that cannot be sent (unreadable, or a request over the size limit) are reported
+    once and added to ``left_out``, which later rounds skip.
+    """
     bdir.mkdir(parents=True, exist_ok=True)
     ps = plan.prompt_set
     by_sha = {w.sha: w for w in plan.work}
@@ -123,7 +129,9 @@ def write_round(
         nonlocal current, count, size
         line = (json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}) + "\n").encode()
         if len(line) > cfg.batch_max_bytes:
-            problems.append(f"request for {entry['image']} is {len(line):,} bytes, over batch_max_bytes; skipped")
+            if entry["sha"] not in left_out:
+                left_out.add(entry["sha"])
+                problems.skip(f"request for {entry['image']} is {len(line):,} bytes, over batch_max_bytes; skipped")
             return
         if current is not None and (count + 1 > cfg.batch_max_requests or size + len(line) > cfg.batch_max_bytes):
             close_part()
@@ -139,11 +147,14 @@ def write_round(
 
     try:
         for sha, aspects in todo.items():
+            if sha in left_out:
+                continue
             w = by_sha[sha]
             try:
                 image = encode_image(w.item.path, cfg.image_max_side, cfg.image_detail)
             except ImageError as e:
-                problems.append(str(e))
+                left_out.add(sha)
+                problems.skip(str(e))
                 continue
             entry = {"image": w.item.name, "sha": sha, "labels": w.item.labels, "tokens": image.tokens}
             if cfg.mode == "per-aspect":
@@ -178,7 +189,7 @@ def run_batch(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     *,
     api_key: str,
     on_progress: Callable[[ProgressState], None] | None = None,
@@ -193,18 +204,19 @@ def run_batch(
     aspects_by_key = {a.key: a for a in plan.prompt_set.aspects}
     reasons: dict[tuple[str, str], str] = {}
     entries_seen: dict[tuple[str, str], dict[str, Any]] = {}
+    left_out: set[str] = set()  # images that cannot be sent: reported once, not retried
     state.phase = "batch"
     rounds = 0  # rounds started or resumed by this invocation; a later run starts counting again
     try:
         while True:
             bstate = BatchState.load(state_path)
             if bstate is None or not bstate.active:
-                todo = _pending(plan, out)
+                todo = {sha: left for sha, left in _pending(plan, out).items() if sha not in left_out}
                 next_round = (bstate.round + 1) if bstate else 1
                 if not todo or rounds >= cfg.max_reasks + 1:
                     break
                 state.total = max(state.total, state.done + sum(len(v) for v in todo.values()))
-                bstate = write_round(cfg, plan, todo, bdir, next_round, problems)
+                bstate = write_round(cfg, plan, todo, bdir, next_round, problems, left_out)
                 bstate.save(state_path)
                 if not bstate.parts:
                     break
@@ -351,7 +363,7 @@ def _merge(
     entries_seen: dict[tuple[str, str], dict[str, Any]],
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
 ) -> None:
     """Append the answers of one finished batch; idempotent (pairs already ok are skipped)."""
     aspects_by_key = {a.key: a for a in plan.prompt_set.aspects}

@@ -196,6 +196,18 @@ def _read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
     return rows
 
 
+class Problems(list[str]):
+    """What a run reports, in order. ``skip`` records an input left out, which fails the run (exit 1) at its end."""
+
+    def __init__(self, items: list[str] | None = None, skipped: int = 0) -> None:
+        super().__init__(items or [])
+        self.skipped = skipped
+
+    def skip(self, message: str) -> None:
+        self.append(message)
+        self.skipped += 1
+
+
 @dataclass
 class ImageItem:
     """One image to annotate: its path on disk, the name stored in records, and its labels."""
@@ -208,7 +220,7 @@ class ImageItem:
 @dataclass
 class Inputs:
     items: list[ImageItem]
-    problems: list[str]
+    problems: Problems
     unlabelled: int = 0
 
 
@@ -240,7 +252,7 @@ def collect_inputs(
     first: a value outside it is an error listing each one, before anything is sent.
     """
     root = Path(image_root) if image_root else None
-    problems: list[str] = []
+    problems = Problems()
     table = read_labels(labels, image_column, ignore) if labels else None
     if table is not None:
         check_label_values(table, label_values or {})
@@ -258,7 +270,7 @@ def collect_inputs(
                 continue
             seen.add(path)
             if not path.is_file():
-                problems.append(f"image not found: {path} (listed in {table.source.name} line {row.line})")
+                problems.skip(f"image not found: {path} (listed in {table.source.name} line {row.line})")
                 continue
             items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels))
         return Inputs(items=items, problems=problems)
@@ -267,11 +279,11 @@ def collect_inputs(
     paths: list[Path] = []
     for p in found:
         if str(p) == "-":
-            problems.append("'-' (stdin) is not supported by annotate: give image files or folders")
+            problems.skip("'-' (stdin) is not supported by annotate: give image files or folders")
         elif not p.exists():
-            problems.append(f"image not found: {p}")
+            problems.skip(f"image not found: {p}")
         elif p.is_file() and not is_image_path(p):
-            problems.append(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
+            problems.skip(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
         elif p.is_file():
             paths.append(p)
     items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]

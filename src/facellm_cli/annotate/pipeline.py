@@ -33,7 +33,7 @@ from ..errors import DataError, ImageError, OutputExistsError
 from ..images import encode_data_uri, file_sha256, fit_within, open_image
 from ..io import JsonlAppender, atomic_write_text, read_jsonl
 from ..schema import Annotation, Usage
-from .labels import ImageItem, collect_inputs
+from .labels import ImageItem, Problems, collect_inputs
 from .prompts import AspectTemplate, PromptSet, load_prompt_set
 
 MAX_PROBLEMS_SHOWN = 20
@@ -347,7 +347,7 @@ class Plan:
     images: int
     items_total: int
     done_before: int
-    problems: list[str]
+    problems: Problems
     failed_before: int = 0
 
 
@@ -378,7 +378,7 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
         image_root=cfg.image_root,
         label_values=prompt_set.label_values,
     )
-    problems = list(inputs.problems)
+    problems = inputs.problems
     if not inputs.items:
         first = f" ({problems[0]})" if problems else ""
         where = " ".join(cfg.images) if cfg.images else str(cfg.labels)
@@ -391,7 +391,7 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     work: list[WorkImage] = []
     for item, sha in zip(inputs.items, hashes, strict=True):
         if sha is None:
-            problems.append(f"cannot read image: {item.path}")
+            problems.skip(f"cannot read image: {item.path}")
             continue
         if sha in seen:
             problems.append(f"duplicate image skipped: {item.path} (same bytes as {seen[sha]})")
@@ -426,24 +426,10 @@ def _summary(cfg: AnnotateConfig, out: Path, plan: Plan, *, dry_run: bool, confi
     )
 
 
-def _finish(summary: AnnotateSummary, problems: list[str], started: float) -> AnnotateSummary:
+def _finish(summary: AnnotateSummary, problems: Problems, started: float) -> AnnotateSummary:
     summary.problems_total = len(problems)
     summary.problems = problems[:MAX_PROBLEMS_SHOWN]
-    summary.images_skipped = sum(
-        1
-        for p in problems
-        if p.startswith(
-            (
-                "image not found",
-                "cannot read",
-                "cannot decode",
-                "not an image",
-                "empty image",
-                "image too large",
-                "expected an image",
-            )
-        )
-    )
+    summary.images_skipped = problems.skipped
     summary.wall_s = round(time.monotonic() - started, 3)
     return summary
 
@@ -493,7 +479,7 @@ def annotate(
     return _finish(summary, problems, started)
 
 
-def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problems: list[str]) -> None:
+def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problems: Problems) -> None:
     """Requests, tokens and cost the run would need (no re-asks or retries counted)."""
     if cfg.provider == "template":
         summary.cost_usd = 0.0
@@ -508,7 +494,7 @@ def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problem
         try:
             img = open_image(w.item.path)
         except ImageError as e:
-            problems.append(str(e))
+            problems.skip(str(e))
             summary.items_pending -= len(w.pending)
             continue
         width, height = img.size
@@ -534,7 +520,7 @@ def _run_template(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     on_progress: Callable[[ProgressState], None] | None,
 ) -> None:
     from .template import TEMPLATE_VERSION, template_qa
@@ -550,7 +536,7 @@ def _run_template(
         try:
             open_image(w.item.path)
         except ImageError as e:
-            problems.append(str(e))
+            problems.skip(str(e))
             continue
         qas = [qa for qa in template_qa(w.item.labels, plan.prompt_set) if wanted is None or qa.aspect in wanted]
         if not qas:
@@ -624,7 +610,7 @@ class _LiveRun:
         plan: Plan,
         summary: AnnotateSummary,
         state: ProgressState,
-        problems: list[str],
+        problems: Problems,
         writer: AnnotationWriter,
         client: Any,
     ) -> None:
@@ -683,7 +669,7 @@ class _LiveRun:
         except ImageError as e:
             if w.sha not in self.bad_images:
                 self.bad_images.add(w.sha)
-                self.problems.append(str(e))
+                self.problems.skip(str(e))
             return None
 
     def _account(self, prompt_tokens: int, completion_tokens: int, image: EncodedImage) -> None:
@@ -822,7 +808,7 @@ async def _run_live(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     api_key: str,
     on_progress: Callable[[ProgressState], None] | None,
 ) -> None:
