@@ -171,6 +171,8 @@ def ask(
 
 
 def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
+    from rich.markup import escape
+
     from .faces import draw_path, save_drawing
     from .infer.ask import ask_faces
 
@@ -180,17 +182,17 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
     for photo in ask_faces(lm, cfg, images, question, stdin_bytes):
         if photo.error:
             failed.append(photo.image)
-            err_console().print(f"[red]error:[/red] {photo.error}")
+            err_console().print(f"[red]error:[/red] {escape(photo.error)}")
         for r in photo.results:
             if json_out:
                 print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
             else:
                 box = ",".join(str(v) for v in r.box or [])
                 print(f"{r.image}\tface {r.face} [{box}]\t{' '.join((r.answer or '').split())}", flush=True)
-        if draw is not None and photo.photo is not None:
+        if draw is not None and photo.photo is not None and photo.faces:
             target = draw_path(draw, photo.image, many=len(images) > 1)
             save_drawing(photo.photo, photo.faces, [r.answer or "" for r in photo.results], target)
-            err_console().print(f"drew {len(photo.faces)} face(s): {target}")
+            err_console().print(f"drew {len(photo.faces)} face(s): {escape(str(target))}")
     if failed:
         raise FacellmError(
             f"{len(failed)} of {len(images)} photos gave no answer: {', '.join(failed)} "
@@ -456,6 +458,12 @@ def annotate(
     batch: Annotated[
         bool | None, typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
     ] = None,
+    faces: Annotated[
+        bool | None,
+        typer.Option(
+            "--faces", help="The images are photos: crop every face first (into <out>.faces/), annotate chips."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -479,6 +487,7 @@ def annotate(
         "rpm": rpm,
         "max_retries": max_retries,
         "batch": batch,
+        "faces": faces,
     }
     cfg = resolve_config(AnnotateConfig, config, flags, set_)
     api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
@@ -809,6 +818,8 @@ def faces_detect(
     set_: SetOpt = None,
 ) -> None:
     """Find faces: a box, 5 landmarks (eyes, nose, mouth corners) and a score per face."""
+    from rich.markup import escape
+
     from .config import FaceDetectConfig, resolve_config
     from .faces import detect_files
 
@@ -817,13 +828,13 @@ def faces_detect(
     for det in detect_files(images, cfg):
         if isinstance(det, FacellmError):
             failed.append(det.path)
-            err_console().print(f"[red]error:[/red] {det} (skipped)")
+            err_console().print(f"[red]error:[/red] {escape(str(det))} (skipped)")
             continue
         if json_out:
             print(json.dumps(det.to_json()), flush=True)
             continue
         if not det.faces:
-            err_console().print(f"no face found: {det.image}")
+            err_console().print(f"no face found: {escape(det.image)}")
         for i, f in enumerate(det.faces):
             box = ",".join(str(v) for v in f.int_box())
             print(f"{det.image}\tface {i}\t[{box}]\tscore {f.score:.3f}", flush=True)
@@ -845,6 +856,8 @@ def faces_crop(
     set_: SetOpt = None,
 ) -> None:
     """Crop every face into FairFace-style chips plus a manifest.csv that annotate --labels and build-dataset read."""
+    from rich.markup import escape
+
     from .config import FaceCropConfig, resolve_config
     from .faces import crop_files
 
@@ -853,11 +866,11 @@ def faces_crop(
     report = crop_files(images, out, cfg)
     console = err_console()
     for name in report.no_face:
-        console.print(f"no face found: {name}")
+        console.print(f"no face found: {escape(name)}")
     for problem in report.problems:
-        console.print(f"[red]error:[/red] {problem} (skipped)")
+        console.print(f"[red]error:[/red] {escape(problem)} (skipped)")
     skipped = f", {report.skipped_images} photo(s) already cropped" if report.skipped_images else ""
-    console.print(f"{report.written} chip(s) written{skipped}; {len(report.rows)} in {report.manifest}")
+    console.print(f"{report.written} chip(s) written{skipped}; {len(report.rows)} in {escape(str(report.manifest))}")
     print(report.manifest)
     if report.problems:
         raise FacellmError(f"{len(report.problems)} image(s) could not be read")
@@ -878,9 +891,11 @@ def run(argv: list[str] | None = None) -> int:
     except FacellmError as e:
         if os.environ.get("FACELLM_DEBUG"):
             raise
+        from rich.markup import escape
+
         console = err_console()
-        for line in str(e).splitlines() or [type(e).__name__]:
-            console.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
+        for line in str(e).splitlines() or [type(e).__name__]:  # escaped: "pip install 'facellm[faces]'" is not markup
+            console.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
         return e.exit_code
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/yellow]")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .config import FaceCropConfig, FaceDetectConfig
 from .errors import DataError, FacellmError, ImageError, MissingDependencyError, OutputExistsError
 from .images import file_sha256, find_images, open_image
+from .schema import FaceRef
 
 if TYPE_CHECKING:
     import numpy as np
@@ -251,6 +252,36 @@ def eye_angle(face: Face) -> float:
     return math.degrees(math.atan2(ry - ly, rx - lx))
 
 
+def _chip(img: PILImage.Image, face: Face, margin: float, size: int, angle: float) -> PILImage.Image:
+    from PIL import Image
+
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    s = max(face.width, face.height) * (1 + 2 * margin) / size
+    a = math.radians(angle)
+    cos, sin = math.cos(a) * s, math.sin(a) * s
+    half = size / 2
+    # Output pixel (u, v) samples the photo at centre + R(angle) . ((u, v) - half) * s, so a line at
+    # angle t in the photo is at t - angle in the chip.
+    coeffs = (cos, -sin, cx - cos * half + sin * half, sin, cos, cy - sin * half - cos * half)
+    return img.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+
+
+def align_angle(img: PILImage.Image, face: Face) -> float:
+    """The eye-line angle, measured again on a chip already turned by the first estimate.
+
+    RetinaFace's landmarks lag behind a tilted head (on a face turned 20 degrees they read about 17);
+    on the nearly upright chip they are accurate, so one more detection (a few ms) levels the eyes to
+    within a degree or so instead of several.
+    """
+    first = eye_angle(face)
+    probe = _chip(img, face, 0.5, 192, first)
+    near = [f for f in detect(probe, threshold=0.5).faces if abs((f.box[0] + f.box[2]) / 2 - 96) < 32]
+    if not near:
+        return first
+    best = max(near, key=lambda f: f.width)
+    return first + eye_angle(best)
+
+
 def crop(
     img: PILImage.Image, face: Face, *, margin: float = 0.25, size: int = 224, align: bool = True
 ) -> PILImage.Image:
@@ -258,21 +289,11 @@ def crop(
 
     Areas outside the photo are black, as in dlib's ``get_face_chips`` that FairFace used.
     """
-    from PIL import Image
-
     if margin < 0:
         raise FacellmError(f"crop margin must be >= 0, got {margin}")
     if size < 8:
         raise FacellmError(f"crop size must be at least 8 pixels, got {size}")
-    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
-    side = max(face.width, face.height) * (1 + 2 * margin)
-    s = side / size
-    a = math.radians(eye_angle(face)) if align else 0.0
-    cos, sin = math.cos(a) * s, math.sin(a) * s
-    half = size / 2
-    # Output pixel (u, v) samples the photo at centre + R(a) . ((u, v) - half) * s.
-    coeffs = (cos, -sin, cx - cos * half + sin * half, sin, cos, cy - sin * half - cos * half)
-    return img.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+    return _chip(img, face, margin, size, align_angle(img, face) if align else 0.0)
 
 
 # ---------------------------------------------------------------- photos in, faces out
@@ -486,3 +507,22 @@ def save_drawing(img: PILImage.Image, faces: list[Face], captions: list[str], ta
     draw(img, faces, captions).save(tmp, format="PNG")
     os.replace(tmp, target)
     return target
+
+
+def face_ref(columns: dict[str, str]) -> FaceRef | None:
+    """Pop a faces manifest's provenance columns out of a label row: they say where a chip came from.
+
+    Returns None (and leaves the row alone) for a row that is not a full manifest row.
+    """
+    if not all(c in columns for c in PROVENANCE_COLUMNS):
+        return None
+    values = {c: columns.pop(c) for c in PROVENANCE_COLUMNS}
+    try:
+        return FaceRef(
+            source_image=values["source_image"],
+            face_index=int(values["face_index"]),
+            box=[int(v) for v in json.loads(values["box"])],
+            score=float(values["score"]),
+        )
+    except (ValueError, TypeError) as e:
+        raise DataError(f"faces manifest row with an unreadable box or index ({e}): {values}") from None
