@@ -317,6 +317,18 @@ def test_ask_faces_plain_output_and_a_photo_without_a_face(cli, tiny_internvl: P
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a_hopper.faces.png", "c_astronaut.faces.png"]
 
 
+def test_ask_faces_one_photo_one_face_streams_with_its_box(cli, tiny_qwen2_vl: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    photo = tmp_path / "hopper.jpg"
+    hopper().save(photo)
+    r = cli("ask", "-m", tiny_qwen2_vl, photo, "age?", "--faces", "--max-new-tokens", "2", "--draw", tmp_path / "o")
+    assert r.code == 0, r.err
+    image, prefix, _answer = r.out.rstrip("\n").split("\t", 2)
+    assert image == str(photo)
+    assert prefix == f"face 0 [{','.join(str(v) for v in faces.detect(open_image(photo)).faces[0].int_box())}]"
+    with Image.open(tmp_path / "o.png") as d:  # a file name without suffix gets .png
+        assert d.size == (512, 600)
+
+
 def test_ask_draw_without_faces_is_a_usage_error(cli, tmp_path: Path) -> None:  # noqa: ANN001
     r = cli("ask", "x.jpg", "q?", "--draw", tmp_path / "o.png")
     assert r.code == 2 and "--draw needs --faces" in r.err

@@ -178,6 +178,23 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
 
     if draw is not None and len(images) > 1 and draw.suffix:
         raise typer.BadParameter(f"--draw {draw}: several photos need a folder, not a file name")
+    if len(images) == 1 and not json_out:  # one photo with one face streams, as plain ask does
+        from .infer.ask import ask_face_stream, detect_photo
+
+        img, found = detect_photo(images[0], cfg, stdin_bytes)
+        if len(found) == 1:
+            name = images[0] if images[0] != "-" else "<stdin>"
+            sys.stdout.write(f"{name}\tface 0 [{','.join(str(v) for v in found[0].int_box())}]\t")
+            pieces = []
+            for piece in ask_face_stream(lm, cfg, img, found[0], question):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if draw is not None:
+                target = save_drawing(img, found, ["".join(pieces)], draw_path(draw, name, many=False))
+                err_console().print(f"drew 1 face: {escape(str(target))}")
+            return
     failed = []
     for photo in ask_faces(lm, cfg, images, question, stdin_bytes):
         if photo.error:

@@ -130,6 +130,12 @@ def face_chip(img: PILImage.Image, face: Face, cfg: AskConfig) -> PILImage.Image
     return crop(img, face, margin=c.margin, size=c.size, align=c.align)
 
 
+def ask_face_stream(lm: LoadedModel, cfg: AskConfig, img: PILImage.Image, face: Face, question: str) -> Iterator[str]:
+    """Stream the answer about one face of a photo (its chip, as ``ask_faces`` crops it)."""
+    prompt = Prompt(images=[face_chip(img, face, cfg)], text=question, system=cfg.generation.system)
+    yield from stream_generate(lm, prompt, cfg.generation)
+
+
 def ask_faces(
     lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[PhotoFaces]:
