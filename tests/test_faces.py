@@ -183,8 +183,11 @@ def test_faces_detect_plain_lines_and_unreadable_image(cli, group_file: Path, tm
 
 def test_faces_crop_writes_chips_and_a_manifest_and_skips_them_on_rerun(cli, group_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
     out = tmp_path / "chips"
-    r = cli("faces", "crop", group_file, "--out", out, "--size", "112")
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (200, 200, 200)).save(wall)
+    r = cli("faces", "crop", group_file, wall, "--out", out, "--size", "112")
     assert r.code == 0, r.err
+    assert f"no face found: {wall}" in r.err
     assert r.out.strip() == str(out / "manifest.csv")
     with open(out / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
