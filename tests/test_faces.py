@@ -202,6 +202,11 @@ def test_faces_crop_writes_chips_and_a_manifest_and_skips_them_on_rerun(cli, gro
     assert again.code == 0 and "0 chip(s) written, 1 photo(s) already cropped" in again.err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.jpg")} == mtimes
     assert (out / "manifest.csv").read_text().count("\n") == 5
+    (out / rows[1]["file"]).unlink()  # a chip deleted by hand: its photo is cropped again, once
+    third = cli("faces", "crop", group_file, "--out", out, "--size", "112")
+    assert third.code == 0 and "4 chip(s) written; 4 in" in third.err
+    with open(out / "manifest.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == rows
     other = cli("faces", "crop", group_file, "--out", out)
     assert other.code == 1 and "other settings (size=112->224)" in other.err
 

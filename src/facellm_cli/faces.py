@@ -379,6 +379,15 @@ def read_manifest(path: Path) -> list[CropRow]:
         raise DataError(f"{path}: unreadable manifest row ({e}); delete the file to crop again") from None
 
 
+def _write_manifest(path: Path, rows: list[CropRow]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
+        writer.writeheader()
+        writer.writerows(r.to_csv() for r in rows)
+    os.replace(tmp, path)
+
+
 def crop_files(
     inputs: Iterable[str], out: Path, cfg: FaceCropConfig | None = None, *, on_image: Any = None
 ) -> CropReport:
@@ -408,55 +417,60 @@ def crop_files(
     report = CropReport(out=out, manifest=manifest)
     if manifest.is_file():
         report.rows = read_manifest(manifest)
-    done = {r.file.rsplit("_face", 1)[0] for r in report.rows if (out / r.file).is_file()}
-    report.rows = [r for r in report.rows if r.file.rsplit("_face", 1)[0] in done]
+
+    def photo(r: CropRow) -> str:
+        return r.file.rsplit("_face", 1)[0]
+
+    lost = {photo(r) for r in report.rows if not (out / r.file).is_file()}
+    kept = [r for r in report.rows if photo(r) not in lost]
+    if len(kept) != len(report.rows) or not manifest.is_file():  # chips deleted by hand: crop those photos again
+        _write_manifest(manifest, kept)
+    report.rows = kept
+    done = {photo(r) for r in kept}
     paths = find_images(inputs)
     if not paths:
         raise FacellmError(f"no images found in: {' '.join(inputs)} (give image files, folders or globs)")
-    new_rows: list[CropRow] = []
-    for p in paths:
-        if on_image:
-            on_image(p)
-        try:
-            sha = file_sha256(p) if p.is_file() else ""
-            img = open_image(p)
-        except (ImageError, OSError) as e:
-            report.problems.append(str(e))
-            continue
-        prefix = chip_name(p, sha, 0).rsplit("_face", 1)[0]
-        if prefix in done:
-            report.skipped_images += 1
-            continue
-        det = detect_config(img, cfg, name=str(p))
-        if not det.faces:
-            report.no_face.append(str(p))
-            continue
-        for i, face in enumerate(det.faces):
-            name = chip_name(p, sha, i)
-            chip = crop(img, face, margin=cfg.margin, size=cfg.size, align=cfg.align)
-            tmp = out / f".{name}.tmp"
-            chip.save(tmp, format="JPEG", quality=95)
-            os.replace(tmp, out / name)
-            report.written += 1
-            new_rows.append(
-                CropRow(
-                    file=name,
-                    source_image=p.as_posix(),
-                    face_index=i,
-                    box=face.int_box(),
-                    landmarks=[[round(x, 1), round(y, 1)] for x, y in face.landmarks],
-                    score=round(face.score, 4),
-                )
-            )
-        done.add(prefix)
-    report.rows.extend(new_rows)
-    tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with open(manifest, "a", encoding="utf-8", newline="") as f:  # one photo's rows at a time: a kill loses one
         writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
-        writer.writeheader()
-        for row in report.rows:
-            writer.writerow(row.to_csv())
-    os.replace(tmp, manifest)
+        for p in paths:
+            if on_image:
+                on_image(p)
+            try:
+                sha = file_sha256(p) if p.is_file() else ""
+                img = open_image(p)
+            except (ImageError, OSError) as e:
+                report.problems.append(str(e))
+                continue
+            prefix = chip_name(p, sha, 0).rsplit("_face", 1)[0]
+            if prefix in done:
+                report.skipped_images += 1
+                continue
+            det = detect_config(img, cfg, name=str(p))
+            if not det.faces:
+                report.no_face.append(str(p))
+                continue
+            rows = []
+            for i, face in enumerate(det.faces):
+                name = chip_name(p, sha, i)
+                chip = crop(img, face, margin=cfg.margin, size=cfg.size, align=cfg.align)
+                tmp = out / f".{name}.tmp"
+                chip.save(tmp, format="JPEG", quality=95)
+                os.replace(tmp, out / name)
+                rows.append(
+                    CropRow(
+                        file=name,
+                        source_image=p.as_posix(),
+                        face_index=i,
+                        box=face.int_box(),
+                        landmarks=[[round(x, 1), round(y, 1)] for x, y in face.landmarks],
+                        score=round(face.score, 4),
+                    )
+                )
+            writer.writerows(r.to_csv() for r in rows)
+            f.flush()
+            report.written += len(rows)
+            report.rows.extend(rows)
+            done.add(prefix)
     return report
 
 
