@@ -250,20 +250,23 @@ def test_manifest_round_trips_through_annotate_labels_and_build_dataset(
     assert json.loads(b.out)["qa_pairs"] == 4
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["live", "batch-api"])
 def test_annotate_faces_crops_photos_then_annotates_the_chips(
     cli,  # noqa: ANN001
     group_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    batch: bool,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with FakeOpenAI() as srv:
+    with FakeOpenAI(batch_polls=1) as srv:
+        extra = ["--batch", "--set", "batch_poll_s=0.01"] if batch else []
         r = cli(
             "annotate", "photos", "--faces", "--base-url", srv.base_url, "--out", "qa.jsonl",
-            "--set", "aspects=[expression_emotion]",
+            "--set", "aspects=[expression_emotion]", *extra,
         )  # fmt: skip
         assert r.code == 0, r.err
-        assert len(srv.chat_requests()) == 4
+        assert srv.count("/v1/batches") >= 1 if batch else len(srv.chat_requests()) == 4
     recs = [json.loads(x) for x in Path("qa.jsonl").read_text().splitlines()]
     assert sorted(r["face"]["face_index"] for r in recs) == [0, 1, 2, 3]
     for rec in recs:
