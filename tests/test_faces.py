@@ -296,16 +296,22 @@ def test_ask_faces_json_one_line_per_face_with_the_right_boxes(
     group,  # noqa: ANN001
     tmp_path: Path,
 ) -> None:
-    drawn = tmp_path / "drawn.png"
-    r = cli("ask", "-m", tiny_internvl, group_file, "expression?", "--faces", "--json", "--max-new-tokens", "2",
+    drawn = tmp_path / "drawn"
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (200, 200, 200)).save(wall)
+    r = cli("ask", "-m", tiny_internvl, group_file, wall, "expression?", "--faces", "--json", "--max-new-tokens", "2",
             "--draw", drawn)  # fmt: skip
-    assert r.code == 0, r.err
+    assert r.code == 1 and f"no face found: {wall}" in r.err
     rows = [json.loads(x) for x in r.out.splitlines()]
+    no_face = rows.pop()
+    assert (no_face["image"], no_face["answer"], no_face["error"]) == (str(wall), None, f"no face found: {wall}")
+    assert "face" not in no_face
     assert [row["face"] for row in rows] == [0, 1, 2, 3]
     assert all(row["image"] == str(group_file) and isinstance(row["answer"], str) for row in rows)
     assert all(row["score"] >= 0.9 for row in rows)
     assert_one_face_per_centre([row["box"] for row in rows], group[1])
-    with Image.open(drawn) as d:
+    assert sorted(p.name for p in drawn.iterdir()) == ["group.faces.png"]  # several photos: a folder
+    with Image.open(drawn / "group.faces.png") as d:
         assert d.format == "PNG" and d.size == group[0].size
 
 

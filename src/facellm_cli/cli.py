@@ -174,7 +174,7 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
     from rich.markup import escape
 
     from .faces import draw_path, save_drawing
-    from .infer.ask import ask_faces
+    from .infer.ask import AskResult, ask_faces
 
     if draw is not None and len(images) > 1 and draw.suffix:
         raise typer.BadParameter(f"--draw {draw}: several photos need a folder, not a file name")
@@ -200,6 +200,10 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
         if photo.error:
             failed.append(photo.image)
             err_console().print(f"[red]error:[/red] {escape(photo.error)}")
+            if json_out:
+                print(
+                    json.dumps(AskResult(photo.image, question, None, lm.name, error=photo.error).to_json()), flush=True
+                )
         for r in photo.results:
             if json_out:
                 print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
