@@ -878,14 +878,17 @@ def faces_crop(
 ) -> None:
     """Crop every face into FairFace-style chips plus a manifest.csv that annotate --labels and build-dataset read."""
     from rich.markup import escape
+    from rich.progress import Progress
 
     from .config import FaceCropConfig, resolve_config
     from .faces import crop_files
 
     flags = {"margin": margin, "size": size, "align": align, "threshold": threshold, "min_size": min_size}
     cfg = resolve_config(FaceCropConfig, None, flags, set_)
-    report = crop_files(images, out, cfg)
     console = err_console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("cropping faces", total=None)
+        report = crop_files(images, out, cfg, on_progress=lambda n, total: bar.update(task, completed=n, total=total))
     for name in report.no_face:
         console.print(f"no face found: {escape(name)}")
     for problem in report.problems:

@@ -17,7 +17,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -389,7 +389,11 @@ def _write_manifest(path: Path, rows: list[CropRow]) -> None:
 
 
 def crop_files(
-    inputs: Iterable[str], out: Path, cfg: FaceCropConfig | None = None, *, on_image: Any = None
+    inputs: Iterable[str],
+    out: Path,
+    cfg: FaceCropConfig | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> CropReport:
     """Detect and crop every face of every photo into ``out`` with a ``manifest.csv``.
 
@@ -432,9 +436,9 @@ def crop_files(
         raise FacellmError(f"no images found in: {' '.join(inputs)} (give image files, folders or globs)")
     with open(manifest, "a", encoding="utf-8", newline="") as f:  # one photo's rows at a time: a kill loses one
         writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
-        for p in paths:
-            if on_image:
-                on_image(p)
+        for n, p in enumerate(paths):
+            if on_progress:
+                on_progress(n, len(paths))
             try:
                 sha = file_sha256(p) if p.is_file() else ""
                 img = open_image(p)
@@ -471,6 +475,8 @@ def crop_files(
             report.written += len(rows)
             report.rows.extend(rows)
             done.add(prefix)
+        if on_progress:
+            on_progress(len(paths), len(paths))
     return report
 
 
