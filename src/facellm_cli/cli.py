@@ -836,6 +836,7 @@ def faces_detect(
     threshold: ThresholdOpt = None,
     min_size: MinSizeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Find faces: a box, 5 landmarks (eyes, nose, mouth corners) and a score per face."""
@@ -844,7 +845,7 @@ def faces_detect(
     from .config import FaceDetectConfig, resolve_config
     from .faces import detect_files
 
-    cfg = resolve_config(FaceDetectConfig, None, {"threshold": threshold, "min_size": min_size}, set_)
+    cfg = resolve_config(FaceDetectConfig, config, {"threshold": threshold, "min_size": min_size}, set_)
     failed = []
     for det in detect_files(images, cfg):
         if isinstance(det, FacellmError):
@@ -874,6 +875,7 @@ def faces_crop(
     ] = None,
     threshold: ThresholdOpt = None,
     min_size: MinSizeOpt = None,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Crop every face into FairFace-style chips plus a manifest.csv that annotate --labels and build-dataset read."""
@@ -884,7 +886,7 @@ def faces_crop(
     from .faces import crop_files
 
     flags = {"margin": margin, "size": size, "align": align, "threshold": threshold, "min_size": min_size}
-    cfg = resolve_config(FaceCropConfig, None, flags, set_)
+    cfg = resolve_config(FaceCropConfig, config, flags, set_)
     console = err_console()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("cropping faces", total=None)
