@@ -38,6 +38,7 @@ WEIGHTS_FILE = "retinaface/weights.py"
 DETECT_MAX_SIDE = 1280  # photos are downscaled to this longer side for detection; boxes map back
 DEFAULT_THRESHOLD = 0.9
 NMS_IOU = 0.4
+PRE_NMS_TOP_K = 5000  # as in the reference implementation
 MEAN_BGR = (104.0, 117.0, 123.0)
 _STRIDES = (8, 16, 32)
 _ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -214,7 +215,8 @@ def detect(
     arr[:h, :w] = np.asarray(work, dtype=np.float32)[:, :, ::-1] - np.array(MEAN_BGR, dtype=np.float32)
     loc, conf, landms = session.run(None, {"input": arr.transpose(2, 0, 1)[None]})
     loc, scores, landms = loc[0], conf[0][:, 1], landms[0]
-    keep = scores > threshold
+    keep = np.flatnonzero(scores > threshold)
+    keep = keep[np.argsort(scores[keep])[::-1][:PRE_NMS_TOP_K]]  # a low threshold must not make NMS quadratic
     priors = _priors(ph, pw)[keep]
     loc, scores, landms = loc[keep], scores[keep], landms[keep]
     v0, v1 = _VARIANCE
