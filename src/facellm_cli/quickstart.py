@@ -144,7 +144,7 @@ def quickstart(
         ann_cfg, api_key=api_key, on_progress=(lambda st: progress(st.done, st.total)) if progress else None
     )
     if summary.failed:
-        raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {ann_path}")
+        raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {summary.failures}")
     done()
 
     done = stage("build-dataset")
