@@ -397,3 +397,29 @@ def test_finetune_shows_steps_and_prints_eval_loss_once(tmp_path: Path, tiny_int
     final = re.search(r"final train loss (\S+), eval loss (\S+);", r.err)
     assert final and all(len(v.replace(".", "").lstrip("0")) <= 4 for v in final.groups()), r.err
     assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_new_stages_and_remote_work_do_not_warn() -> None:
+    from rich.console import Console
+
+    from facellm_cli._progress import ProgressBar, ThroughputWatch
+
+    class Clock(ThroughputWatch):
+        now = 0.0
+
+        def update(self, done: float, now: float | None = None):  # noqa: ANN201
+            Clock.now += 1
+            return super().update(done, Clock.now)
+
+    console = Console(record=True, width=200, force_terminal=False)
+    with ProgressBar(console, "quickstart", watch=Clock()) as bar:
+        bar.stage("synthesize faces")
+        for i in range(1, 91):
+            bar(i * 10, 900)  # 10/s
+        bar.stage("annotate")
+        for i in range(1, 91):
+            bar(1000 + i, 1090)  # 1/s from a higher count: a slower stage, not a slowdown
+    with ProgressBar(console, "annotate", watch=Clock(), cpu_bound=False) as bar:
+        for i in range(120):
+            bar(i * 10 if i < 90 else 900 + i, 2000)  # an endpoint's rate limit, not this machine
+    assert "throughput fell" not in console.export_text()

@@ -119,12 +119,15 @@ class ProgressBar:
         columns: tuple[str, ...] = (),
         transient: bool = False,
         watch: ThroughputWatch | None = None,
+        cpu_bound: bool = True,
     ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.console = console
         self.unit = unit
-        self.watch = watch if watch is not None else ThroughputWatch()
+        # Only local compute can be slowed by other processes on the cores; a remote endpoint's pace
+        # (rate limits, a batch being processed) is not this machine's throughput.
+        self.watch = (watch if watch is not None else ThroughputWatch()) if cpu_bound else None
         self._fields = dict(fields or {})
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -163,6 +166,8 @@ class ProgressBar:
         else:
             self.progress.remove_task(self.task)
         self._stages += 1
+        if self.watch is not None:
+            self.watch.samples.clear()  # a new stage has its own pace
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
 
     def print(self, message: str, **kwargs: Any) -> None:
@@ -180,7 +185,7 @@ class ProgressBar:
         if speed:
             shown = f"{speed:,.0f}" if speed >= 100 else f"{speed:.3g}"
             self.progress.update(self.task, rate=f"{shown} {self.unit}/s" if self.unit else f"{shown}/s")
-        drop = self.watch.update(done)
+        drop = self.watch.update(done) if self.watch is not None else None
         if drop:
             earlier, recent = drop
             self.print(

@@ -20,6 +20,7 @@ class AnnotateProgress(ProgressBar):
             console,
             description,
             unit="items",
+            cpu_bound=False,  # paced by the endpoint, not by this machine's cores
             fields={"failed": "0", "in_flight": "0", "tokens": "0"},
             columns=(
                 "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight · {task.fields[tokens]} tokens",
