@@ -58,10 +58,14 @@ AGES, GENDERS, RACES = ("3-9", "20-29", "50-59"), ("Male", "Female"), ("White", 
 
 
 def workflow_blocks(readme: str) -> list[tuple[str, str]]:
-    """(language, code) of the fenced blocks in the README's "## The real workflow" section."""
+    """(language, code) of the fenced blocks in the numbered steps ("### 1. ...") of "## The real workflow".
+
+    Other subsections there (faces in real photos) are their own workflow, tested in tests/test_faces.py.
+    """
     start = readme.index("## The real workflow")
     end = readme.index("\n## ", start + 1)
-    return re.findall(r"```(bash|python)\n(.*?)```", readme[start:end], flags=re.S)
+    steps = [part for part in readme[start:end].split("\n### ")[1:] if re.match(r"\d+\.", part)]
+    return [b for part in steps for b in re.findall(r"```(bash|python)\n(.*?)```", part, flags=re.S)]
 
 
 def commands(code: str) -> list[str]:

@@ -120,6 +120,7 @@ class ProgressBar:
         transient: bool = False,
         watch: ThroughputWatch | None = None,
         cpu_bound: bool = True,
+        disable: bool = False,
     ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -139,6 +140,7 @@ class ProgressBar:
             console=console,
             transient=transient,
             speed_estimate_period=60.0,
+            disable=disable,
         )
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
         self._started: set[Any] = set()

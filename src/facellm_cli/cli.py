@@ -676,7 +676,8 @@ def finetune(
     from ._progress import ProgressBar
 
     console = err_console()
-    with ProgressBar(console, "finetune", unit="steps") as bar:
+    # Under accelerate/torchrun only the first process draws the bar (the others report no steps).
+    with ProgressBar(console, "finetune", unit="steps", disable=os.environ.get("RANK", "0") != "0") as bar:
         res = run_finetune(
             cfg,
             resume=resume_from or ("latest" if resume else None),
