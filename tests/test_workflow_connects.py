@@ -110,6 +110,8 @@ def test_evaluate_dataset_folder_scores_the_test_split(
         from facellm_cli.eval.sets import set_files
 
         set_files(ds, "bogus")
+    with pytest.raises(DataError, match="--split val picks a file of a build-dataset folder"):
+        set_files(ds / "mcq_test.jsonl", "val")
 
 
 def test_evaluate_help_names_the_default_mode_and_split(cli: Any) -> None:

@@ -84,6 +84,8 @@ def set_files(data: str | Path, split: str | None = None) -> list[Path]:
     """
     p = Path(data).expanduser()
     if p.is_file():
+        if split:
+            raise DataError(f"--split {split} picks a file of a build-dataset folder, but --data {p} is a file")
         return [p]
     if p.is_dir():
         mcq = sorted(p.glob("mcq_*.jsonl"))
