@@ -418,7 +418,7 @@ def evaluate(
     if meta.get("selection"):
         console.print(f"questions: {meta['selection']}", markup=False)
     overall = outcome.results["overall"]
-    if cfg.mode == "generate" and overall["n"] and overall["unparseable"] > overall["n"] / 2:
+    if cfg.endpoint is None and cfg.mode == "generate" and overall["unparseable"] > overall["n"] / 2:
         console.print(
             f"[yellow]hint:[/yellow] {overall['unparseable']} of {overall['n']} answers named no option letter; "
             "small or base models often do better with --mode likelihood (scores the letters, nothing to parse)"
