@@ -18,6 +18,8 @@ DROP_RATIO = 0.35
 # The current rate is measured over this many seconds, the earlier one over the minute before it.
 RECENT_S = 15.0
 EARLIER_S = 60.0
+# At most one throughput sample per this many seconds.
+MIN_INTERVAL_S = 0.5
 
 SLOW_HINT = (
     "other processes may be competing for the CPU cores: close them, or give facellm fewer threads "
@@ -58,6 +60,8 @@ class ThroughputWatch:
         now = time.monotonic() if now is None else now
         if self.samples and done < self.samples[-1][1]:
             self.samples.clear()  # a new stage or a reset counter
+        if self.samples and now - self.samples[-1][0] < MIN_INTERVAL_S:
+            return None  # fast callers (thousands a second) keep the history short and the check cheap
         self.samples.append((now, done))
         horizon = now - self.recent_s - self.earlier_s - 1.0
         while len(self.samples) > 2 and self.samples[1][0] <= horizon:
