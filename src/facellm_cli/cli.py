@@ -414,6 +414,7 @@ def evaluate(
     scored = f"{meta['set_name']}" + (f" (split {meta['split']})" if meta.get("split") else "")
     console.print(
         f"{outcome.asked} answered, {outcome.cached} from cache on {scored}; report: {outcome.files['report']}"
+        + (f", chart: {outcome.files['chart']}" if outcome.files.get("chart") else "")
     )
     if meta.get("selection"):
         console.print(f"questions: {meta['selection']}", markup=False)
