@@ -191,6 +191,10 @@ def build_dataset(
     force: Annotated[
         bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
     ] = None,
+    exclude_overlap_with: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-overlap-with", help="Drop images that match these benchmark images/sets (repeatable)."),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -213,8 +217,11 @@ def build_dataset(
         "stratify": stratify,
         "skip_invalid": skip_invalid,
         "force": force,
+        "exclude_overlap_with": exclude_overlap_with,
     }
     cfg = resolve_config(DatasetConfig, config, flags, set_)
+    if cfg.exclude_overlap_with and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     with err_console().status("building dataset ...") as status:
         report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
     if json_out:
@@ -277,6 +284,10 @@ def evaluate(
         list[str] | None,
         typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
     ] = None,
+    train_data: Annotated[
+        list[str] | None,
+        typer.Option("--train-data", help="The model's training data: also report accuracy on unseen images."),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -318,9 +329,12 @@ def evaluate(
             "generation.max_new_tokens": max_new_tokens,
             "out": str(out) if out else None,
             "tasks": [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None,
+            "train_data": train_data,
         }
     )
     cfg = resolve_config(EvalConfig, config, flags, set_)
+    if cfg.train_data and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     api_key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url) if cfg.endpoint else None
     with _progress("evaluating") as bar:
         outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
@@ -720,6 +734,71 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     for k, v in result.artefacts.items():
         arts.add_row(k, v)
     out.print(arts)
+
+
+def _overlap_cache() -> Path:
+    from .data.overlap import default_cache_path
+
+    return default_cache_path(dict(os.environ))
+
+
+# ---- data ----
+data_app = typer.Typer(help="Dataset hygiene: compare training data with benchmarks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("overlap")
+def data_overlap(
+    train: Annotated[
+        list[str],
+        typer.Argument(help="Training images: folders, annotate/build-dataset outputs, training or mcq JSONL files."),
+    ],
+    against: Annotated[
+        list[str] | None, typer.Option("--against", help="Benchmark images or sets, same kinds (repeatable).")
+    ] = None,
+    benchmark: Annotated[str | None, typer.Option("--benchmark", help="Built-in benchmark: facexbench.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="FaceXBench checkout (with --benchmark).")] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Root for relative image paths in JSONL inputs.")
+    ] = None,
+    max_distance: Annotated[
+        int, typer.Option("--max-distance", help="Most differing bits of the 128-bit hash for a match.")
+    ] = 14,
+    max_colour_distance: Annotated[
+        float, typer.Option("--max-colour-distance", help="Most mean chroma difference (colour images only).")
+    ] = 3.0,
+    sheet: Annotated[Path | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs.")] = Path(
+        "overlap_pairs.png"
+    ),
+    show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes hashing images.")] = 1,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find training images that are also benchmark images (perceptual hash: survives re-encoding, resizing, crops)."""
+    from .data.overlap import overlap, render_table
+
+    if benchmark not in (None, "facexbench") or bool(benchmark) != bool(data_dir):
+        raise typer.BadParameter("use --benchmark facexbench together with --data-dir DIR (a FaceXBench checkout)")
+    with _progress("hashing") as bar:
+        result = overlap(
+            train,
+            against or [],
+            facexbench_dir=data_dir,
+            image_root=image_root,
+            max_distance=max_distance,
+            max_colour_distance=max_colour_distance,
+            cache_path=cache or _overlap_cache(),
+            workers=workers,
+            sheet=sheet,
+            progress=lambda _label, done, total: bar(done, total),
+        )
+    print(
+        json.dumps(result.to_json(), ensure_ascii=False) if json_out else render_table(result, show),
+        end="\n" if json_out else "",
+    )
+    if result.sheet:
+        err_console().print(f"contact sheet of the closest pairs: {result.sheet}")
 
 
 @dev_app.command("tiny-model")

@@ -283,13 +283,22 @@ class DatasetConfig(StrictModel):
     )
     name: str = Field("facellm", description="Dataset name prefix in dataset_info.json (name_train, name_val, ...).")
     max_errors_shown: int = Field(20, gt=0, description="Most invalid records listed in one error.")
+    exclude_overlap_with: list[str] = Field(
+        default_factory=list,
+        description="Benchmark images or sets (folders, mcq JSONL, a FaceXBench checkout): training images that "
+        "match one of their images by perceptual hash are dropped and counted (facellm data overlap).",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a benchmark match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="before")
     @classmethod
     def _lists_from_flags(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for key in ("split", "mcq"):
+            for key in ("split", "mcq", "exclude_overlap_with"):
                 if key in data:
                     data[key] = _split_csv(data[key])
             if isinstance(data.get("inputs"), str):
@@ -377,6 +386,15 @@ class EvalConfig(StrictModel):
     out: str = Field(
         "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
     )
+    train_data: list[str] = Field(
+        default_factory=list,
+        description="Training data of the model (image folders, annotate/build-dataset outputs, training JSONL): "
+        "accuracy is also reported on the questions whose images were not in it.",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a training-image match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="after")
     def _checks(self) -> EvalConfig:

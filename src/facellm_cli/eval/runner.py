@@ -463,6 +463,10 @@ def evaluate(
         "reused_from_cache": total - len(todo),
     }
     results = build_results(records, meta)
+    if cfg.train_data:
+        from ..data.overlap import add_unseen_split
+
+        add_unseen_split(results, records, questions, cfg)
     files = write_reports(results, out)
     files["predictions"] = str(pred_path)
     files["config"] = str(out / "config.yaml")
