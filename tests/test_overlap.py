@@ -83,8 +83,8 @@ def faces_with_attrs(seed: int, n: int, size: int = SIZE) -> list:
 
 @pytest.fixture(scope="module")
 def generated() -> dict:
-    train = faces_with_attrs(1, 30)
-    others = faces_with_attrs(99, 40)
+    train = faces_with_attrs(1, 24)
+    others = faces_with_attrs(99, 36)
     return {
         "train": train,
         "others": others,
@@ -288,3 +288,42 @@ def test_evaluate_reports_unseen_split(tmp_path: Path) -> None:
     md = (tmp_path / "e" / "report.md").read_text()
     assert "## Questions whose images were not in training" in md
     assert "| **Overall** | 50.00 (4/8) | 40.00 (2/5) |" in md
+
+
+def test_collect_reads_every_kind_of_source(tmp_path: Path) -> None:
+    """Image folders, training JSONL, a finetune run's recorded data.train, build-dataset outputs, MCQ sets."""
+    from facellm_cli.config import FinetuneConfig, dump_config
+    from facellm_cli.data.overlap import collect
+
+    root = tmp_path / "faces"
+    imgs = [save(f, root / f"f{i}.png") for i, f in enumerate(faces(51, 3))]
+    msgs = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"id": str(i), "messages": [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}],
+          "images": [p.name]} for i, p in enumerate(imgs[:2])],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(
+        resolve_config(FinetuneConfig, None, {"data.train": str(msgs), "data.image_root": str(root)}),
+        run / "finetune_config.yaml",
+    )
+    assert collect([run], side="train").paths == [str(root / "f0.png"), str(root / "f1.png")]
+    assert collect([msgs], side="train", image_root=root).paths == [str(root / "f0.png"), str(root / "f1.png")]
+    assert collect([root], side="train").paths == [str(p) for p in imgs]
+    ann = write_jsonl(tmp_path / "ann.jsonl", [annotation(p.name, "pose", "x") for p in imgs])
+    assert collect([ann], side="train", image_root=root).paths == [str(p) for p in imgs]
+    recs = [annotation(p.name, a, f"about {p.name}", root=root) for p in imgs for a in ("expression", "pose")]
+    for r in recs:
+        r["labels"] = {"expression": ["smiling", "neutral", "frowning"][int(r["image"][1])]}
+    cfg = resolve_config(
+        DatasetConfig,
+        None,
+        {"inputs": [str(write_jsonl(tmp_path / "a2.jsonl", recs))], "image_root": str(root),
+         "out": str(tmp_path / "ds"), "mcq": "expression", "split": "0.34,0.33,0.33"},
+    )  # fmt: skip
+    build_dataset(cfg)
+    train_side = collect([tmp_path / "ds"], side="train")
+    bench_side = collect([tmp_path / "ds"], side="bench")
+    assert sorted(train_side.paths + bench_side.paths) == sorted(str(p.resolve()) for p in imgs)
+    assert bench_side.n_questions == len(bench_side.paths) and all(bench_side.questions[p] for p in bench_side.paths)

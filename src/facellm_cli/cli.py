@@ -770,6 +770,7 @@ def data_overlap(
     sheet: Annotated[Path | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs.")] = Path(
         "overlap_pairs.png"
     ),
+    sheet_pairs: Annotated[int, typer.Option("--sheet-pairs", min=1, help="Pairs drawn on the contact sheet.")] = 12,
     show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Processes hashing images.")] = 1,
     cache: Annotated[Path | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
@@ -791,6 +792,7 @@ def data_overlap(
             cache_path=cache or _overlap_cache(),
             workers=workers,
             sheet=sheet,
+            sheet_pairs=sheet_pairs,
             progress=lambda _label, done, total: bar(done, total),
         )
     print(

@@ -168,6 +168,21 @@ def _add_annotations(coll: Collection, path: Path, image_root: Path | None) -> N
             coll.add(p)
 
 
+def _add_finetune_run(coll: Collection, run: Path) -> None:
+    """The training file a finetune run recorded in its finetune_config.yaml (a run or adapter folder)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "finetune_config.yaml").read_text(encoding="utf-8")) or {}
+    data = cfg.get("data") or {}
+    train = data.get("train")
+    if not train or not Path(train).expanduser().is_file():
+        raise DataError(
+            f"{run / 'finetune_config.yaml'}: data.train {train!r} is not a file here; pass the training data itself"
+        )
+    root = Path(data["image_root"]).expanduser() if data.get("image_root") else None
+    _add_samples(coll, Path(train).expanduser(), root)
+
+
 def collect(
     inputs: Sequence[str | Path],
     *,
@@ -176,7 +191,8 @@ def collect(
     facexbench_dir: str | Path | None = None,
 ) -> Collection:
     """Images named by ``inputs``: image files or folders, annotate JSONL, training JSONL/ShareGPT,
-    build-dataset outputs, multiple-choice JSONL sets, FaceXBench checkouts.
+    build-dataset outputs, finetune run folders (the data.train in their finetune_config.yaml),
+    multiple-choice JSONL sets, FaceXBench checkouts.
 
     ``side`` is "train" or "bench": a build-dataset folder gives its ``train.jsonl`` images on the
     training side and its held-out ``mcq_val``/``mcq_test`` questions on the benchmark side.
@@ -194,6 +210,8 @@ def collect(
         coll.sources.append(str(item))
         if kind == "facexbench" or (p.is_dir() and _is_facexbench(p)):
             _add_questions(coll, load_facexbench(p, check_images=False))
+        elif p.is_dir() and (p / "finetune_config.yaml").is_file() and side == "train":
+            _add_finetune_run(coll, p)
         elif p.is_dir() and (p / "dataset_info.json").is_file():
             media = root or _media_dir(p)
             if side == "train":
@@ -653,6 +671,7 @@ def overlap(
     cache_path: str | Path | None = None,
     workers: int = 1,
     sheet: str | Path | None = None,
+    sheet_pairs: int = 12,
     progress: Progress | None = None,
 ) -> OverlapResult:
     """``facellm data overlap``: collect both sides, match them, draw the contact sheet of the closest pairs."""
@@ -675,7 +694,7 @@ def overlap(
     finally:
         cache.close()
     if sheet and result.pairs:
-        result.sheet = str(contact_sheet(result.pairs, sheet))
+        result.sheet = str(contact_sheet(result.pairs, sheet, n=sheet_pairs))
     return result
 
 
