@@ -327,3 +327,33 @@ def test_collect_reads_every_kind_of_source(tmp_path: Path) -> None:
     bench_side = collect([tmp_path / "ds"], side="bench")
     assert sorted(train_side.paths + bench_side.paths) == sorted(str(p.resolve()) for p in imgs)
     assert bench_side.n_questions == len(bench_side.paths) and all(bench_side.questions[p] for p in bench_side.paths)
+
+
+def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None:  # noqa: ANN001
+    """--exclude-overlap-with and --train-data from the command line, with the default hash cache under FACELLM_HOME."""
+    root = tmp_path / "faces"
+    imgs = [save(f, root / f"f{i}.png") for i, f in enumerate(faces(61, 4))]
+    jsonl = write_jsonl(
+        tmp_path / "ann.jsonl", [annotation(p.name, "pose", f"about {p.name}", root=root) for p in imgs]
+    )
+    save(jpeg(open_image(imgs[1])), tmp_path / "bench" / "b.jpg")
+    r = cli(
+        "build-dataset", jsonl, "--image-root", root, "--out", tmp_path / "ds", "--split", "1,0,0",
+        "--exclude-overlap-with", tmp_path / "bench", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert json.loads(r.out.splitlines()[0])["filtered"] == {"benchmark_overlap": 1}
+    cache = Path(os.environ["FACELLM_HOME"]) / "cache" / "overlap-hashes.sqlite"
+    assert cache.is_file()
+    data = write_jsonl(
+        tmp_path / "set.jsonl",
+        [{"id": p.stem, "images": [str(p)], "question": "q?", "options": ["x", "y"], "answer": "A"} for p in imgs],
+    )
+    with FakeOpenAI(default="(B)", delay=0.0) as server:
+        r = cli(
+            "evaluate", "--data", data, "--base-url", server.base_url, "--model", "m", "--out", tmp_path / "e",
+            "--train-data", tmp_path / "ds",
+        )  # fmt: skip
+    assert r.code == 0, r.err
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["unseen_in_training"]["seen_question_ids"] == ["f0", "f2", "f3"]  # f1 was excluded from training

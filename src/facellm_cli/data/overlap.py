@@ -257,6 +257,11 @@ def collect(
 # ---------------------------------------------------------------- signatures
 
 
+def require_overlap_extra() -> None:
+    """Fail early (before a model loads or a long run starts) when the overlap extra is not installed."""
+    _require_imagehash()
+
+
 def _require_imagehash() -> Any:
     try:
         import imagehash
@@ -313,8 +318,8 @@ class HashCache:
             return {}
         found: dict[tuple[str, int, int], bytes] = {}
         cur = self._db.cursor()
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
+        for i in range(0, len(keys), 300):  # 3 values a key: under SQLite's older limit of 999 variables
+            chunk = keys[i : i + 300]
             q = " OR ".join(["(path=? AND size=? AND mtime=?)"] * len(chunk))
             args = [v for k in chunk for v in k]
             for path, size, mtime, value in cur.execute(

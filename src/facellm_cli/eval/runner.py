@@ -408,6 +408,10 @@ def evaluate(
     """
     from .report import build_results, write_reports
 
+    if cfg.train_data:
+        from ..data.overlap import require_overlap_extra
+
+        require_overlap_extra()
     questions = select_questions(load_questions(cfg), cfg.tasks, cfg.limit)
     if not questions:
         raise ConfigError("tasks: no questions selected (check --tasks and --limit)")
