@@ -93,12 +93,34 @@ class GenerationConfig(StrictModel):
     seed: int | None = Field(None, description="Seed for sampling.")
 
 
+class FaceDetectConfig(StrictModel):
+    """Face detection in photos (``facellm faces``, ``ask --faces``, ``annotate --faces``)."""
+
+    threshold: float = Field(0.9, gt=0, lt=1, description="Lowest detector score kept as a face.")
+    min_size: float = Field(0, ge=0, description="Smallest face kept, in pixels of the box's shorter side.")
+    max_side: int = Field(
+        1280, ge=64, description="Photos are downscaled to this longer side for detection; boxes map back."
+    )
+
+
+class FaceCropConfig(FaceDetectConfig):
+    """FairFace-style face chips."""
+
+    margin: float = Field(0.25, ge=0, le=2, description="Added on each side, as a fraction of the face size.")
+    size: int = Field(224, ge=16, le=2048, description="Chip side in pixels.")
+    align: bool = Field(True, description="Rotate so the eye line is level.")
+
+
 class AskConfig(StrictModel):
     """``facellm ask``: answer a question about one or more images."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to load.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     batch_size: int = Field(4, gt=0, description="Images answered per generate call.")
+    faces: bool = Field(False, description="Detect the faces in each photo and answer for each face's chip.")
+    face_crop: FaceCropConfig = Field(
+        default_factory=FaceCropConfig, description="Detection and chip settings used with faces."
+    )
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -464,6 +486,11 @@ class AnnotateConfig(StrictModel):
     image_root: str | None = Field(
         None, description="Folder label paths are relative to; stored image paths become relative to it."
     )
+    faces: bool = Field(
+        False, description="The images are photos: crop every face first (into faces_dir) and annotate the chips."
+    )
+    faces_dir: str | None = Field(None, description="Where face chips and their manifest go (default: <out>.faces).")
+    face_crop: FaceCropConfig = Field(default_factory=FaceCropConfig, description="Detection and chip settings.")
     out: str = Field(
         "annotations.jsonl", description="Append-only JSONL of Annotation records (re-running resumes it)."
     )
@@ -547,6 +574,13 @@ class AnnotateConfig(StrictModel):
     def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
         if not v and not info.data.get("images"):
             raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
+        return v
+
+    @field_validator("faces")
+    @classmethod
+    def _faces_need_photos(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("labels"):
+            raise ValueError("faces crops photos given as images; labels describe whole images (drop one of them)")
         return v
 
     @field_validator("base_url")

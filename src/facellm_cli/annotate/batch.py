@@ -145,6 +145,8 @@ def write_round(
                 problems.append(str(e))
                 continue
             entry = {"image": w.item.name, "sha": sha, "labels": w.item.labels, "tokens": image.tokens}
+            if w.item.face is not None:
+                entry["face"] = w.item.face.model_dump(mode="json")
             if cfg.mode == "per-aspect":
                 for a in aspects:
                     prompt, _ = render_aspect(ps, a, w.item.labels)
@@ -331,6 +333,7 @@ def _record(
         provider="openai",
         prompt_version=plan.prompt_set.version,
         labels=entry.get("labels", {}),
+        face=entry.get("face"),
         usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
         attempts=attempts,
         created=now_iso(),

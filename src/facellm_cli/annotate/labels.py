@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..faces import face_ref
 from ..images import find_images, is_image_path
+from ..schema import FaceRef
 
 IMAGE_COLUMNS = ("file", "image", "image_path", "path", "filename", "img")
 
@@ -31,6 +33,7 @@ class LabelRow:
     image: str
     labels: dict[str, str]
     line: int
+    face: FaceRef | None = None  # a faces-crop manifest row: where the chip came from (not a face attribute)
 
 
 @dataclass
@@ -87,7 +90,8 @@ def read_labels(
             value = _clean(v)
             if value is not None:
                 labels[str(k).strip()] = value
-        table.rows.append(LabelRow(image=image, labels=labels, line=line))
+        face = face_ref(labels)  # removes a faces manifest's provenance columns from the labels
+        table.rows.append(LabelRow(image=image, labels=labels, line=line, face=face))
     return table
 
 
@@ -131,6 +135,7 @@ class ImageItem:
     path: Path
     name: str
     labels: dict[str, str]
+    face: FaceRef | None = None
 
 
 @dataclass
@@ -185,7 +190,7 @@ def collect_inputs(
             if not path.is_file():
                 problems.append(f"image not found: {path} (listed in {table.source.name} line {row.line})")
                 continue
-            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels))
+            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels, face=row.face))
         return Inputs(items=items, problems=problems)
 
     found = find_images(images)
@@ -228,4 +233,5 @@ def collect_inputs(
             continue
         matched.add(idx)
         items[idx].labels = row.labels
+        items[idx].face = row.face
     return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))

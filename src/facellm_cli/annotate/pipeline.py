@@ -274,6 +274,13 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     """Join inputs, hash images, drop duplicates and pairs already done."""
     prompt_set = load_prompt_set(cfg.prompts)
     aspects = prompt_set.select(cfg.aspects) if cfg.provider == "openai" else list(prompt_set.aspects)
+    if cfg.faces:  # crop the photos first; the chips' manifest then lists the images, as --labels would
+        from ..faces import crop_files
+
+        manifest = crop_files(cfg.images, Path(cfg.faces_dir or f"{out}.faces"), cfg.face_crop).manifest
+        cfg = cfg.model_copy(
+            update={"images": [], "labels": str(manifest), "label_image_column": None, "image_root": None}
+        )
     inputs = collect_inputs(
         cfg.images, cfg.labels, image_column=cfg.label_image_column, ignore=cfg.label_ignore, image_root=cfg.image_root
     )
@@ -465,6 +472,7 @@ def _run_template(
                     provider="template",
                     prompt_version=TEMPLATE_VERSION,
                     labels=w.item.labels,
+                    face=w.item.face,
                     attempts=1,
                     created=now_iso(),
                 )
@@ -559,6 +567,7 @@ class _LiveRun:
             provider="openai",
             prompt_version=self.ps.version,
             labels=w.item.labels,
+            face=w.item.face,
             usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
             attempts=attempts,
             created=now_iso(),
