@@ -357,3 +357,25 @@ def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None
     assert r.code == 0, r.err
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     assert res["unseen_in_training"]["seen_question_ids"] == ["f0", "f2", "f3"]  # f1 was excluded from training
+
+
+def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:  # noqa: ANN001
+    """All 48 shared question files: 5,000 questions and their images; without the images, one clear error."""
+    if not SHARED_BENCHMARK.is_dir():
+        pytest.skip("shared FaceXBench question files not present")
+    from facellm_cli.data.overlap import collect
+    from facellm_cli.eval.facexbench import EXPECTED_QUESTIONS
+
+    bench = collect([], side="bench", facexbench_dir=SHARED_BENCHMARK.parent)
+    assert bench.n_questions == EXPECTED_QUESTIONS
+    assert len({r.category for r in bench.all_questions}) == 6
+    links = [
+        (f"{f.stem}/{n}", str(SHARED_BENCHMARK / rel))
+        for f in sorted(SHARED_BENCHMARK.glob("*.json"))
+        for n, q in json.loads(f.read_text(encoding="utf-8"))["questions"].items()
+        for rel in q["image_paths"]
+    ]
+    assert sorted((r.id, p) for p, refs in bench.questions.items() for r in refs) == sorted(links)
+    save(faces(1, 1)[0], tmp_path / "t" / "a.png")
+    r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench", "--data-dir", SHARED_BENCHMARK.parent)
+    assert r.code == 1 and f"{len(bench.paths)} image(s) not found" in r.err

@@ -849,7 +849,12 @@ def data_overlap(
     ),
     sheet_pairs: Annotated[int, typer.Option("--sheet-pairs", min=1, help="Pairs drawn on the contact sheet.")] = 12,
     show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes hashing images.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Processes hashing images (default: one per 2,000, up to the CPUs or 8)."
+        ),
+    ] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
     json_out: JsonOpt = False,
 ) -> None:

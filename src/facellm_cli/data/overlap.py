@@ -358,11 +358,12 @@ def compute_signatures(
     paths: Sequence[str],
     *,
     cache: HashCache | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     progress: Progress | None = None,
     label: str = "hashing",
 ) -> Signatures:
-    """Signatures of ``paths`` (cached ones read back, the rest decoded, ``workers`` processes when > 1).
+    """Signatures of ``paths`` (cached ones read back, the rest decoded, ``workers`` processes when > 1;
+    None: :func:`default_workers` of the images to decode).
 
     Missing files are an error (a wrong image root would otherwise report "no overlap"); files that
     exist but cannot be decoded are skipped and returned in ``unreadable``.
@@ -383,6 +384,7 @@ def compute_signatures(
     if progress:
         progress(label, len(values), total)
     if todo:
+        workers = default_workers(len(todo)) if workers is None else workers
         chunk = 256
         jobs = [[paths[i] for i in todo[s : s + chunk]] for s in range(0, len(todo), chunk)]
         idx = [todo[s : s + chunk] for s in range(0, len(todo), chunk)]
@@ -410,6 +412,16 @@ def signatures_from(values: Sequence[bytes | str], paths: Sequence[str], hashed:
     chroma = raw[:, 16:].astype(np.int16)
     gray = (np.abs(chroma - 128) <= GRAY_CHROMA).all(axis=1)
     return Signatures([paths[i] for i in good], words, chroma, gray, unreadable, hashed=hashed)
+
+
+def default_workers(n: int) -> int:
+    """Processes worth starting to decode ``n`` images: one per 2,000 (a process takes ~1 s to start), at most the
+    usable CPUs or 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus, n // 2000))
 
 
 def _gather(results, idx, values, keys, cache, progress, label, total) -> None:  # noqa: ANN001
@@ -531,7 +543,7 @@ def find_overlap(
     max_distance: int = DEFAULT_MAX_DISTANCE,
     max_colour_distance: float = DEFAULT_MAX_COLOUR_DISTANCE,
     cache: HashCache | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> OverlapResult:
     """Every (training image, benchmark image) pair within the thresholds, and the benchmark questions they touch."""
@@ -674,7 +686,7 @@ def overlap(
     max_distance: int = DEFAULT_MAX_DISTANCE,
     max_colour_distance: float = DEFAULT_MAX_COLOUR_DISTANCE,
     cache_path: str | Path | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     sheet: str | Path | None = None,
     sheet_pairs: int = 12,
     progress: Progress | None = None,
