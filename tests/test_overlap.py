@@ -379,3 +379,29 @@ def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:  # noq
     save(faces(1, 1)[0], tmp_path / "t" / "a.png")
     r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench", "--data-dir", SHARED_BENCHMARK.parent)
     assert r.code == 1 and f"{len(bench.paths)} image(s) not found" in r.err
+
+
+@pytest.mark.parametrize("numpy_popcount", [True, False], ids=["bitwise_count", "byte-table"])
+def test_hamming_pairs_is_exact(numpy_popcount: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pair within the threshold and no other, as a Python loop over all pairs finds them (both popcounts)."""
+    import numpy as np
+
+    from facellm_cli.data import overlap
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, size=(300, 2), dtype=np.uint64)
+    b = rng.integers(0, 2**63, size=(70, 2), dtype=np.uint64)
+    b[5] = a[7]
+    b[5, 0] ^= np.uint64(0b1011)  # 3 bits from a[7]
+    if not numpy_popcount:
+        monkeypatch.delattr(np, "bitwise_count", raising=False)
+    monkeypatch.setattr(overlap, "_BLOCK_PAIRS", 1000)  # many blocks, a short last one
+    i, j, d = overlap.hamming_pairs(a, b, 52)
+    got = sorted(zip(i.tolist(), j.tolist(), d.tolist(), strict=True))
+    want = [
+        (x, y, n)
+        for x in range(len(a))
+        for y in range(len(b))
+        if (n := int(a[x, 0] ^ b[y, 0]).bit_count() + int(a[x, 1] ^ b[y, 1]).bit_count()) <= 52
+    ]
+    assert got == want and (7, 5, 3) in got and len(got) > 10

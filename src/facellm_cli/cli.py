@@ -415,6 +415,10 @@ def evaluate(
         from .eval.report import summary_table
 
         print(summary_table(outcome.results), end="")
+        if outcome.results.get("unseen_in_training"):
+            from .data.overlap import unseen_markdown
+
+            print("\n".join(unseen_markdown(outcome.results["unseen_in_training"])))
     if compare:
         table = compare_runs([*compare, str(outcome.out_dir)])
         print(

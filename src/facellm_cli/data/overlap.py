@@ -52,7 +52,7 @@ DEFAULT_MAX_COLOUR_DISTANCE = 3.0  # mean |delta Cb|, |delta Cr| over the 8x8 th
 GRAY_CHROMA = 4  # an image whose chroma stays within 128 +- this everywhere is grayscale
 _CHROMA_CELLS = 8
 _SIG_BYTES = 16 + 2 * _CHROMA_CELLS * _CHROMA_CELLS
-_BLOCK = 2048  # train rows per numpy block: 2048 x 10k bench = 20M distances (20 MB uint8) at a time
+_BLOCK_PAIRS = 1_000_000  # pairs per numpy block (see hamming_pairs)
 
 Progress = Callable[[str, int, int], None]
 
@@ -448,20 +448,35 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
         return np.bitwise_count(x)
     table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+    return table[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
 
 
 def hamming_pairs(a: np.ndarray, b: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All (i, j, distance) with Hamming(a[i], b[j]) <= max_distance over 128-bit rows, exactly, in numpy blocks."""
+    """All (i, j, distance) with Hamming(a[i], b[j]) <= max_distance over 128-bit rows, exactly, in numpy blocks.
+
+    Blocks of ~1M pairs reuse preallocated buffers (8 MB of XOR words, 2 MB of counts), which keeps them in cache.
+    """
     import numpy as np
 
     ii, jj, dd = [], [], []
     b0, b1 = b[:, 0][None, :], b[:, 1][None, :]
-    for s in range(0, len(a), _BLOCK):
-        blk = a[s : s + _BLOCK]
-        d = _popcount(blk[:, 0:1] ^ b0)
-        d += _popcount(blk[:, 1:2] ^ b1)
-        i, j = np.nonzero(d <= max_distance)
+    rows = max(16, _BLOCK_PAIRS // max(1, len(b)))
+    fast = hasattr(np, "bitwise_count")  # numpy >= 2.0
+    x = np.empty((rows, len(b)), dtype=np.uint64)
+    d = np.empty((rows, len(b)), dtype=np.uint8)
+    d2 = np.empty_like(d)
+    for s in range(0, len(a), rows):
+        blk = a[s : s + rows]
+        k = len(blk)
+        if fast:
+            np.bitwise_xor(blk[:, 0:1], b0, out=x[:k])
+            np.bitwise_count(x[:k], out=d[:k])
+            np.bitwise_xor(blk[:, 1:2], b1, out=x[:k])
+            np.bitwise_count(x[:k], out=d2[:k])
+            np.add(d[:k], d2[:k], out=d[:k])
+        else:
+            d[:k] = _popcount(blk[:, 0:1] ^ b0) + _popcount(blk[:, 1:2] ^ b1)
+        i, j = np.nonzero(d[:k] <= max_distance)
         ii.append(i + s)
         jj.append(j)
         dd.append(d[i, j])
