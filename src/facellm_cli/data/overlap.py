@@ -15,8 +15,8 @@ Each image gets a 144-byte signature, computed once and cached per file
   of a few pixels moves only a few bits. Pairs are compared by the Hamming
   distance of these 128 bits, exactly, for all pairs: XOR and popcount over
   packed uint64 in numpy blocks (1e9 pairs, FairFace x FaceXBench scale, take
-  about 4 s on one core; ``bench/overlap_scale.py``), so no index can miss a
-  pair within the threshold.
+  4-8 s on one core; ``bench/overlap_scale.py``), so no index can miss a pair
+  within the threshold.
 * **colour**: the chroma (Cb, Cr) of an 8x8 box thumbnail. Structure alone
   cannot tell two faces apart that differ only in skin tone or background, so
   a pair within the Hamming threshold must also agree in colour (mean absolute
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 SIGNATURE_VERSION = "dhash128+chroma8-v1"
 HASH_BITS = 128
 DEFAULT_MAX_DISTANCE = 14  # of 128 bits; see the measured rates in README "Benchmark overlap"
-DEFAULT_MAX_COLOUR_DISTANCE = 3.0  # mean |delta Cb|, |delta Cr| over the 8x8 thumbnail (0-255); copies measure <= 1.3
+DEFAULT_MAX_COLOUR_DISTANCE = 3.0  # mean |delta Cb|, |delta Cr| of the 8x8 thumbnails (0-255); copies measured <= 2.3
 GRAY_CHROMA = 4  # an image whose chroma stays within 128 +- this everywhere is grayscale
 _CHROMA_CELLS = 8
 _SIG_BYTES = 16 + 2 * _CHROMA_CELLS * _CHROMA_CELLS
