@@ -536,24 +536,49 @@ def annotate(
     for line in summary_lines(summary):
         console.print(line, markup=False)
     print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
+    reasons = []
     if summary.failed:
-        raise FacellmError(
-            f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
+        reasons.append(
+            f"{summary.failed} item(s) failed (reasons in {summary.failures}); re-run the same command to retry them"
         )
+    if summary.images_skipped:
+        reasons.append(
+            f"{summary.images_skipped} input image(s) skipped as unreadable or missing (see the problems above); "
+            "fix or remove them"
+        )
+    if reasons:
+        raise FacellmError("; ".join(reasons))
 
 
-def _api_key(env_name: str, base_url: str | None) -> str:
-    """The key from the named environment variable; local endpoints may go without one."""
+def _api_key(env_name: str | None, base_url: str | None = None, *, serving: bool = False) -> str | None:
+    """The API key from the environment: the one place every command reads it.
+
+    A variable named with --api-key-env (or api_key_env) must be set: an unset one is an
+    error, never a request without a key or an open server. Unnamed, clients read
+    OPENAI_API_KEY, which local endpoints may go without; ``serve`` runs without auth.
+    """
     from .annotate.client import is_local_endpoint
+    from .errors import ConfigError
 
+    if env_name is None:
+        if serving:
+            return None
+        key = os.environ.get("OPENAI_API_KEY", "").strip()
+        if key:
+            return key
+        if is_local_endpoint(base_url):
+            return "no-key-needed"
+        raise FacellmError(
+            "environment variable OPENAI_API_KEY is not set: export OPENAI_API_KEY=... "
+            "(or name another with --api-key-env)"
+        )
     key = os.environ.get(env_name, "").strip()
-    if key:
-        return key
-    if is_local_endpoint(base_url):
-        return "no-key-needed"
-    raise FacellmError(
-        f"environment variable {env_name} is not set: export {env_name}=... (or name another with --api-key-env)"
-    )
+    if not key:
+        hint = "or leave out --api-key-env to serve without a key" if serving else "or name another with --api-key-env"
+        raise ConfigError(
+            f"api_key_env: environment variable {env_name} is not set or empty (export {env_name}=..., {hint})"
+        )
+    return key
 
 
 # ---- serve ----
@@ -603,27 +628,12 @@ def serve(
     )
     cfg = resolve_config(ServeConfig, config, flags, set_)
     require_serve_extras()
-    api_key = _api_key_from_env(cfg.api_key_env)
+    api_key = _api_key(cfg.api_key_env, serving=True)
     console = err_console()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         console.print(f"[yellow]warning:[/yellow] serving on {cfg.host} without an API key (see --api-key-env)")
     lm = _load(cfg.model)
     serve_forever(cfg, lm, api_key=api_key, on_ready=lambda url: console.print(f"serving {url} (Ctrl-C to stop)"))
-
-
-def _api_key_from_env(var: str | None) -> str | None:
-    """The key named by --api-key-env; an unset or empty variable is an error, never an open server."""
-    if var is None:
-        return None
-    from .errors import ConfigError
-
-    key = os.environ.get(var, "").strip()
-    if not key:
-        raise ConfigError(
-            f"api_key_env: environment variable {var} is not set or empty (export {var}=..., "
-            "or leave out --api-key-env to serve without a key)"
-        )
-    return key
 
 
 # ---- finetune ----

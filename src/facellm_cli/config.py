@@ -142,6 +142,8 @@ def _format_validation_error(err: ValidationError, source: str | None) -> Config
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path is a folder, not a YAML file: {p} (give the .yaml file inside it to --config)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (check the path given to --config)")
     try:
@@ -363,7 +365,11 @@ class EvalEndpointConfig(StrictModel):
 
     base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(description="Model name the endpoint serves.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the API key (never stored); it must be set when named. "
+        "Default: OPENAI_API_KEY, which a local endpoint may go without.",
+    )
     concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
@@ -510,10 +516,11 @@ class AnnotateConfig(StrictModel):
     model: str = Field(
         "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
     )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
+    api_key_env: str | None = Field(
+        None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding the API key (the key itself is never stored).",
+        description="Environment variable holding the API key (the key itself is never stored); it must be set "
+        "when named. Default: OPENAI_API_KEY, which a local endpoint may go without.",
     )
     concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
     rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
@@ -628,6 +635,9 @@ class ServeConfig(StrictModel):
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body in MB (413 above).")
     max_images_per_request: int = Field(8, gt=0, description="Most images in one request (400 above).")
+    max_content_parts: int = Field(
+        1024, gt=0, description="Most content parts (texts and images, all messages together) in one request."
+    )
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image, width x height (413 above).")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: only base64 data: URIs).")
     remote_image_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching one remote image.")
@@ -791,5 +801,8 @@ class QuickstartConfig(StrictModel):
         None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
     )
     annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's key.")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
+    )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
