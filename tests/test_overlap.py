@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dataset_helpers import annotation, write_jsonl
-from eval_helpers import SHARED_BENCHMARK, FakeOpenAI, make_facexbench
+from eval_helpers import FULL_BENCHMARK_MISSING, SHARED_BENCHMARK, FakeOpenAI, make_facexbench
 from facellm_cli.config import DatasetConfig, EvalConfig, resolve_config
 from facellm_cli.data.build import build_dataset
 from facellm_cli.data.overlap import (
@@ -175,10 +175,7 @@ def test_cli_overlap_table_json_sheet_and_cache(tmp_path: Path, cli) -> None:  #
 
 
 def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:  # noqa: ANN001
-    if not SHARED_BENCHMARK.is_dir():
-        pytest.skip("shared FaceXBench question files not present")
-    files = ["lapa_single_mcq.json", "fairface_single_mcq_age_test.json"]
-    fxb = make_facexbench(tmp_path / "fxb", [f for f in files if (SHARED_BENCHMARK / f).is_file()])
+    fxb = make_facexbench(tmp_path / "fxb", ["lapa_single_mcq.json", "fairface_single_mcq_age_test.json"])
     meta = json.loads((fxb / "benchmark" / "lapa_single_mcq.json").read_text())
     first = meta["questions"]["1"]["image_paths"][0]
     face = faces(21, 1)[0]
@@ -361,12 +358,12 @@ def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None
 
 def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:  # noqa: ANN001
     """All 48 shared question files: 5,000 questions and their images; without the images, one clear error."""
-    if not SHARED_BENCHMARK.is_dir():
-        pytest.skip("shared FaceXBench question files not present")
+    if SHARED_BENCHMARK is None:
+        pytest.skip(FULL_BENCHMARK_MISSING)
     from facellm_cli.data.overlap import collect
     from facellm_cli.eval.facexbench import EXPECTED_QUESTIONS
 
-    bench = collect([], side="bench", facexbench_dir=SHARED_BENCHMARK.parent)
+    bench = collect([], side="bench", facexbench_dir=SHARED_BENCHMARK)
     assert bench.n_questions == EXPECTED_QUESTIONS
     assert len({r.category for r in bench.all_questions}) == 6
     links = [
@@ -377,7 +374,7 @@ def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:  # noq
     ]
     assert sorted((r.id, p) for p, refs in bench.questions.items() for r in refs) == sorted(links)
     save(faces(1, 1)[0], tmp_path / "t" / "a.png")
-    r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench", "--data-dir", SHARED_BENCHMARK.parent)
+    r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench", "--data-dir", SHARED_BENCHMARK)
     assert r.code == 1 and f"{len(bench.paths)} image(s) not found" in r.err
 
 
