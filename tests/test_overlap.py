@@ -402,3 +402,23 @@ def test_hamming_pairs_is_exact(numpy_popcount: bool, monkeypatch: pytest.Monkey
         if (n := int(a[x, 0] ^ b[y, 0]).bit_count() + int(a[x, 1] ^ b[y, 1]).bit_count()) <= 52
     ]
     assert got == want and (7, 5, 3) in got and len(got) > 10
+
+
+def test_train_data_auto_reads_the_run_next_to_the_adapter(tmp_path: Path) -> None:
+    from facellm_cli.config import FinetuneConfig, dump_config
+    from facellm_cli.data.overlap import resolve_train_data
+    from facellm_cli.errors import ConfigError
+
+    run = tmp_path / "runs" / "lora"
+    run.mkdir(parents=True)
+    dump_config(
+        resolve_config(FinetuneConfig, None, {"data.train": str(tmp_path / "t.jsonl")}), run / "finetune_config.yaml"
+    )
+    base = {"data": "x.jsonl", "train_data": ["auto"]}
+    cfg = resolve_config(EvalConfig, None, {**base, "model": {"model": "base-model", "adapter": str(run)}})
+    assert resolve_train_data(cfg) == [str(run)]
+    cfg = resolve_config(EvalConfig, None, {**base, "model": {"model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"train_data: auto found no finetune_config.yaml .* in " + str(tmp_path)):
+        resolve_train_data(cfg)
+    cfg = resolve_config(EvalConfig, None, {**base, "train_data": [str(run)], "model": {"model": "m"}})
+    assert resolve_train_data(cfg) == [str(run)]

@@ -356,7 +356,10 @@ def evaluate(
     ] = None,
     train_data: Annotated[
         list[str] | None,
-        typer.Option("--train-data", help="The model's training data: also report accuracy on unseen images."),
+        typer.Option(
+            "--train-data",
+            help="The model's training data (or auto: its finetune run): also accuracy on unseen images.",
+        ),
     ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,

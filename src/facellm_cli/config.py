@@ -416,8 +416,9 @@ class EvalConfig(StrictModel):
     )
     train_data: list[str] = Field(
         default_factory=list,
-        description="Training data of the model (image folders, annotate/build-dataset outputs, training JSONL): "
-        "accuracy is also reported on the questions whose images were not in it.",
+        description="Training data of the model (image folders, annotate/build-dataset outputs, training JSONL, "
+        "finetune run folders; 'auto': the run recorded next to the adapter or model): accuracy is also reported on "
+        "the questions whose images were not in it.",
     )
     overlap_max_distance: int = Field(
         14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a training-image match."

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError, FacellmError, ImageError, MissingDependencyError
+from ..errors import ConfigError, DataError, FacellmError, ImageError, MissingDependencyError
 from ..images import find_images, is_image_path, open_image
 
 if TYPE_CHECKING:
@@ -255,11 +255,6 @@ def collect(
 
 
 # ---------------------------------------------------------------- signatures
-
-
-def require_overlap_extra() -> None:
-    """Fail early (before a model loads or a long run starts) when the overlap extra is not installed."""
-    _require_imagehash()
 
 
 def _require_imagehash() -> Any:
@@ -808,6 +803,27 @@ def overlap_report_section(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_train_data(cfg: Any) -> list[str]:
+    """``evaluate``'s training inputs; ``auto`` is the finetune run recorded next to the adapter (or model) evaluated."""
+    if list(cfg.train_data) != ["auto"]:
+        return list(cfg.train_data)
+    tried = [] if cfg.endpoint is not None else [c for c in (cfg.model.adapter, cfg.model.model) if c]
+    for cand in tried:
+        if (Path(cand).expanduser() / "finetune_config.yaml").is_file():
+            return [cand]
+    where = ", ".join(tried) if tried else "an endpoint (no local run folder)"
+    raise ConfigError(
+        f"train_data: auto found no finetune_config.yaml (written by facellm finetune) in {where}; "
+        "pass --train-data with the training data (folder, JSONL or run folder)"
+    )
+
+
+def check_train_data(cfg: Any) -> None:
+    """Fail before any question is answered: the extra is missing or ``auto`` names no run."""
+    _require_imagehash()
+    resolve_train_data(cfg)
+
+
 def add_unseen_split(
     results: dict[str, Any], records: Sequence[dict[str, Any]], questions: Sequence[Any], cfg: Any
 ) -> None:
@@ -815,14 +831,15 @@ def add_unseen_split(
     matches, overall and per category (``evaluate --train-data``)."""
     from ..eval.report import build_results
 
+    train_inputs = resolve_train_data(cfg)
     res = seen_question_ids(
-        questions, cfg.train_data, max_distance=cfg.overlap_max_distance, cache_path=cfg.overlap_cache
+        questions, train_inputs, max_distance=cfg.overlap_max_distance, cache_path=cfg.overlap_cache
     )
     seen = res.seen_questions
     unseen = build_results([r for r in records if r["id"] not in seen])
     by_key = {c["key"]: c for c in unseen["categories"]}
     results["unseen_in_training"] = {
-        "train_data": list(cfg.train_data),
+        "train_data": train_inputs,
         "max_distance": cfg.overlap_max_distance,
         "hash": SIGNATURE_VERSION,
         "training_images": res.train_images,

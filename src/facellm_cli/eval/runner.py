@@ -409,9 +409,9 @@ def evaluate(
     from .report import build_results, write_reports
 
     if cfg.train_data:
-        from ..data.overlap import require_overlap_extra
+        from ..data.overlap import check_train_data
 
-        require_overlap_extra()
+        check_train_data(cfg)
     questions = select_questions(load_questions(cfg), cfg.tasks, cfg.limit)
     if not questions:
         raise ConfigError("tasks: no questions selected (check --tasks and --limit)")
