@@ -196,6 +196,10 @@ def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:  # noqa:
     }
     assert res["by_category"][meta["category"]]["questions_seen"] == len(users)
     assert res["bench_questions"] > len(meta["questions"])
+    table = cli("data", "overlap", tmp_path / "train", "--benchmark", "facexbench", "--data-dir", fxb, "--sheet",
+                tmp_path / "s.png").out  # fmt: skip
+    assert f"| Face Localization | {len(users)} | {len(meta['questions'])} | 1 |" in table
+    assert f"| lapa_single_mcq | {len(users)} | {len(meta['questions'])} | 1 |" in table
 
 
 def test_cli_overlap_errors(tmp_path: Path, cli) -> None:  # noqa: ANN001

@@ -646,7 +646,10 @@ def render_table(result: OverlapResult, show: int = 20) -> str:
             lines.append(f"| {p['distance']} | {p['train']} | {p['bench']} | {qs or '-'} |")
         if len(r.pairs) > show:
             lines.append(f"| | ... {len(r.pairs) - show} more (--json for all) | | |")
-    for title, table in (("category", r.by_category), ("task", r.by_task)):
+    from ..eval.facexbench import category_display
+
+    by_category = {category_display(k): v for k, v in r.by_category.items()}
+    for title, table in (("category", by_category), ("task", r.by_task)):
         if table:
             lines += [
                 "",
