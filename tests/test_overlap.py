@@ -215,6 +215,14 @@ def test_cli_overlap_errors(tmp_path: Path, cli) -> None:  # noqa: ANN001
     assert r.code == 1 and "not found" in r.err and "nope" in r.err
     r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "t", "--max-distance", "200")
     assert r.code == 1 and "--max-distance 200" in r.err
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
+    r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "t", "--cache", tmp_path / "bad.sqlite")
+    assert r.code == 1 and "hash cache" in r.err and "delete it or pass another --cache" in r.err
+    (tmp_path / "t" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
+    r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "t", "--json", "--sheet", tmp_path / "s.png")
+    res = json.loads(r.out)
+    assert r.code == 0 and list(res["unreadable"]) == [str(tmp_path / "t" / "broken.png")]
+    assert [(Path(p["train"]).name, Path(p["bench"]).name) for p in res["pairs"]] == [("a.png", "a.png")]
 
 
 def test_build_dataset_excludes_overlap(tmp_path: Path) -> None:
