@@ -205,7 +205,9 @@ def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:  # noqa:
 def test_cli_overlap_errors(tmp_path: Path, cli) -> None:  # noqa: ANN001
     save(faces(1, 1)[0], tmp_path / "t" / "a.png")
     r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench")
-    assert r.code == 2
+    assert r.code == 1 and "data_dir: --benchmark facexbench needs --data-dir" in r.err
+    r = cli("data", "overlap", tmp_path / "t")
+    assert r.code == 1 and "against: nothing to compare with" in r.err
     bad = write_jsonl(
         tmp_path / "set.jsonl", [{"images": ["gone.png"], "question": "q", "options": ["a", "b"], "answer": "A"}]
     )
@@ -214,7 +216,7 @@ def test_cli_overlap_errors(tmp_path: Path, cli) -> None:  # noqa: ANN001
     r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "nope")
     assert r.code == 1 and "not found" in r.err and "nope" in r.err
     r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "t", "--max-distance", "200")
-    assert r.code == 1 and "--max-distance 200" in r.err
+    assert r.code == 1 and "max_distance: Input should be less than 128" in r.err
     (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
     r = cli("data", "overlap", tmp_path / "t", "--against", tmp_path / "t", "--cache", tmp_path / "bad.sqlite")
     assert r.code == 1 and "hash cache" in r.err and "delete it or pass another --cache" in r.err
@@ -434,3 +436,22 @@ def test_train_data_auto_reads_the_run_next_to_the_adapter(tmp_path: Path) -> No
         resolve_train_data(cfg)
     cfg = resolve_config(EvalConfig, None, {**base, "train_data": [str(run)], "model": {"model": "m"}})
     assert resolve_train_data(cfg) == [str(run)]
+
+
+def test_cli_overlap_reads_a_config_file(tmp_path: Path, cli) -> None:  # noqa: ANN001
+    """--config YAML, then flags, then --set: the usual precedence; an unknown key is named."""
+    train_dir, train = _train(tmp_path, n=3)
+    save(jpeg(open_image(train[1])), tmp_path / "bench" / "copy.jpg")
+    yaml_file = tmp_path / "overlap.yaml"
+    yaml_file.write_text(
+        f"train: [{train_dir}]\nagainst: [{tmp_path / 'bench'}]\nmax_distance: 0\nsheet: null\n", encoding="utf-8"
+    )
+    r = cli("data", "overlap", "--config", yaml_file, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["max_distance"] == 0
+    r = cli("data", "overlap", "--config", yaml_file, "--set", "max_distance=14", "--json")
+    res = json.loads(r.out)
+    assert [Path(p["train"]).name for p in res["pairs"]] == [train[1].name] and res["contact_sheet"] is None
+    yaml_file.write_text(f"train: [{train_dir}]\nagainst: [{train_dir}]\nmax_distanse: 3\n", encoding="utf-8")
+    r = cli("data", "overlap", "--config", yaml_file)
+    assert r.code == 1 and "max_distanse" in r.err

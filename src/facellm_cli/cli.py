@@ -844,9 +844,9 @@ app.add_typer(data_app, name="data")
 @data_app.command("overlap")
 def data_overlap(
     train: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(help="Training images: folders, annotate/build-dataset outputs, training or mcq JSONL files."),
-    ],
+    ] = None,
     against: Annotated[
         list[str] | None, typer.Option("--against", help="Benchmark images or sets, same kinds (repeatable).")
     ] = None,
@@ -856,48 +856,50 @@ def data_overlap(
         str | None, typer.Option("--image-root", help="Root for relative image paths in JSONL inputs.")
     ] = None,
     max_distance: Annotated[
-        int, typer.Option("--max-distance", help="Most differing bits of the 128-bit hash for a match.")
-    ] = 14,
+        int | None, typer.Option("--max-distance", help="Most differing bits of the 128-bit hash (default 14).")
+    ] = None,
     max_colour_distance: Annotated[
-        float, typer.Option("--max-colour-distance", help="Most mean chroma difference (colour images only).")
-    ] = 3.0,
-    sheet: Annotated[Path | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs.")] = Path(
-        "overlap_pairs.png"
-    ),
-    sheet_pairs: Annotated[int, typer.Option("--sheet-pairs", min=1, help="Pairs drawn on the contact sheet.")] = 12,
+        float | None, typer.Option("--max-colour-distance", help="Most mean chroma difference (default 3).")
+    ] = None,
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs (default overlap_pairs.png).")
+    ] = None,
+    sheet_pairs: Annotated[int | None, typer.Option("--sheet-pairs", help="Pairs drawn on the contact sheet.")] = None,
     show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
     workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", min=1, help="Processes hashing images (default: one per 2,000, up to the CPUs or 8)."
-        ),
+        int | None, typer.Option("--workers", help="Processes decoding images (default: one per 2,000).")
     ] = None,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
+    cache: Annotated[str | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
     json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Find training images that are also benchmark images (perceptual hash: survives re-encoding, resizing, crops)."""
+    from .config import OverlapConfig, resolve_config
     from .data.overlap import overlap, render_table
 
-    if benchmark not in (None, "facexbench") or bool(benchmark) != bool(data_dir):
-        raise typer.BadParameter("use --benchmark facexbench together with --data-dir DIR (a FaceXBench checkout)")
+    flags = {
+        "train": train or None,
+        "against": against or None,
+        "benchmark": benchmark,
+        "data_dir": data_dir,
+        "image_root": image_root,
+        "max_distance": max_distance,
+        "max_colour_distance": max_colour_distance,
+        "sheet": sheet,
+        "sheet_pairs": sheet_pairs,
+        "workers": workers,
+        "cache": cache,
+    }
+    cfg = resolve_config(OverlapConfig, config, flags, set_)
+    if cfg.cache is None:
+        cfg.cache = str(_overlap_cache())
     with _progress("hashing") as bar:
-        result = overlap(
-            train,
-            against or [],
-            facexbench_dir=data_dir,
-            image_root=image_root,
-            max_distance=max_distance,
-            max_colour_distance=max_colour_distance,
-            cache_path=cache or _overlap_cache(),
-            workers=workers,
-            sheet=sheet,
-            sheet_pairs=sheet_pairs,
-            progress=lambda _label, done, total: bar(done, total),
-        )
-    print(
-        json.dumps(result.to_json(), ensure_ascii=False) if json_out else render_table(result, show),
-        end="\n" if json_out else "",
-    )
+        result = overlap(cfg, progress=lambda _label, done, total: bar(done, total))
+    if json_out:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print(render_table(result, show), end="")
     if result.sheet:
         err_console().print(f"contact sheet of the closest pairs: {result.sheet}")
 

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
+    from ..config import OverlapConfig
+
 SIGNATURE_VERSION = "dhash128+chroma8-v1"
 HASH_BITS = 128
 DEFAULT_MAX_DISTANCE = 14  # of 128 bits; see the measured rates in README "Benchmark overlap"
@@ -690,41 +692,26 @@ def contact_sheet(pairs: Sequence[dict[str, Any]], path: str | Path, *, n: int =
     return out
 
 
-def overlap(
-    train_inputs: Sequence[str],
-    bench_inputs: Sequence[str],
-    *,
-    facexbench_dir: str | None = None,
-    image_root: str | None = None,
-    max_distance: int = DEFAULT_MAX_DISTANCE,
-    max_colour_distance: float = DEFAULT_MAX_COLOUR_DISTANCE,
-    cache_path: str | Path | None = None,
-    workers: int | None = None,
-    sheet: str | Path | None = None,
-    sheet_pairs: int = 12,
-    progress: Progress | None = None,
-) -> OverlapResult:
+def overlap(cfg: OverlapConfig, progress: Progress | None = None) -> OverlapResult:
     """``facellm data overlap``: collect both sides, match them, draw the contact sheet of the closest pairs."""
-    if not bench_inputs and not facexbench_dir:
-        raise FacellmError("nothing to compare against: give --against PATH or --benchmark facexbench --data-dir DIR")
     _require_imagehash()
-    train = collect(train_inputs, side="train", image_root=image_root)
-    bench = collect(bench_inputs, side="bench", image_root=image_root, facexbench_dir=facexbench_dir)
-    cache = HashCache(cache_path)
+    train = collect(cfg.train, side="train", image_root=cfg.image_root)
+    bench = collect(cfg.against, side="bench", image_root=cfg.image_root, facexbench_dir=cfg.data_dir)
+    cache = HashCache(cfg.cache)
     try:
         result = find_overlap(
             train,
             bench,
-            max_distance=max_distance,
-            max_colour_distance=max_colour_distance,
+            max_distance=cfg.max_distance,
+            max_colour_distance=cfg.max_colour_distance,
             cache=cache,
-            workers=workers,
+            workers=cfg.workers,
             progress=progress,
         )
     finally:
         cache.close()
-    if sheet and result.pairs:
-        result.sheet = str(contact_sheet(result.pairs, sheet, n=sheet_pairs))
+    if cfg.sheet and result.pairs:
+        result.sheet = str(contact_sheet(result.pairs, cfg.sheet, n=cfg.sheet_pairs))
     return result
 
 
