@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from ..schema import IMAGE_PLACEHOLDER
 from .splits import SPLITS
 from .validate import NOT_ERRORS, REASONS
 
@@ -147,7 +148,7 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
         "- LLaMA-Factory: copy or point `dataset_dir` at this folder (it has `dataset_info.json`), use "
         f"`dataset: {cfg.name}_train` and pass `media_dir: {stats['media_dir']}`.",
         "- 🤗 datasets / `facellm finetune`: `train.jsonl`, `val.jsonl`, `test.jsonl` "
-        "(`{id, messages, images}`, `<image>` placeholders in the user text).",
+        f"(`{{id, messages, images}}`, `{IMAGE_PLACEHOLDER}` placeholders in the user text).",
     ]
     if cfg.mcq:
         out.append("- `facellm evaluate`: `mcq_test.jsonl` with `--image-root " + stats["media_dir"] + "`.")
