@@ -132,7 +132,9 @@ class Plan:
 def preflight(
     cfg: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False, source: str | None = None
 ) -> Plan:
-    """Check the config, the data and the output folder; raise one ConfigError listing every problem."""
+    """Check what needs files or the machine (data, output folder, model, bitsandbytes, a GPU for fp16) and that
+    the run's inputs are named; raise one ConfigError listing every problem. Settings that contradict each other
+    were rejected when the config was validated."""
     import importlib.util
 
     problems = cfg.problems()
@@ -179,10 +181,10 @@ def preflight(
         resolve_source(cfg.model)
     except ModelLoadError as e:
         problems.append(f"model.model: {e}")
-    if cfg.train.precision == "fp16":
+    if cfg.train.precision == "fp16" and cfg.model.device != "cpu":  # device cpu: the config's own check
         import torch
 
-        if cfg.model.device == "cpu" or not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             problems.append("train.precision: fp16 mixed precision needs a GPU; use fp32 or bf16")
     if problems:
         raise ConfigError(problems, source)
