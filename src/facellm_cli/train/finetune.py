@@ -135,49 +135,66 @@ def preflight(
     """Check what needs files or the machine (data, output folder, model, bitsandbytes, a GPU for fp16) and that
     the run's inputs are named; raise one ConfigError listing every problem. Settings that contradict each other
     were rejected when the config was validated."""
-    import importlib.util
-
     problems = cfg.problems()
+    train, eval_ = _read_data(cfg, problems)
+    checkpoint = _check_output(cfg, resume, overwrite, problems) if cfg.output_dir else None
+    problems += _machine_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return Plan(train, eval_, Path(cfg.output_dir or "."), checkpoint)
+
+
+def _read_data(cfg: FinetuneConfig, problems: list[str]) -> tuple[list[Sample], list[Sample] | None]:
+    """Read and check the training (and eval) records; a problem is added to ``problems``."""
+    d = cfg.data
     train: list[Sample] = []
     eval_: list[Sample] | None = None
-    if cfg.data.train:
+    if d.train:
         try:
-            train = read_samples(
-                cfg.data.train, image_root=cfg.data.image_root, fmt=cfg.data.format, max_samples=cfg.data.max_samples
-            )
+            train = read_samples(d.train, image_root=d.image_root, fmt=d.format, max_samples=d.max_samples)
         except DataError as e:
             problems.append(f"data.train: {e}")
-    if cfg.data.eval:
+    if d.eval:
         try:
-            eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format, key="data.eval")
+            eval_ = read_samples(d.eval, image_root=d.image_root, fmt=d.format, key="data.eval")
         except DataError as e:
             problems.append(f"data.eval: {e}")
+    return train, eval_
+
+
+def _check_output(cfg: FinetuneConfig, resume: str | None, overwrite: bool, problems: list[str]) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); a folder that cannot be used is added to ``problems``."""
     out = Path(cfg.output_dir or ".")
-    checkpoint = None
-    if cfg.output_dir:
-        if resume:
-            checkpoint = find_checkpoint(out, resume)
-            if checkpoint is None:
-                what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
-                problems.append(
-                    f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)"
-                )
-            elif (out / CONFIG_NAME).is_file():
-                diff = _resume_differences(cfg, out / CONFIG_NAME)
-                if diff:
-                    problems.append(
-                        f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
-                        f"use the same config as in {out / CONFIG_NAME}"
-                    )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             problems.append(
                 f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
             )
+        return None
+    checkpoint = find_checkpoint(out, resume)
+    if checkpoint is None:
+        what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
+        problems.append(f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)")
+    elif (out / CONFIG_NAME).is_file():
+        diff = _resume_differences(cfg, out / CONFIG_NAME)
+        if diff:
+            problems.append(
+                f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
+                f"use the same config as in {out / CONFIG_NAME}"
+            )
+    return checkpoint
+
+
+def _machine_problems(cfg: FinetuneConfig) -> list[str]:
+    """What this machine lacks for the run: the model files, bitsandbytes for qlora, a GPU for fp16."""
+    import importlib.util
+
+    from ..models.loader import resolve_source
+
+    problems = []
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
     try:
-        from ..models.loader import resolve_source
-
         resolve_source(cfg.model)
     except ModelLoadError as e:
         problems.append(f"model.model: {e}")
@@ -186,9 +203,7 @@ def preflight(
 
         if not torch.cuda.is_available():
             problems.append("train.precision: fp16 mixed precision needs a GPU; use fp32 or bf16")
-    if problems:
-        raise ConfigError(problems, source)
-    return Plan(train, eval_, out, checkpoint)
+    return problems
 
 
 # ---------------------------------------------------------------- model preparation
@@ -461,51 +476,29 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def finetune(
-    cfg: FinetuneConfig,
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    source: str | None = None,
-    log: Log | None = None,
-    progress: Progress | None = None,
-) -> FinetuneResult:
-    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
+def _prepare_output(cfg: FinetuneConfig, plan: Plan, overwrite: bool, say: Log) -> None:
+    """Main process only: create the folder, drop what a resumed or replaced run left, write the config."""
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if plan.checkpoint is not None:
+        step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+        for torn in out.glob("checkpoint-*"):
+            if torn.is_dir() and not (torn / "trainer_state.json").is_file():
+                say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                shutil.rmtree(torn)
+        _truncate_step_log(out / METRICS_NAME, step)
+        _truncate_step_log(out / SAMPLES_NAME, step)
+        say(f"resuming from {plan.checkpoint} at step {step}")
+    elif overwrite:
+        _clear_previous(out)
+    dump_config(cfg, out / CONFIG_NAME)
+    say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
 
-    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
-    """
-    plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
+
+def _load_trainable(cfg: FinetuneConfig, say: Log) -> tuple[Any, Any, int, int]:
+    """(loaded model, model prepared for training, trainable parameters, all parameters)."""
     from ..models.loader import load_model_and_processor
 
-    say = log or (lambda _msg: None)
-    out = plan.output_dir
-    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
-    # and only the main process prepares it.
-    barrier, main = _distributed()
-    barrier()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if plan.checkpoint is not None:
-            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-            for torn in out.glob("checkpoint-*"):
-                if torn.is_dir() and not (torn / "trainer_state.json").is_file():
-                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                    shutil.rmtree(torn)
-            _truncate_step_log(out / METRICS_NAME, step)
-            _truncate_step_log(out / SAMPLES_NAME, step)
-            say(f"resuming from {plan.checkpoint} at step {step}")
-        elif overwrite:
-            _clear_previous(out)
-        dump_config(cfg, out / CONFIG_NAME)
-        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
-    barrier()
-
-    import torch
-    from transformers import TrainingArguments, set_seed
-
-    from ..io import JsonlAppender
-
-    set_seed(cfg.train.seed)
     try:
         lm = load_model_and_processor(cfg.model)
     except QuantizationError as e:
@@ -518,26 +511,15 @@ def finetune(
     if trainable == 0:
         raise FacellmError("nothing to train: every parameter is frozen; check method and train.* settings")
     say(f"{cfg.method}: {trainable:,} of {total:,} parameters trainable")
+    return lm, model, trainable, total
 
-    tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoder = ConversationEncoder(
-        lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
-    )
-    drops: list[str] = []
-    collator = Collator(
-        pad_id,
-        on_drop=lambda d: (
-            drops.append(d.id),
-            say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
-        ),
-    )
-    train_ds = ConversationDataset(plan.train, encoder, cache=cfg.data.cache_encoded)
-    eval_ds = ConversationDataset(plan.eval, encoder, cache=cfg.data.cache_encoded) if plan.eval else None
-    bf16, fp16 = _precision(cfg, lm.device)
+
+def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> Any:
+    from transformers import TrainingArguments
+
     t = cfg.train
-    eval_strategy = "no" if eval_ds is None else ("steps" if t.eval_steps else "epoch")
-    args = TrainingArguments(
+    bf16, fp16 = _precision(cfg, device)
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -558,7 +540,7 @@ def finetune(
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy=eval_strategy,
+        eval_strategy="no" if not with_eval else ("steps" if t.eval_steps else "epoch"),
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -570,18 +552,91 @@ def finetune(
         prediction_loss_only=True,
         report_to=[],
         disable_tqdm=True,
-        use_cpu=lm.device == "cpu",
+        use_cpu=device == "cpu",
     )
+
+
+class _Data:
+    """The encoded datasets and the collator; ``drops`` lists the ids of samples dropped as too long."""
+
+    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: Any, say: Log) -> None:
+        tok = lm.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encoder = ConversationEncoder(
+            lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
+        )
+        self.drops: list[str] = []
+        self.collator = Collator(
+            pad_id,
+            on_drop=lambda d: (
+                self.drops.append(d.id),
+                say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
+            ),
+        )
+        cache = cfg.data.cache_encoded
+        self.train = ConversationDataset(plan.train, self.encoder, cache=cache)
+        self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
+
+
+def _train(
+    trainer: Any, checkpoint: Path | None, with_eval: bool, logs: list[Any]
+) -> tuple[Any, dict[str, Any], float]:
+    """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
+    start = time.perf_counter()
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
+        last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
+        final_eval = trainer.evaluate() if with_eval and not already else {}
+    finally:
+        for f in logs:
+            f.close()
+    return train_out, final_eval, time.perf_counter() - start
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    log: Log | None = None,
+    progress: Progress | None = None,
+) -> FinetuneResult:
+    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
+
+    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
+    """
+    plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
+    say = log or (lambda _msg: None)
+    out = plan.output_dir
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed()
+    barrier()
+    if main:
+        _prepare_output(cfg, plan, overwrite, say)
+    barrier()
+
+    import torch
+    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from ..io import JsonlAppender
+
+    set_seed(cfg.train.seed)
+    lm, model, trainable, total = _load_trainable(cfg, say)
+    data = _Data(cfg, plan, lm, say)
+    args = _training_args(cfg, out, data.eval is not None, lm.device)
     metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
     samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
     trainer = _make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
         samples_log=samples_log,
         callbacks=[_make_callback(metrics_log, log, progress)],
     )
@@ -589,48 +644,65 @@ def finetune(
     trainer.remove_callback(ProgressCallback)
     if lm.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-        # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
-        last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-        already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
-        final_eval = trainer.evaluate() if eval_ds is not None and not already else {}
-    finally:
-        metrics_log.close()
-        samples_log.close()
-    runtime = time.perf_counter() - start
+    train_out, final_eval, runtime = _train(trainer, plan.checkpoint, data.eval is not None, [metrics_log, samples_log])
     peak, peak_kind = _peak_memory(lm.device)
 
     trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+    plot = _save_main_outputs(trainer, lm, out) if main else None
+    result = _result(
+        cfg,
+        plan,
+        trainer,
+        (train_out, final_eval, runtime, args.world_size),
+        plot,
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        dropped_samples=len(data.drops),
+        truncated_samples=data.encoder.stats["truncated"],
+    )
+    from ..io import atomic_write_json
+
+    if main:
+        atomic_write_json(out / SUMMARY_NAME, result.to_json())
+    return result
+
+
+def _save_main_outputs(trainer: Any, lm: Any, out: Path) -> Path | None:
+    """Processor, trainer state and the loss plot (main process only); returns the plot's path."""
     from .plots import plot_losses
 
-    plot = None
-    if main:
-        lm.processor.save_pretrained(str(out))
-        trainer.state.save_to_json(str(out / "trainer_state.json"))
-        plot = plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
-    history = trainer.state.log_history
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    steps_run = trainer.state.global_step - (int(plan.checkpoint.name.split("-")[-1]) if plan.checkpoint else 0)
-    samples_done = steps_run * t.batch_size * t.grad_accumulation * max(1, args.world_size)
-    result = FinetuneResult(
+    lm.processor.save_pretrained(str(out))
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    return plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
+
+
+def _result(
+    cfg: FinetuneConfig,
+    plan: Plan,
+    trainer: Any,
+    run: tuple[Any, dict[str, Any], float, int],
+    plot: Path | None,
+    **measured: Any,
+) -> FinetuneResult:
+    """The run's summary: ``run`` is (train output, final eval, seconds, world size); ``measured`` the counts."""
+    train_out, final_eval, runtime, world_size = run
+    out, t, state = plan.output_dir, cfg.train, trainer.state
+    train_losses = [h["loss"] for h in state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    steps_run = state.global_step - (int(plan.checkpoint.name.split("-")[-1]) if plan.checkpoint else 0)
+    samples_done = steps_run * t.batch_size * t.grad_accumulation * max(1, world_size)
+    return FinetuneResult(
         output_dir=str(out),
         method=cfg.method,
-        global_step=trainer.state.global_step,
-        epochs=round(float(trainer.state.epoch or 0.0), 4),
+        global_step=state.global_step,
+        epochs=round(float(state.epoch or 0.0), 4),
         train_samples=len(plan.train),
         samples_per_second=round(samples_done / runtime, 3) if runtime > 0 else 0.0,
         runtime_seconds=round(runtime, 2),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
         final_train_loss=train_losses[-1] if train_losses else train_out.metrics.get("train_loss"),
         final_eval_loss=final_eval.get("eval_loss", eval_losses[-1] if eval_losses else None),
-        trainable_parameters=trainable,
-        total_parameters=total,
-        dropped_samples=len(drops),
-        truncated_samples=encoder.stats["truncated"],
         resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
         artefacts={
             "weights": str(out / ("adapter_model.safetensors" if cfg.method != "full" else "model.safetensors")),
@@ -640,12 +712,8 @@ def finetune(
             "trainer_state": str(out / "trainer_state.json"),
             "loss_plot": str(plot) if plot else "",
         },
+        **measured,
     )
-    from ..io import atomic_write_json
-
-    if main:
-        atomic_write_json(out / SUMMARY_NAME, result.to_json())
-    return result
 
 
 # ---------------------------------------------------------------- merge
