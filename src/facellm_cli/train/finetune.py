@@ -304,6 +304,59 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
 # ---------------------------------------------------------------- the Trainer
 
 
+class CheckpointError(FacellmError):
+    """A checkpoint's weights do not fit the model being trained."""
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
+    """Put the weights of a Trainer checkpoint into ``model``; raise CheckpointError when they do not fit.
+
+    Why not Trainer's own loader: Trainer saves with ``save_pretrained``, which in transformers 5 writes
+    the checkpoint format (``language_model.model.*``), while resuming reads that file with
+    ``load_state_dict`` against the in-memory names (``model.language_model.*``): nothing matched, a
+    warning was logged, and a full fine-tune silently continued from the base weights. Reading it back
+    with ``from_pretrained`` applies the same renaming in reverse, so save and load round-trip; any key
+    still missing or left over is an error, never a fresh start. Adapters (LoRA/QLoRA) go through
+    PEFT's ``load_adapter``, whose result is checked the same way.
+    """
+    where = f"checkpoint {checkpoint}"
+    try:
+        if _is_peft(model):
+            name = model.active_adapters[0]
+            result = model.load_adapter(str(checkpoint), name, is_trainable=True)
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        else:
+            loaded, info = type(model).from_pretrained(
+                str(checkpoint), config=model.config, dtype=model.dtype, output_loading_info=True
+            )
+            missing = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+            unexpected = list(info.get("unexpected_keys", []))
+            if not missing and not unexpected:
+                model.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{where} cannot be loaded into this model ({type(e).__name__}: {first}); "
+            "resume from another checkpoint with --resume-from, or start again with --overwrite"
+        ) from None
+    if missing or unexpected:
+        parts = [f"{len(missing)} weight(s) missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        raise CheckpointError(
+            f"{where} does not match the model being trained: {', '.join(parts)}; "
+            "resume it with the model and method it was saved from, or start again with --overwrite"
+        )
+
+
 class _NullLog:
     """Stands in for a JsonlAppender on non-main ranks."""
 
@@ -362,6 +415,11 @@ def _make_trainer_class() -> type:
             else:
                 loss = loss / keep.sum().clamp(min=1)
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded formats
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_checkpoint_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
 
         def prediction_step(
             self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
