@@ -84,7 +84,6 @@ def _kill_after_first_checkpoint(config: Path, out: Path) -> None:
 def test_killed_run_resumes_to_the_same_end(
     family: str, method: str, tmp_path: Path, resume_data: Path, tiny_internvl: Path, tiny_qwen2_vl: Path
 ) -> None:
-    import torch
     from safetensors.torch import load_file
 
     from facellm_cli.config import FinetuneConfig, resolve_config
