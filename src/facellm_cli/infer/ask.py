@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
 from ..images import find_images, open_image
-from .generate import Prompt, generate_batch, stream_generate
+from .generate import Prompt, check_max_new_tokens, generate_batch, stream_generate
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -61,6 +61,7 @@ def ask_stream(
     lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
+    check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
     yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)  # type: ignore[list-item]
 
@@ -69,6 +70,7 @@ def ask_many(
     lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
+    check_max_new_tokens(lm, cfg.generation)
     pending: list[tuple[str, object]] = []
 
     def flush() -> Iterator[AskResult]:
