@@ -157,3 +157,24 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cl
     r = cli("finetune", "--config", config, "--resume-from", "checkpoint-3", "--max-steps", "4", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["global_step"] == 4
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_its_file(
+    tmp_path: Path, resume_data: Path, tiny_internvl: Path
+) -> None:
+    from facellm_cli.config import FinetuneConfig, resolve_config
+    from facellm_cli.train.finetune import CheckpointError, finetune
+
+    out = tmp_path / "run"
+    cfg = resolve_config(
+        FinetuneConfig, _config(tmp_path, tiny_internvl, resume_data, out, "full"), {"train.max_steps": 2}
+    )
+    finetune(cfg)
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError) as e:
+        finetune(
+            resolve_config(FinetuneConfig, _config(tmp_path, tiny_internvl, resume_data, out, "full")), resume="latest"
+        )
+    assert str(e.value).startswith(f"checkpoint weights {weights} is corrupt or incomplete (")
+    assert str(e.value).endswith("re-download it, or resume from an earlier checkpoint with --resume-from")

@@ -327,6 +327,8 @@ def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
     still missing or left over is an error, never a fresh start. Adapters (LoRA/QLoRA) go through
     PEFT's ``load_adapter``, whose result is checked the same way.
     """
+    from ..models.loader import corrupt_file_error
+
     where = f"checkpoint {checkpoint}"
     try:
         if _is_peft(model):
@@ -342,7 +344,12 @@ def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
             if not missing and not unexpected:
                 model.load_state_dict(loaded.state_dict(), strict=True)
             del loaded
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:  # a damaged file raises safetensors' own error type
+        corrupt = corrupt_file_error(sorted(checkpoint.glob("*.safetensors")), e, "checkpoint weights")
+        if corrupt is not None:
+            raise CheckpointError(f"{corrupt}, or resume from an earlier checkpoint with --resume-from") from None
+        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
+            raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{where} cannot be loaded into this model ({type(e).__name__}: {first}); "
