@@ -15,10 +15,12 @@ so a resumed run can be compared with an uninterrupted one; a torn checkpoint
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,47 @@ def _resume_differences(cfg: FinetuneConfig, saved_path: Path) -> list[str]:
     return sorted(k for k in now if k.startswith(_RESUME_FIXED) and k in saved and saved[k] != now[k])
 
 
+def _only_a_failed_start(out: Path) -> bool:
+    """True for an empty folder, or one where an earlier run stopped before training (only its config was written)."""
+    return all(p.name == CONFIG_NAME for p in out.iterdir())
+
+
+def write_failure(out: Path, err: BaseException) -> FacellmError | None:
+    """The one-line error for a write that failed in ``out`` (disk full, read-only, no permission), else None.
+
+    torch's zip writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos``; the OS reports the rest as OSError with an errno.
+    """
+    import errno
+    import shutil as sh
+
+    text = str(err)
+    code = getattr(err, "errno", None)
+    full = "free some space"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+        cause = "no space left on device"
+    elif code == errno.EROFS or "Read-only file system" in text:
+        cause, full = "read-only file system", "make it writable or choose another --out"
+    elif code in (errno.EACCES, errno.EPERM) and isinstance(err, OSError):
+        cause, full = "permission denied", "make it writable or choose another --out"
+    elif isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        try:
+            free = f" ({sh.disk_usage(out if out.exists() else out.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        cause = f"a write stopped short, the disk is probably full{free}"
+    else:
+        return None
+    last = find_checkpoint(out, "latest") if out.is_dir() else None
+    if last is not None:
+        then = f"{full}, then run again with --resume: it continues from the last complete checkpoint ({last.name})"
+    else:
+        then = (
+            f"{full}, then run again with --overwrite (no checkpoint was completed, so --resume has none to continue)"
+        )
+    return FacellmError(f"cannot write to {out}: {cause}; {then}")
+
+
 @dataclass
 class Plan:
     """Everything checked and read before the model loads."""
@@ -166,9 +209,14 @@ def preflight(
                         f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
                         f"use the same config as in {out / CONFIG_NAME}"
                     )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        elif out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
             problems.append(
                 f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
+            problems.append(
+                f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out"
             )
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
@@ -473,7 +521,6 @@ def _truncate_step_log(path: Path, max_step: int) -> None:
 
 def _distributed() -> tuple[Callable[[], None], bool]:
     """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return (lambda: None), True
@@ -513,6 +560,17 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def _translating_write_errors(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # safetensors reports a full disk with its own error type
+        translated = write_failure(out, e)
+        if translated is None:
+            raise
+        raise translated from None
+
+
 def finetune(
     cfg: FinetuneConfig,
     *,
@@ -527,32 +585,12 @@ def finetune(
 
     say = log or (lambda _msg: None)
     out = plan.output_dir
-    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
-    # and only the main process prepares it.
-    barrier, main = _distributed()
-    barrier()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if plan.checkpoint is not None:
-            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-            for torn in out.glob("checkpoint-*"):
-                if torn.is_dir() and not (torn / "trainer_state.json").is_file():
-                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                    shutil.rmtree(torn)
-            _truncate_step_log(out / METRICS_NAME, step)
-            _truncate_step_log(out / SAMPLES_NAME, step)
-            say(f"resuming from {plan.checkpoint} at step {step}")
-        elif overwrite:
-            _clear_previous(out)
-        dump_config(cfg, out / CONFIG_NAME)
-        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
-    barrier()
-
     import torch
     from transformers import TrainingArguments, set_seed
 
     from ..io import JsonlAppender
 
+    # The model loads before anything is written, so a run that cannot load it leaves no trace to refuse.
     set_seed(cfg.train.seed)
     try:
         lm = load_model_and_processor(cfg.model)
@@ -560,6 +598,28 @@ def finetune(
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed()
+    barrier()
+    if main:
+        with _translating_write_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+            if plan.checkpoint is not None:
+                step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+                for torn in out.glob("checkpoint-*"):
+                    if torn.is_dir() and not (torn / "trainer_state.json").is_file():
+                        say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                        shutil.rmtree(torn)
+                _truncate_step_log(out / METRICS_NAME, step)
+                _truncate_step_log(out / SAMPLES_NAME, step)
+                say(f"resuming from {plan.checkpoint} at step {step}")
+            elif overwrite:
+                _clear_previous(out)
+            dump_config(cfg, out / CONFIG_NAME)
+        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
+    barrier()
+
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -622,8 +682,9 @@ def finetune(
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
-    samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+    with _translating_write_errors(out):
+        metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
+        samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -639,22 +700,24 @@ def finetune(
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-        final_eval = trainer.evaluate() if eval_ds is not None else {}
+        with _translating_write_errors(out):
+            train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            final_eval = trainer.evaluate() if eval_ds is not None else {}
     finally:
         metrics_log.close()
         samples_log.close()
     runtime = time.perf_counter() - start
     peak, peak_kind = _peak_memory(lm.device)
 
-    trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
     from .plots import plot_losses
 
     plot = None
-    if main:
-        lm.processor.save_pretrained(str(out))
-        trainer.state.save_to_json(str(out / "trainer_state.json"))
-        plot = plot_losses(trainer.state.log_history, out / "loss.png")
+    with _translating_write_errors(out):
+        trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+        if main:
+            lm.processor.save_pretrained(str(out))
+            trainer.state.save_to_json(str(out / "trainer_state.json"))
+            plot = plot_losses(trainer.state.log_history, out / "loss.png")
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -689,7 +752,8 @@ def finetune(
     from ..io import atomic_write_json
 
     if main:
-        atomic_write_json(out / SUMMARY_NAME, result.to_json())
+        with _translating_write_errors(out):
+            atomic_write_json(out / SUMMARY_NAME, result.to_json())
     return result
 
 
