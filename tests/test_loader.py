@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from facellm_cli.models.loader import choose_device, choose_dtype, load_model_an
 from facellm_cli.testing import build_tiny_model
 from loader_helpers import hub_style_internvl, hub_style_qwen2_vl
 
+ROOT = Path(__file__).resolve().parents[1]
 IMG = Image.new("RGB", (70, 50), (180, 120, 90))
 
 
@@ -263,3 +265,40 @@ def test_local_folder_errors_say_what_is_wrong_with_it(tiny_internvl: Path, tmp_
         load_model_and_processor(ModelConfig(model=str(no_processor), device="cpu"))
     assert str(e.value).startswith(f"cannot load model folder {no_processor}: ")
     assert "not a local folder" not in str(e.value)
+
+
+@pytest.mark.slow  # two fresh processes
+def test_unreachable_hub_fails_fast_and_the_cache_still_serves(tiny_internvl: Path, tmp_path: Path) -> None:
+    """Online mode with the hub down: one request, no five retries; a model in the cache loads from it."""
+    import shutil
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port nothing listens on: the hub's connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hf_home = tmp_path / "hf"
+    snapshot = hf_home / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_internvl, snapshot)
+    (hf_home / "hub" / "models--org--tiny" / "refs").mkdir()
+    (hf_home / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT / "src"))
+    image = tmp_path / "face.png"
+    IMG.save(image)
+
+    def ask(model: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "facellm_cli", "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)  # ends when the command does
+
+    r = ask("org/missing")
+    assert r.returncode == 1
+    assert "Retrying" not in r.stderr and "Retry" not in r.stderr
+    assert (
+        "model 'org/missing' is not a local folder and could not be loaded from the Hugging Face hub "
+        "(the hub cannot be reached (ConnectError: "
+    ) in r.stderr
+    assert "and it is not in the local cache)" in r.stderr
+    r = ask("org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert "Retry" not in r.stderr

@@ -117,14 +117,42 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
                     hint = f"; it has one in subfolder '{subs[0]}' (pass --subfolder {subs[0]})"
             raise ModelLoadError(f"no config.json in model folder {root}{hint}")
         return str(p), kwargs
+    if hub_unreachable() is not None:
+        kwargs["local_files_only"] = True  # the cache only: no five retries against a hub that is not there
     return cfg.model, kwargs
+
+
+@cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (one quick request, once per process), or None.
+
+    huggingface_hub retries a failed metadata request five times with back-off (~25 s) before it
+    falls back to the cache; when the hub is down or the machine offline that is pure waiting.
+    Offline mode (HF_HUB_OFFLINE=1) is honoured as it is: no request at all.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:  # noqa: BLE001 - any transport failure means: do not wait on the hub
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
 
 
 def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
     sub = f" --include '{cfg.subfolder}/*'" if cfg.subfolder else ""
+    down = hub_unreachable()
+    why = (
+        f"the hub cannot be reached ({down}) and it is not in the local cache"
+        if down
+        else (f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    )
     return ModelLoadError(
         f"model '{cfg.model}' is not a local folder and could not be loaded from the Hugging Face hub "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Download it where the hub is reachable "
+        f"({why}). Download it where the hub is reachable "
         f"with: hf download {cfg.model}{sub} --local-dir ./{cfg.model.split('/')[-1]} and pass that folder to --model"
     )
 
@@ -357,6 +385,8 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    if kwargs.get("local_files_only"):  # transformers' adapter lookup does not pass it on by itself
+        load_kwargs["adapter_kwargs"] = {"local_files_only": True}
     if qconf is not None:
         load_kwargs["quantization_config"] = qconf
         load_kwargs["device_map"] = {"": device}
