@@ -65,6 +65,11 @@ class ModelConfig(StrictModel):
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")
     trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run (off unless asked).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> ModelConfig:
@@ -741,3 +746,8 @@ class QuickstartConfig(StrictModel):
     annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's key.")
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )

@@ -376,6 +376,11 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     model_type = read_model_type(source, kwargs, cfg)
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
+    extras: dict[str, Any] = {}
+    if device == "cpu":
+        from ..runtime import configure_threads
+
+        extras["threads"] = configure_threads(cfg.threads)
     qconf = quantization_config(cfg, device)
     processor, image_only = load_processor(source, kwargs, cfg, model_type)
 
@@ -444,4 +449,5 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         model_type=model_type,
         name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
         image_only_processor=image_only,
+        extras=extras,
     )

@@ -598,6 +598,9 @@ def finetune(
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
+    threads = lm.extras.get("threads")
+    if threads is not None and threads.note:
+        say(threads.note)
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
     # and only the main process prepares it.
     barrier, main = _distributed()
