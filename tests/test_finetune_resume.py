@@ -51,7 +51,11 @@ def _env() -> dict[str, str]:
 
 
 def _steps(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    text = path.read_text()
+    try:
+        return [json.loads(line) for line in text.splitlines()]
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"{path} is not JSON lines ({e}): {text[-600:]!r}") from None
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +65,19 @@ def resume_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _kill_after_first_checkpoint(config: Path, out: Path) -> None:
-    """Start ``facellm finetune`` in a fresh process and SIGKILL it once checkpoint-2 is complete."""
+    """Start ``facellm finetune`` in a fresh process and SIGKILL it once checkpoint-2 is complete.
+
+    (Killing it as soon as trainer_state.json exists found a bug: that file can exist still empty, and such a
+    torn checkpoint was taken as the latest complete one.)
+    """
+    from facellm_cli.train.finetune import checkpoint_complete
+
     proc = subprocess.Popen(
         _facellm("finetune", "--config", config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        # no deadline: the wait ends when the checkpoint appears or the process ends
-        while not (out / "checkpoint-2" / "trainer_state.json").exists():
+        # no deadline: the wait ends when the checkpoint is complete or the process ends
+        while not checkpoint_complete(out / "checkpoint-2"):
             assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
@@ -181,3 +191,20 @@ def test_a_truncated_checkpoint_is_an_error_naming_its_file(
         )
     assert str(e.value).startswith(f"checkpoint weights {weights} is corrupt or incomplete (")
     assert str(e.value).endswith("re-download it, or resume from an earlier checkpoint with --resume-from")
+
+
+def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
+    tmp_path: Path, resume_data: Path, tiny_internvl: Path
+) -> None:
+    """trainer_state.json is written last; a kill can leave it empty. The checkpoint before it is used instead."""
+    from facellm_cli.config import FinetuneConfig, resolve_config
+    from facellm_cli.train.finetune import finetune
+
+    out = tmp_path / "run"
+    config = _config(tmp_path, tiny_internvl, resume_data, out, "lora")
+    finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 4}))
+    (out / "checkpoint-4" / "trainer_state.json").write_text("")  # what the kill left
+    logs: list[str] = []
+    res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", log=logs.append)
+    assert Path(res.resumed_from or "").name == "checkpoint-2" and res.global_step == 6
+    assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs

@@ -83,8 +83,19 @@ class FinetuneResult:
 # ---------------------------------------------------------------- checks before loading
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Trainer writes trainer_state.json last; a checkpoint is complete when that file holds its state.
+
+    A run killed while writing it leaves an empty or cut-off file, so existence alone is not enough.
+    """
+    try:
+        return "global_step" in json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """``latest``: the newest complete ``checkpoint-N`` (trainer_state.json is written last); else a named one."""
+    """``latest``: the newest complete ``checkpoint-N``; else a named one."""
     if resume != "latest":
         for cand in (Path(resume), output_dir / resume):
             if cand.is_dir():
@@ -93,7 +104,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     complete = [
         p
         for p in output_dir.glob("checkpoint-*")
-        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and checkpoint_complete(p)
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -201,6 +212,11 @@ def preflight(
                 what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
                 problems.append(
                     f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)"
+                )
+            elif not checkpoint_complete(checkpoint):
+                problems.append(
+                    f"resume: {checkpoint} is incomplete (no readable trainer_state.json: the run stopped while "
+                    "saving it); resume from an earlier checkpoint with --resume-from, or use --resume for the latest"
                 )
             elif (out / CONFIG_NAME).is_file():
                 diff = _resume_differences(cfg, out / CONFIG_NAME)
@@ -611,7 +627,7 @@ def finetune(
             if plan.checkpoint is not None:
                 step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
                 for torn in out.glob("checkpoint-*"):
-                    if torn.is_dir() and not (torn / "trainer_state.json").is_file():
+                    if torn.is_dir() and not checkpoint_complete(torn):
                         say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
                         shutil.rmtree(torn)
                 _truncate_step_log(out / METRICS_NAME, step)
