@@ -105,7 +105,7 @@ def test_write_failures_are_named_with_their_cause_and_the_way_on(tmp_path: Path
 
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (out / "checkpoint-4").mkdir()  # torn: no trainer_state.json
     resume = "then run again with --resume: it continues from the last complete checkpoint (checkpoint-2)"
     cases = {
