@@ -208,3 +208,25 @@ def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", log=logs.append)
     assert Path(res.resumed_from or "").name == "checkpoint-2" and res.global_step == 6
     assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs
+
+
+def test_an_adapter_checkpoint_that_does_not_fit_is_an_error(
+    tmp_path: Path, resume_data: Path, tiny_internvl: Path
+) -> None:
+    """LoRA resume goes through PEFT's load_adapter, which only warns about keys it cannot place."""
+    from safetensors.torch import load_file, save_file
+
+    from facellm_cli.config import FinetuneConfig, resolve_config
+    from facellm_cli.train.finetune import CheckpointError, finetune
+
+    out = tmp_path / "run"
+    config = _config(tmp_path, tiny_internvl, resume_data, out, "lora")
+    finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 2}))
+    weights = out / "checkpoint-2" / "adapter_model.safetensors"
+    renamed = {k.replace("q_proj", "query"): v for k, v in load_file(str(weights)).items()}  # another model's names
+    save_file(renamed, str(weights))
+    with pytest.raises(CheckpointError) as e:
+        finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 4}), resume="latest")
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {out / 'checkpoint-2'} does not match the model being trained: ")
+    assert "weight(s) missing (e.g. " in msg and "q_proj" in msg
