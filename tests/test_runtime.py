@@ -59,11 +59,12 @@ def test_busy_neighbours_are_measured(fresh_threads: None) -> None:
     import torch
 
     usable = runtime.usable_cores()
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable)]
+    n = min(usable, 8)  # enough to show the effect on a big machine without starting dozens
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
         time.sleep(0.5)  # let them get scheduled
         idle = runtime.idle_cores()
-        assert idle is not None and idle < usable - 0.5
+        assert idle is not None and idle < usable - n / 2
         torch.set_num_threads(usable)
         choice = runtime.configure_threads()
     finally:
