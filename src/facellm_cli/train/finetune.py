@@ -31,6 +31,7 @@ from .collate import Collator, ConversationDataset, ConversationEncoder, image_t
 from .data import Sample, read_samples
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
 
 CONFIG_NAME = "finetune_config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -503,10 +504,20 @@ def _make_trainer_class() -> type:
     return AssistantOnlyTrainer
 
 
-def _make_callback(metrics_log: Any, log: Log | None) -> Any:
+def _make_callback(metrics_log: Any, log: Log | None, progress: Progress | None = None) -> Any:
     from transformers import TrainerCallback
 
     class Reporter(TrainerCallback):
+        """metrics.jsonl, the periodic loss lines, and ``progress(step, max_steps)`` after every optimiser step."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if progress and state.is_world_process_zero:
+                progress(state.global_step, state.max_steps)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if progress and state.is_world_process_zero:
+                progress(state.global_step, state.max_steps)
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not logs or not state.is_world_process_zero:
                 return
@@ -594,8 +605,12 @@ def finetune(
     overwrite: bool = False,
     source: str | None = None,
     log: Log | None = None,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
-    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring)."""
+    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
+
+    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
+    """
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
     from ..models.loader import load_model_and_processor
 
@@ -711,7 +726,7 @@ def finetune(
         eval_dataset=eval_ds,
         data_collator=collator,
         samples_log=samples_log,
-        callbacks=[_make_callback(metrics_log, log)],
+        callbacks=[_make_callback(metrics_log, log, progress)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -721,7 +736,10 @@ def finetune(
     try:
         with _translating_write_errors(out):
             train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-            final_eval = trainer.evaluate() if eval_ds is not None else {}
+            # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
+            last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+            already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
+            final_eval = trainer.evaluate() if eval_ds is not None and not already else {}
     finally:
         metrics_log.close()
         samples_log.close()
@@ -736,7 +754,7 @@ def finetune(
         if main:
             lm.processor.save_pretrained(str(out))
             trainer.state.save_to_json(str(out / "trainer_state.json"))
-            plot = plot_losses(trainer.state.log_history, out / "loss.png")
+            plot = plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -797,6 +815,7 @@ def merge_adapter(
     dtype: str = "auto",
     device: str = "cpu",
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Merge a LoRA adapter into its base and save a standalone model (sharded safetensors) with the processor."""
     adapter = Path(adapter)
@@ -811,12 +830,17 @@ def merge_adapter(
         raise ConfigError(f"adapter {adapter} does not record its base model; pass --base")
     from ..models.loader import load_model_and_processor
 
+    step = progress or (lambda _done, _total: None)
+    step(0, 3)
     lm = load_model_and_processor(
         ModelConfig(model=base_name, adapter=str(adapter), merge_adapter=True, dtype=dtype, device=device)
     )
+    step(1, 3)
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    step(2, 3)
     lm.processor.save_pretrained(str(out))
+    step(3, 3)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return MergeResult(str(out), base_name, str(adapter), files, size)
