@@ -35,6 +35,7 @@ from ._options import (
     SubfolderOpt,
     SystemOpt,
     TemperatureOpt,
+    ThreadsOpt,
     model_flags,
 )
 from .errors import FacellmError
@@ -70,6 +71,9 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    from .runtime import silence_known_warnings
+
+    silence_known_warnings(debug=False)
 
 
 def _version(value: bool) -> None:
@@ -99,6 +103,7 @@ def ask(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     temperature: TemperatureOpt = None,
     system: SystemOpt = None,
@@ -126,7 +131,7 @@ def ask(
             "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
         )
     *image_args, question = inputs
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, threads=threads)
     flags.update(
         {
             "generation.max_new_tokens": max_new_tokens,
@@ -226,7 +231,11 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     from .models.loader import load_model_and_processor
 
     with err_console().status(f"loading {model_cfg.model} ..."):
-        return load_model_and_processor(model_cfg)
+        lm = load_model_and_processor(model_cfg)
+    threads = lm.extras.get("threads")
+    if threads is not None and threads.note:
+        err_console().print(f"[yellow]note:[/yellow] {threads.note}")
+    return lm
 
 
 # ---- build-dataset ----
@@ -336,6 +345,7 @@ def evaluate(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
@@ -391,7 +401,7 @@ def evaluate(
         return
     from .eval.runner import evaluate as run_eval
 
-    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype, threads=threads)
     if base_url:
         flags.update(
             {
@@ -603,6 +613,7 @@ def serve(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -626,7 +637,7 @@ def serve(
     from .config import ServeConfig, resolve_config
     from .serve.app import require_serve_extras, serve_forever
 
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, threads=threads)
     flags.update(
         {
             "host": host,
@@ -670,6 +681,7 @@ def finetune(
     method: Annotated[str | None, typer.Option("--method", help="lora | qlora | full.")] = None,
     out: OutDirOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimiser steps.")] = None,
+    threads: ThreadsOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in --out.")
     ] = False,
@@ -692,6 +704,7 @@ def finetune(
         "method": method,
         "output_dir": str(out) if out else None,
         "train.max_steps": max_steps,
+        "model.threads": threads,
     }
     cfg = resolve_config(FinetuneConfig, config, flags, set_)
     quiet_libraries()
@@ -801,6 +814,7 @@ def quickstart(
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     force: Annotated[bool | None, typer.Option("--force", help="Replace an earlier quickstart in --out.")] = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -817,6 +831,7 @@ def quickstart(
         "base_url": base_url,
         "api_key_env": api_key_env,
         "force": force,
+        "threads": threads,
     }
     cfg = resolve_config(QuickstartConfig, config, flags, set_)
     api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None

@@ -82,6 +82,11 @@ class ModelConfig(StrictModel):
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")
     trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run (off unless asked).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )
 
     # Derived defaults are filled in before validation, on a copy of the input: a validated model is never mutated
     # (an after-validator returning a copy is ignored when the model is built with ``ModelConfig(...)``).
@@ -937,3 +942,8 @@ class QuickstartConfig(StrictModel):
         description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
     )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )

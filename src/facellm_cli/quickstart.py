@@ -102,6 +102,11 @@ def quickstart(
     from .train.recipes import QUICKSTART_TINY_MODEL, quickstart_tiny_config
 
     require_model_extras("quickstart")
+    from .runtime import configure_threads
+
+    threads = configure_threads(cfg.threads)  # once for every stage that follows
+    if threads.note and log:
+        log(threads.note)
     out = Path(cfg.out).expanduser()
     _prepare_out(out, cfg.force)
     dump_config(cfg, out / "config.yaml")

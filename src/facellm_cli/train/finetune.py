@@ -15,10 +15,12 @@ so a resumed run can be compared with an uninterrupted one; a torn checkpoint
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +84,19 @@ class FinetuneResult:
 # ---------------------------------------------------------------- checks before loading
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Trainer writes trainer_state.json last; a checkpoint is complete when that file holds its state.
+
+    A run killed while writing it leaves an empty or cut-off file, so existence alone is not enough.
+    """
+    try:
+        return "global_step" in json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """``latest``: the newest complete ``checkpoint-N`` (trainer_state.json is written last); else a named one."""
+    """``latest``: the newest complete ``checkpoint-N``; else a named one."""
     if resume != "latest":
         for cand in (Path(resume), output_dir / resume):
             if cand.is_dir():
@@ -92,7 +105,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     complete = [
         p
         for p in output_dir.glob("checkpoint-*")
-        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and checkpoint_complete(p)
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -117,6 +130,47 @@ def _resume_differences(cfg: FinetuneConfig, saved_path: Path) -> list[str]:
         return []
     now = _flatten(config_to_dict(cfg))
     return sorted(k for k in now if k.startswith(_RESUME_FIXED) and k in saved and saved[k] != now[k])
+
+
+def _only_a_failed_start(out: Path) -> bool:
+    """True for an empty folder, or one where an earlier run stopped before training (only its config was written)."""
+    return all(p.name == CONFIG_NAME for p in out.iterdir())
+
+
+def write_failure(out: Path, err: BaseException) -> FacellmError | None:
+    """The one-line error for a write that failed in ``out`` (disk full, read-only, no permission), else None.
+
+    torch's zip writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos``; the OS reports the rest as OSError with an errno.
+    """
+    import errno
+    import shutil as sh
+
+    text = str(err)
+    code = getattr(err, "errno", None)
+    full = "free some space"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+        cause = "no space left on device"
+    elif code == errno.EROFS or "Read-only file system" in text:
+        cause, full = "read-only file system", "make it writable or choose another --out"
+    elif code in (errno.EACCES, errno.EPERM) and isinstance(err, OSError):
+        cause, full = "permission denied", "make it writable or choose another --out"
+    elif isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        try:
+            free = f" ({sh.disk_usage(out if out.exists() else out.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        cause = f"a write stopped short, the disk is probably full{free}"
+    else:
+        return None
+    last = find_checkpoint(out, "latest") if out.is_dir() else None
+    if last is not None:
+        then = f"{full}, then run again with --resume: it continues from the last complete checkpoint ({last.name})"
+    else:
+        then = (
+            f"{full}, then run again with --overwrite (no checkpoint was completed, so --resume has none to continue)"
+        )
+    return FacellmError(f"cannot write to {out}: {cause}; {then}")
 
 
 @dataclass
@@ -165,16 +219,25 @@ def _read_data(cfg: FinetuneConfig, problems: list[str]) -> tuple[list[Sample], 
 def _check_output(cfg: FinetuneConfig, resume: str | None, overwrite: bool, problems: list[str]) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); a folder that cannot be used is added to ``problems``."""
     out = Path(cfg.output_dir or ".")
-    if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            problems.append(
-                f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
-            )
-        return None
+    checkpoint = _check_resume(cfg, out, resume, problems) if resume else None
+    if not resume and out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
+        problems.append(f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
+        problems.append(f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out")
+    return checkpoint
+
+
+def _check_resume(cfg: FinetuneConfig, out: Path, resume: str, problems: list[str]) -> Path | None:
     checkpoint = find_checkpoint(out, resume)
     if checkpoint is None:
         what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
         problems.append(f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)")
+    elif not checkpoint_complete(checkpoint):
+        problems.append(
+            f"resume: {checkpoint} is incomplete (no readable trainer_state.json: the run stopped while "
+            "saving it); resume from an earlier checkpoint with --resume-from, or use --resume for the latest"
+        )
     elif (out / CONFIG_NAME).is_file():
         diff = _resume_differences(cfg, out / CONFIG_NAME)
         if diff:
@@ -322,6 +385,66 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
 # ---------------------------------------------------------------- the Trainer
 
 
+class CheckpointError(FacellmError):
+    """A checkpoint's weights do not fit the model being trained."""
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
+    """Put the weights of a Trainer checkpoint into ``model``; raise CheckpointError when they do not fit.
+
+    Why not Trainer's own loader: Trainer saves with ``save_pretrained``, which in transformers 5 writes
+    the checkpoint format (``language_model.model.*``), while resuming reads that file with
+    ``load_state_dict`` against the in-memory names (``model.language_model.*``): nothing matched, a
+    warning was logged, and a full fine-tune silently continued from the base weights. Reading it back
+    with ``from_pretrained`` applies the same renaming in reverse, so save and load round-trip; any key
+    still missing or left over is an error, never a fresh start. Adapters (LoRA/QLoRA) go through
+    PEFT's ``load_adapter``, whose result is checked the same way.
+    """
+    from ..models.loader import corrupt_file_error
+
+    where = f"checkpoint {checkpoint}"
+    try:
+        if _is_peft(model):
+            name = model.active_adapters[0]
+            result = model.load_adapter(str(checkpoint), name, is_trainable=True)
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        else:
+            loaded, info = type(model).from_pretrained(
+                str(checkpoint), config=model.config, dtype=model.dtype, output_loading_info=True
+            )
+            missing = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+            unexpected = list(info.get("unexpected_keys", []))
+            if not missing and not unexpected:
+                model.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+    except Exception as e:  # a damaged file raises safetensors' own error type
+        corrupt = corrupt_file_error(sorted(checkpoint.glob("*.safetensors")), e, "checkpoint weights")
+        if corrupt is not None:
+            raise CheckpointError(f"{corrupt}, or resume from an earlier checkpoint with --resume-from") from None
+        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{where} cannot be loaded into this model ({type(e).__name__}: {first}); "
+            "resume from another checkpoint with --resume-from, or start again with --overwrite"
+        ) from None
+    if missing or unexpected:
+        parts = [f"{len(missing)} weight(s) missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        raise CheckpointError(
+            f"{where} does not match the model being trained: {', '.join(parts)}; "
+            "resume it with the model and method it was saved from, or start again with --overwrite"
+        )
+
+
 class _NullLog:
     """Stands in for a JsonlAppender on non-main ranks."""
 
@@ -381,6 +504,11 @@ def _make_trainer_class() -> type:
                 loss = loss / keep.sum().clamp(min=1)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded formats
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_checkpoint_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
+
         def prediction_step(
             self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
         ) -> Any:
@@ -436,7 +564,6 @@ def _truncate_step_log(path: Path, max_step: int) -> None:
 
 def _distributed() -> tuple[Callable[[], None], bool]:
     """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return (lambda: None), True
@@ -476,27 +603,39 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def _translating_write_errors(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # safetensors reports a full disk with its own error type
+        translated = write_failure(out, e)
+        if translated is None:
+            raise
+        raise translated from None
+
+
 def _prepare_output(cfg: FinetuneConfig, plan: Plan, overwrite: bool, say: Log) -> None:
     """Main process only: create the folder, drop what a resumed or replaced run left, write the config."""
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    if plan.checkpoint is not None:
-        step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-        for torn in out.glob("checkpoint-*"):
-            if torn.is_dir() and not (torn / "trainer_state.json").is_file():
-                say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                shutil.rmtree(torn)
-        _truncate_step_log(out / METRICS_NAME, step)
-        _truncate_step_log(out / SAMPLES_NAME, step)
-        say(f"resuming from {plan.checkpoint} at step {step}")
-    elif overwrite:
-        _clear_previous(out)
-    dump_config(cfg, out / CONFIG_NAME)
+    with _translating_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if plan.checkpoint is not None:
+            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+            for torn in out.glob("checkpoint-*"):
+                if torn.is_dir() and not checkpoint_complete(torn):
+                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                    shutil.rmtree(torn)
+            _truncate_step_log(out / METRICS_NAME, step)
+            _truncate_step_log(out / SAMPLES_NAME, step)
+            say(f"resuming from {plan.checkpoint} at step {step}")
+        elif overwrite:
+            _clear_previous(out)
+        dump_config(cfg, out / CONFIG_NAME)
     say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
 
 
-def _load_trainable(cfg: FinetuneConfig, say: Log) -> tuple[Any, Any, int, int]:
-    """(loaded model, model prepared for training, trainable parameters, all parameters)."""
+def _load(cfg: FinetuneConfig, say: Log) -> Any:
+    """The model, before anything is written: a run that cannot load it leaves no trace to refuse."""
     from ..models.loader import load_model_and_processor
 
     try:
@@ -505,13 +644,21 @@ def _load_trainable(cfg: FinetuneConfig, say: Log) -> tuple[Any, Any, int, int]:
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
+    threads = lm.extras.get("threads")
+    if threads is not None and threads.note:
+        say(threads.note)
+    return lm
+
+
+def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
+    """(model prepared for training, trainable parameters, all parameters)."""
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
         raise FacellmError("nothing to train: every parameter is frozen; check method and train.* settings")
     say(f"{cfg.method}: {trainable:,} of {total:,} parameters trainable")
-    return lm, model, trainable, total
+    return model, trainable, total
 
 
 def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> Any:
@@ -578,21 +725,34 @@ class _Data:
         self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
 
 
-def _train(
-    trainer: Any, checkpoint: Path | None, with_eval: bool, logs: list[Any]
-) -> tuple[Any, dict[str, Any], float]:
+def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
     """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
     start = time.perf_counter()
     try:
-        train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
-        last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-        already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
-        final_eval = trainer.evaluate() if with_eval and not already else {}
+        with _translating_write_errors(plan.output_dir):
+            train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
+            last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+            already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
+            final_eval = trainer.evaluate() if with_eval and not already else {}
     finally:
         for f in logs:
             f.close()
     return train_out, final_eval, time.perf_counter() - start
+
+
+def _save(trainer: Any, lm: Any, out: Path, main: bool) -> Path | None:
+    """Weights on every rank (collective under FSDP/DeepSpeed); processor, trainer state and loss plot on the main
+    one. Returns the plot's path."""
+    from .plots import plot_losses
+
+    with _translating_write_errors(out):
+        trainer.save_model(str(out))
+        if not main:
+            return None
+        lm.processor.save_pretrained(str(out))
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        return plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
 
 
 def finetune(
@@ -611,6 +771,14 @@ def finetune(
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
     say = log or (lambda _msg: None)
     out = plan.output_dir
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..io import JsonlAppender
+
+    set_seed(cfg.train.seed)
+    lm = _load(cfg, say)
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
     # and only the main process prepares it.
     barrier, main = _distributed()
@@ -619,18 +787,12 @@ def finetune(
         _prepare_output(cfg, plan, overwrite, say)
     barrier()
 
-    import torch
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from ..io import JsonlAppender
-
-    set_seed(cfg.train.seed)
-    lm, model, trainable, total = _load_trainable(cfg, say)
+    model, trainable, total = _trainable(lm, cfg, say)
     data = _Data(cfg, plan, lm, say)
     args = _training_args(cfg, out, data.eval is not None, lm.device)
-    metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
-    samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+    with _translating_write_errors(out):
+        metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
+        samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -644,16 +806,14 @@ def finetune(
     trainer.remove_callback(ProgressCallback)
     if lm.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    train_out, final_eval, runtime = _train(trainer, plan.checkpoint, data.eval is not None, [metrics_log, samples_log])
+    run = _train(trainer, plan, data.eval is not None, [metrics_log, samples_log])
     peak, peak_kind = _peak_memory(lm.device)
-
-    trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
-    plot = _save_main_outputs(trainer, lm, out) if main else None
+    plot = _save(trainer, lm, out, main)
     result = _result(
         cfg,
         plan,
         trainer,
-        (train_out, final_eval, runtime, args.world_size),
+        (*run, args.world_size),
         plot,
         peak_memory_bytes=peak,
         peak_memory_kind=peak_kind,
@@ -665,17 +825,9 @@ def finetune(
     from ..io import atomic_write_json
 
     if main:
-        atomic_write_json(out / SUMMARY_NAME, result.to_json())
+        with _translating_write_errors(out):
+            atomic_write_json(out / SUMMARY_NAME, result.to_json())
     return result
-
-
-def _save_main_outputs(trainer: Any, lm: Any, out: Path) -> Path | None:
-    """Processor, trainer state and the loss plot (main process only); returns the plot's path."""
-    from .plots import plot_losses
-
-    lm.processor.save_pretrained(str(out))
-    trainer.state.save_to_json(str(out / "trainer_state.json"))
-    return plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
 
 
 def _result(
