@@ -113,7 +113,14 @@ def test_dump_config_drops_secrets_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_cross_field_problems_one_line_each_named_by_their_key(tmp_path: Path) -> None:
-    from facellm_cli.config import DatasetConfig, EvalConfig, FinetuneConfig, OverlapConfig, validate_config
+    from facellm_cli.config import (
+        AnnotateConfig,
+        DatasetConfig,
+        EvalConfig,
+        FinetuneConfig,
+        OverlapConfig,
+        validate_config,
+    )
 
     with pytest.raises(ConfigError) as e:
         validate_config(DatasetConfig, {"inputs": ["a.jsonl"], "split": "0.8,0.3,0.1"}, "d.yaml")
@@ -132,6 +139,12 @@ def test_cross_field_problems_one_line_each_named_by_their_key(tmp_path: Path) -
     with pytest.raises(ConfigError) as e:
         validate_config(OverlapConfig, {"train": ["t"], "data_dir": "fxb"})
     assert str(e.value) == "benchmark: --data-dir is only used with --benchmark facexbench"
+    with pytest.raises(ConfigError) as e:
+        validate_config(AnnotateConfig, {"labels": "l.csv", "faces": True, "provider": "template", "batch": True})
+    assert str(e.value).splitlines() == [
+        "faces: faces crops photos given as images; labels describe whole images (drop one of them)",
+        "batch: the template provider makes no requests (drop --batch or use --provider openai)",
+    ]
 
 
 def test_derived_defaults_come_from_the_input_and_nothing_validated_is_mutated() -> None:

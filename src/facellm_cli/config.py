@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -584,7 +583,6 @@ class AnnotateConfig(StrictModel):
     )
     labels: str | None = Field(
         None,
-        validate_default=True,
         description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
         "columns.",
     )
@@ -681,21 +679,6 @@ class AnnotateConfig(StrictModel):
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
 
-    # Field validators (not one model validator) so each error names its key: "base_url: ...".
-    @field_validator("labels")
-    @classmethod
-    def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if not v and not info.data.get("images"):
-            raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
-        return v
-
-    @field_validator("faces")
-    @classmethod
-    def _faces_need_photos(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("labels"):
-            raise ValueError("faces crops photos given as images; labels describe whole images (drop one of them)")
-        return v
-
     @field_validator("base_url")
     @classmethod
     def _url_scheme(cls, v: str | None) -> str | None:
@@ -710,12 +693,21 @@ class AnnotateConfig(StrictModel):
             raise ValueError("give at least one aspect key, or leave it unset for all")
         return v
 
-    @field_validator("batch")
-    @classmethod
-    def _batch_needs_requests(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("provider") == "template":
-            raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
-        return v
+    @model_validator(mode="after")
+    def _checks(self) -> AnnotateConfig:
+        problems = []
+        if not self.labels and not self.images:
+            problems.append(("labels", "give image files/folders, or a labels file that lists the images (--labels)"))
+        if self.faces and self.labels:
+            problems.append(
+                ("faces", "faces crops photos given as images; labels describe whole images (drop one of them)")
+            )
+        if self.batch and self.provider == "template":
+            problems.append(
+                ("batch", "the template provider makes no requests (drop --batch or use --provider openai)")
+            )
+        _raise_problems(problems)
+        return self
 
 
 # ---- serve ----
