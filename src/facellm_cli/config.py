@@ -100,7 +100,7 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> ModelConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.merge_adapter and not self.adapter:
             problems.append(("merge_adapter", "needs an adapter folder (set adapter)"))
         if self.merge_adapter and self.quantization != "none":
@@ -156,7 +156,7 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def _format_validation_error(err: ValidationError, source: str | None) -> ConfigError:
-    problems = []
+    problems: list[str] = []
     for e in err.errors():
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, Problems):
@@ -372,7 +372,7 @@ class DatasetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> DatasetConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not self.inputs:
             problems.append(("inputs", "give at least one annotate JSONL file or paper-layout folder"))
         if not self.image_root:
@@ -426,7 +426,7 @@ class OverlapConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> OverlapConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not self.train:
             problems.append(("train", "give at least one folder or file of training images"))
         if self.benchmark and not self.data_dir:
@@ -527,7 +527,7 @@ class EvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> EvalConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.benchmark and self.data:
             problems.append(("data", "give either --benchmark facexbench --data-dir DIR or --data FILE, not both"))
         if self.data_dir and not self.benchmark:
@@ -695,7 +695,7 @@ class AnnotateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> AnnotateConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not self.labels and not self.images:
             problems.append(("labels", "give image files/folders, or a labels file that lists the images (--labels)"))
         if self.faces and self.labels:
@@ -869,7 +869,7 @@ class FinetuneConfig(StrictModel):
     def _checks(self) -> FinetuneConfig:
         """Settings that contradict each other, all of them (files and the machine are preflight's)."""
         m, t, lora = self.model, self.train, self.lora
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.method == "qlora" and m.quantization == "8bit":
             problems.append(
                 ("model.quantization", "qlora loads the base in 4bit; remove quantization: 8bit or use method: lora")
@@ -908,7 +908,7 @@ class FinetuneConfig(StrictModel):
 
     def problems(self) -> list[str]:
         """What a run still needs that a config may leave out (a saved or partial config need not name them)."""
-        problems = []
+        problems: list[str] = []
         if not self.data.train:
             problems.append("data.train: no training file given (set data.train or pass --data)")
         if not self.output_dir:

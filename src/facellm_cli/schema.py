@@ -6,7 +6,7 @@ Field names are stable; add fields, never rename them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -160,7 +160,7 @@ class TrainingRecord(BaseModel):
         return cls.model_validate({"id": rid, "messages": messages, "images": [image]})
 
     @classmethod
-    def from_sharegpt(cls, rec: dict[str, object], default_id: str) -> TrainingRecord:
+    def from_sharegpt(cls, rec: dict[str, Any], default_id: str) -> TrainingRecord:
         """A ShareGPT record (``conversations`` of ``from``/``value`` turns, optional ``system``); ValueError if not."""
         turns = rec.get("conversations")
         if not isinstance(turns, list):
@@ -173,7 +173,7 @@ class TrainingRecord(BaseModel):
             messages.append({"role": role, "content": turn.get("value")})
         return cls.model_validate({"id": rec.get("id", default_id), "messages": messages, "images": rec.get("images")})
 
-    def to_sharegpt(self) -> dict[str, object]:
+    def to_sharegpt(self) -> dict[str, Any]:
         """The LLaMA-Factory ShareGPT form of this record (no id: LLaMA-Factory has no such column)."""
         system = [m.content for m in self.messages if m.role == "system"]
         turns = [{"from": _TO_SHAREGPT[m.role], "value": m.content} for m in self.messages if m.role != "system"]

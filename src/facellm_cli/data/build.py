@@ -330,7 +330,7 @@ class _SplitWriter:
     def add(self, rid: str, pairs: list[tuple[str, str]], image: str) -> None:
         record = TrainingRecord.from_pairs(rid, pairs, image)
         sharegpt = record.to_sharegpt()
-        check_conversation(sharegpt["conversations"], [image], where=f"conversation {rid}")  # type: ignore[arg-type]
+        check_conversation(sharegpt["conversations"], [image], where=f"conversation {rid}")
         self.sharegpt.write(("\n" if self._first else ",\n") + json.dumps(sharegpt, ensure_ascii=False))
         self._first = False
         self.messages.write(json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n")

@@ -713,16 +713,15 @@ class _Data:
             lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
         )
         self.drops: list[str] = []
-        self.collator = Collator(
-            pad_id,
-            on_drop=lambda d: (
-                self.drops.append(d.id),
-                say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
-            ),
-        )
+        self._say = say
+        self.collator = Collator(pad_id, on_drop=self._dropped)
         cache = cfg.data.cache_encoded
         self.train = ConversationDataset(plan.train, self.encoder, cache=cache)
         self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
+
+    def _dropped(self, d: Any) -> None:
+        self.drops.append(d.id)
+        self._say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
 
 
 def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
