@@ -235,13 +235,13 @@ C = TypeVar("C", bound=BaseModel)
 def _format_validation_error(err: ValidationError, source: str | None) -> ConfigError:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the command's --help)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        problems.append(f"{loc}: {msg}")
+        problems.append(f"{loc}: {msg}" if e["loc"] else msg)  # model validators name their keys themselves
     return ConfigError(problems, source)
 
 
