@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 from fake_openai import Behaviour, FakeOpenAI
 
 RETRY_AFTER = 1.0  # seconds the server asks for; every backoff below is far shorter
