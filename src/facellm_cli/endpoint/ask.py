@@ -32,7 +32,7 @@ def _messages(cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | No
 def _client(cfg: AskConfig, api_key: str | None) -> ChatClient:
     assert cfg.endpoint is not None
     gen = cfg.generation
-    return ChatClient.from_config(cfg.endpoint, api_key, max_tokens=gen.max_new_tokens, temperature=gen.temperature)
+    return ChatClient(cfg.endpoint, api_key, max_tokens=gen.max_new_tokens, temperature=gen.temperature)
 
 
 def ask_remote_stream(

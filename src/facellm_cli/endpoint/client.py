@@ -134,48 +134,28 @@ class ChatClient:
 
     def __init__(
         self,
+        ep: EndpointConfig,
+        api_key: str | None,
         *,
-        api_key: str,
-        base_url: str | None,
-        model: str,
-        concurrency: int = 64,
-        rpm: int | None = None,
-        max_retries: int = 6,
-        timeout: float = 120.0,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> None:
+        """A client for ``ep``; ``max_tokens`` and ``temperature`` are the per-request defaults."""
         from openai import AsyncOpenAI
 
-        self.base_url = base_url or "https://api.openai.com/v1"
-        self.model = model
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.base_url = ep.base_url or "https://api.openai.com/v1"
+        self.model = ep.model
+        self.max_retries = ep.max_retries
+        self.backoff_base = ep.backoff_base
+        self.backoff_max = ep.backoff_max
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.stats = ClientStats()
-        self._sem = asyncio.Semaphore(concurrency)
-        self._limiter = RateLimiter(rpm) if rpm else None
+        self._sem = asyncio.Semaphore(ep.concurrency)
+        self._limiter = RateLimiter(ep.rpm) if ep.rpm else None
         self._pause_until = 0.0
-        self._client = AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout)
-
-    @classmethod
-    def from_config(cls, ep: EndpointConfig, api_key: str | None, **request: Any) -> ChatClient:
-        """A client for ``ep``; ``request`` sets per-request defaults (max_tokens, temperature)."""
-        return cls(
-            api_key=api_key or "no-key-needed",
-            base_url=ep.base_url,
-            model=ep.model,
-            concurrency=ep.concurrency,
-            rpm=ep.rpm,
-            max_retries=ep.max_retries,
-            timeout=ep.timeout_s,
-            backoff_base=ep.backoff_base,
-            backoff_max=ep.backoff_max,
-            **request,
+        self._client = AsyncOpenAI(
+            api_key=api_key or "no-key-needed", base_url=self.base_url, max_retries=0, timeout=ep.timeout_s
         )
 
     async def aclose(self) -> None:

@@ -213,9 +213,7 @@ class EndpointBackend:
         self.cfg = cfg
         self.ep = cfg.endpoint
         gen = cfg.generation
-        self.client = ChatClient.from_config(
-            self.ep, api_key, max_tokens=gen.max_new_tokens, temperature=gen.temperature
-        )
+        self.client = ChatClient(self.ep, api_key, max_tokens=gen.max_new_tokens, temperature=gen.temperature)
 
     @property
     def calls(self) -> int:
