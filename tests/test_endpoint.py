@@ -105,8 +105,8 @@ def test_local_model_flags_with_base_url_are_rejected(cli, tmp_path: Path, comma
     assert r.code == 1
     errors = [line for line in r.err.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: model.adapter: --adapter load a local model, but an endpoint (--base-url) answers here; "
-        "drop them or drop --base-url"
+        "error: model.adapter: --adapter set up a local model, but the endpoint (--base-url) answers; "
+        "drop --adapter or --base-url"
     ]
 
 

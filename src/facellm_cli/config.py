@@ -172,10 +172,8 @@ def local_options_with_endpoint(model: ModelConfig) -> str | None:
     given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set]
     if not given:
         return None
-    return (
-        f"model.{given[0]}: {', '.join('--' + k for k in given)} load a local model, but an endpoint (--base-url) "
-        "answers here; drop them or drop --base-url"
-    )
+    flags = ", ".join("--" + k for k in given)
+    return f"model.{given[0]}: {flags} set up a local model, but the endpoint (--base-url) answers; drop {flags} or --base-url"
 
 
 def move_deprecated_keys(data: Any, moves: dict[str, str], into: str) -> Any:
