@@ -67,10 +67,12 @@ def test_annotate_evaluate_and_ask_share_the_client_and_honour_retry_after(cli, 
             assert r.code == 0, (name, r.err)
             assert [x.outcome for x in server.chat_requests()] == ["429", "200"], name
             assert _gap_after_429(server) >= RETRY_AFTER, name
-            results[name] = r
+            results[name] = (r, server.chat_requests()[-1].body)
     assert json.loads((tmp_path / "ann.jsonl").read_text())["answer"] == "The answer is (B)."
     assert json.loads((tmp_path / "eval" / "predictions.jsonl").read_text())["prediction"] == "B"
-    assert results["ask"].out == "The answer is (B).\n"  # streamed, piece by piece
+    ask, body = results["ask"]
+    assert body["stream"] is True and ask.out == "The answer is (B).\n"  # streamed, word by word
+    assert "stream" not in results["evaluate"][1] and "stream" not in results["annotate"][1]
 
 
 def test_ask_base_url_many_images_in_order(cli, tmp_path: Path) -> None:

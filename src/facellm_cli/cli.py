@@ -11,11 +11,13 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import (
+    TYPE_CHECKING,
     Annotated,
+    Any,
 )
 
 import typer
@@ -41,6 +43,10 @@ from ._options import (
     model_flags,
 )
 from .errors import FacellmError
+
+if TYPE_CHECKING:
+    from .config import AskConfig
+    from .infer.ask import AskResult
 
 app = typer.Typer(
     name="facellm",
@@ -180,7 +186,9 @@ def ask(
         raise FacellmError(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
 
 
-def _answerers(cfg, images, question, stdin_bytes):  # noqa: ANN001, ANN202 - results are imported lazily
+def _answerers(
+    cfg: AskConfig, images: list[str], question: str, stdin_bytes: bytes | None
+) -> tuple[Callable[[], Iterator[str]], Callable[[], Iterator[AskResult]]]:
     """(stream the one image's answer, answer every image): from the endpoint, or a model loaded here."""
     if cfg.endpoint is not None:
         from .endpoint.ask import ask_remote_many, ask_remote_stream
@@ -956,7 +964,7 @@ def _deprecation_notes() -> Iterator[None]:
         warnings.simplefilter("always", ConfigDeprecationWarning)
         default = warnings.showwarning
 
-        def show(message, category, *args, **kwargs) -> None:  # noqa: ANN001 - warnings.showwarning's signature
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
             if not issubclass(category, ConfigDeprecationWarning):
                 default(message, category, *args, **kwargs)
             elif str(message) not in shown:
