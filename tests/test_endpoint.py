@@ -136,3 +136,18 @@ def test_flat_endpoint_keys_still_work_with_one_deprecation_line(cli, tmp_path: 
         "deprecated: concurrency: renamed to endpoint.concurrency (the old key works until the next release)",
         "deprecated: timeout: renamed to endpoint.timeout_s (the old key works until the next release)",
     ]
+
+
+def test_a_rejected_key_stops_evaluate_at_once(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _png(tmp_path / "a.png", (5, 5, 5))
+    rows = [
+        {"id": f"q{i}", "images": ["a.png"], "question": "?", "options": ["x", "y"], "answer": "A"} for i in range(4)
+    ]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("WRONG_KEY_FOR_TEST", "sk-wrong")
+    with FakeOpenAI(api_key="sk-right") as server:
+        args = ["evaluate", "--data", tmp_path / "set.jsonl", "--base-url", server.base_url, "--model", "m"]
+        r = cli(*args, "--api-key-env", "WRONG_KEY_FOR_TEST", "--concurrency", "1", "--out", tmp_path / "e")
+        assert server.count() == 1  # not retried, and no other question sent
+        assert r.code == 1
+        assert f"error: endpoint {server.base_url} rejected the API key (HTTP 401" in r.err
