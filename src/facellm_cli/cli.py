@@ -298,6 +298,10 @@ def build_dataset(
     force: Annotated[
         bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
     ] = None,
+    exclude_overlap_with: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-overlap-with", help="Drop images that match these benchmark images/sets (repeatable)."),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -320,8 +324,11 @@ def build_dataset(
         "stratify": stratify,
         "skip_invalid": skip_invalid,
         "force": force,
+        "exclude_overlap_with": exclude_overlap_with,
     }
     cfg = resolve_config(DatasetConfig, config, flags, set_)
+    if cfg.exclude_overlap_with and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     with err_console().status("building dataset ...") as status:
         report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
     if json_out:
@@ -384,6 +391,13 @@ def evaluate(
         list[str] | None,
         typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
     ] = None,
+    train_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train-data",
+            help="The model's training data (or auto: its finetune run): also accuracy on unseen images.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -426,9 +440,12 @@ def evaluate(
             "generation.max_new_tokens": max_new_tokens,
             "out": str(out) if out else None,
             "tasks": [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None,
+            "train_data": train_data,
         }
     )
     cfg = resolve_config(EvalConfig, config, flags, set_)
+    if cfg.train_data and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     api_key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url) if cfg.endpoint else None
     with _progress("evaluating") as bar:
         outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
@@ -439,6 +456,10 @@ def evaluate(
         from .eval.report import summary_table
 
         print(summary_table(outcome.results), end="")
+        if outcome.results.get("unseen_in_training"):
+            from .data.overlap import unseen_markdown
+
+            print("\n".join(unseen_markdown(outcome.results["unseen_in_training"])))
     if compare:
         table = compare_runs([*compare, str(outcome.out_dir)])
         print(
@@ -847,6 +868,80 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     for k, v in result.artefacts.items():
         arts.add_row(k, v)
     out.print(arts)
+
+
+def _overlap_cache() -> Path:
+    from .data.overlap import default_cache_path
+
+    return default_cache_path(dict(os.environ))
+
+
+# ---- data ----
+data_app = typer.Typer(help="Dataset hygiene: compare training data with benchmarks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("overlap")
+def data_overlap(
+    train: Annotated[
+        list[str] | None,
+        typer.Argument(help="Training images: folders, annotate/build-dataset outputs, training or mcq JSONL files."),
+    ] = None,
+    against: Annotated[
+        list[str] | None, typer.Option("--against", help="Benchmark images or sets, same kinds (repeatable).")
+    ] = None,
+    benchmark: Annotated[str | None, typer.Option("--benchmark", help="Built-in benchmark: facexbench.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="FaceXBench checkout (with --benchmark).")] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Root for relative image paths in JSONL inputs.")
+    ] = None,
+    max_distance: Annotated[
+        int | None, typer.Option("--max-distance", help="Most differing bits of the 128-bit hash (default 14).")
+    ] = None,
+    max_colour_distance: Annotated[
+        float | None, typer.Option("--max-colour-distance", help="Most mean chroma difference (default 3).")
+    ] = None,
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs (default overlap_pairs.png).")
+    ] = None,
+    sheet_pairs: Annotated[int | None, typer.Option("--sheet-pairs", help="Pairs drawn on the contact sheet.")] = None,
+    show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Processes decoding images (default: one per 2,000).")
+    ] = None,
+    cache: Annotated[str | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Find training images that are also benchmark images (perceptual hash: survives re-encoding, resizing, crops)."""
+    from .config import OverlapConfig, resolve_config
+    from .data.overlap import overlap, render_table
+
+    flags = {
+        "train": train or None,
+        "against": against or None,
+        "benchmark": benchmark,
+        "data_dir": data_dir,
+        "image_root": image_root,
+        "max_distance": max_distance,
+        "max_colour_distance": max_colour_distance,
+        "sheet": sheet,
+        "sheet_pairs": sheet_pairs,
+        "workers": workers,
+        "cache": cache,
+    }
+    cfg = resolve_config(OverlapConfig, config, flags, set_)
+    if cfg.cache is None:
+        cfg.cache = str(_overlap_cache())
+    with _progress("hashing") as bar:
+        result = overlap(cfg, progress=lambda _label, done, total: bar(done, total))
+    if json_out:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print(render_table(result, show), end="")
+    if result.sheet:
+        err_console().print(f"contact sheet of the closest pairs: {result.sheet}")
 
 
 @dev_app.command("tiny-model")

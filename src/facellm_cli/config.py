@@ -411,13 +411,22 @@ class DatasetConfig(StrictModel):
     )
     name: str = Field("facellm", description="Dataset name prefix in dataset_info.json (name_train, name_val, ...).")
     max_errors_shown: int = Field(20, gt=0, description="Most invalid records listed in one error.")
+    exclude_overlap_with: list[str] = Field(
+        default_factory=list,
+        description="Benchmark images or sets (folders, mcq JSONL, a FaceXBench checkout): training images that "
+        "match one of their images by perceptual hash are dropped and counted (facellm data overlap).",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a benchmark match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="before")
     @classmethod
     def _lists_from_flags(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for key in ("split", "mcq"):
+            for key in ("split", "mcq", "exclude_overlap_with"):
                 if key in data:
                     data[key] = _split_csv(data[key])
             if isinstance(data.get("inputs"), str):
@@ -449,6 +458,53 @@ class DatasetConfig(StrictModel):
             object.__setattr__(self, "mcq_train", bool(self.mcq))
         if self.stratify is None and self.mcq:
             object.__setattr__(self, "stratify", self.mcq[0])
+        return self
+
+
+# ---- data overlap ----
+
+
+class OverlapConfig(StrictModel):
+    """``facellm data overlap``: training images that are also benchmark images, by perceptual hash."""
+
+    train: list[str] = Field(
+        default_factory=list,
+        description="Training images: folders, annotate/build-dataset outputs, training JSONL, finetune run folders.",
+    )
+    against: list[str] = Field(
+        default_factory=list, description="Benchmark images or sets: folders, mcq JSONL, build-dataset outputs."
+    )
+    benchmark: Literal["facexbench"] | None = Field(None, description="Built-in benchmark to compare with.")
+    data_dir: str | None = Field(None, description="FaceXBench checkout (or its benchmark/ folder).")
+    image_root: str | None = Field(None, description="Folder relative image paths in JSONL inputs resolve against.")
+    max_distance: int = Field(14, ge=0, lt=128, description="Most differing bits of the 128-bit hash for a match.")
+    max_colour_distance: float = Field(
+        3.0, ge=0, description="Most mean chroma difference (0-255) of a colour pair; grayscale images skip it."
+    )
+    sheet: str | None = Field("overlap_pairs.png", description="Contact sheet PNG of the closest pairs (null: none).")
+    sheet_pairs: int = Field(12, gt=0, description="Pairs drawn on the contact sheet.")
+    workers: int | None = Field(
+        None, gt=0, description="Processes decoding images (default: one per 2,000 images, up to the CPUs or 8)."
+    )
+    cache: str | None = Field(
+        None, description="Hash cache file (default: overlap-hashes.sqlite under FACELLM_HOME/cache or ~/.cache)."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> OverlapConfig:
+        problems = []
+        if not self.train:
+            problems.append("train: give at least one folder or file of training images")
+        if self.benchmark and not self.data_dir:
+            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout)")
+        if self.data_dir and not self.benchmark:
+            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
+        if not self.against and not self.benchmark:
+            problems.append(
+                "against: nothing to compare with; give --against PATH or --benchmark facexbench --data-dir DIR"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -493,6 +549,16 @@ class EvalConfig(StrictModel):
     out: str = Field(
         "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
     )
+    train_data: list[str] = Field(
+        default_factory=list,
+        description="Training data of the model (image folders, annotate/build-dataset outputs, training JSONL, "
+        "finetune run folders; 'auto': the run recorded next to the adapter or model): accuracy is also reported on "
+        "the questions whose images were not in it.",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a training-image match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="after")
     def _checks(self) -> EvalConfig:

@@ -381,6 +381,7 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         scan = _Scan(cfg, root, label_table)
         scan.run(sources, progress)
         keep = scan.find_duplicates(sources)
+        overlap_stats = _drop_benchmark_overlap(scan, keep, root, cfg) if cfg.exclude_overlap_with else None
         if scan.n_problems and not cfg.skip_invalid:
             shown = len(scan.problems)
             more = f" (first {shown} listed)" if scan.n_problems > shown else ""
@@ -527,8 +528,14 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                 max_balance_values=MAX_BALANCE_VALUES,
             )
             _write_json(staging / "dataset_info.json", _dataset_info(cfg))
+            report_md = render_report(stats, cfg)
+            if overlap_stats is not None:
+                from .overlap import overlap_report_section
+
+                stats["benchmark_overlap"] = overlap_stats
+                report_md += overlap_report_section(overlap_stats)
             _write_json(staging / "stats.json", stats)
-            (staging / "report.md").write_text(render_report(stats, cfg), encoding="utf-8")
+            (staging / "report.md").write_text(report_md, encoding="utf-8")
             dump_config(cfg, staging / CONFIG_NAME)
             files = sorted(p.name for p in staging.iterdir())
             _finalize(staging, out)
@@ -554,6 +561,25 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         elapsed_s=time.perf_counter() - t0,
         stats=stats,
     )
+
+
+def _drop_benchmark_overlap(scan: _Scan, keep: Any, root: Path, cfg: DatasetConfig) -> dict[str, Any]:
+    """Mark the records of images that match a benchmark image as filtered ("benchmark_overlap")."""
+    import numpy as np
+
+    from .overlap import benchmark_matches
+
+    good = [rel for rel in scan.image_names if not scan.images[rel].bad]
+    found, summary = benchmark_matches(
+        [str(root / rel) for rel in good], cfg.exclude_overlap_with, cfg.overlap_max_distance, cfg.overlap_cache
+    )
+    drop = np.array([str(root / rel) in found for rel in scan.image_names] or [False], dtype=bool)
+    rec_drop = drop[np.frombuffer(scan.rec_img, dtype=np.int32)] & keep
+    if rec_drop.any():
+        scan.filtered["benchmark_overlap"] += int(rec_drop.sum())
+        scan.filtered_images["benchmark_overlap"] += len(found)
+        keep &= ~rec_drop
+    return summary
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -118,6 +118,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     for title, table in sections:
         lines += ["", f"| {title} | accuracy % | correct / questions | unparseable |", "|---|---:|---:|---:|"]
         lines += [_row(k, t) for k, t in table.items()]
+    if results.get("unseen_in_training"):
+        from ..data.overlap import unseen_markdown
+
+        lines += unseen_markdown(results["unseen_in_training"])
     if results.get("fairness"):
         lines += ["", "## Fairness", ""]
         for attr, f in results["fairness"].items():

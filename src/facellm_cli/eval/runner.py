@@ -383,6 +383,10 @@ def evaluate(
     """
     from .report import build_results, write_reports
 
+    if cfg.train_data:
+        from ..data.overlap import check_train_data
+
+        check_train_data(cfg)
     questions = select_questions(load_questions(cfg), cfg.tasks, cfg.limit)
     if not questions:
         raise ConfigError("tasks: no questions selected (check --tasks and --limit)")
@@ -438,6 +442,10 @@ def evaluate(
         "reused_from_cache": total - len(todo),
     }
     results = build_results(records, meta)
+    if cfg.train_data:
+        from ..data.overlap import add_unseen_split
+
+        add_unseen_split(results, records, questions, cfg)
     files = write_reports(results, out)
     files["predictions"] = str(pred_path)
     files["config"] = str(out / "config.yaml")
