@@ -103,7 +103,18 @@ def test_local_model_flags_with_base_url_are_rejected(cli, tmp_path: Path, comma
     (tmp_path / "set.jsonl").write_text(
         json.dumps({"id": "q", "images": ["a.png"], "question": "?", "options": ["x", "y"], "answer": "A"}) + "\n"
     )
-    r = cli(command, *target, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--adapter", "runs/lora")
+    r = cli(
+        command,
+        *target,
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+        "--adapter",
+        "runs/lora",
+        "--dtype",
+        "auto",
+    )
     assert r.code == 1
     errors = [line for line in r.err.splitlines() if line.startswith("error:")]
     assert errors == [

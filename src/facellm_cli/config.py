@@ -168,8 +168,9 @@ LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device")
 
 
 def local_options_with_endpoint(model: ModelConfig) -> str | None:
-    """The problem line when local-model options were given alongside an endpoint, else None."""
-    given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set]
+    """The problem line when local-model options were set (to other than their defaults) with an endpoint, else None."""
+    fields = type(model).model_fields
+    given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set and getattr(model, k) != fields[k].default]
     if not given:
         return None
     flags = ", ".join("--" + k for k in given)
