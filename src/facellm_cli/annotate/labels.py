@@ -235,7 +235,6 @@ class ImageItem:
 class Inputs:
     items: list[ImageItem]
     problems: Problems
-    unlabelled: int = 0
 
 
 def _stored_name(path: Path, image_root: Path | None) -> str:
@@ -277,10 +276,10 @@ def collect_inputs(
     paths = _image_paths(images, problems)
     items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
     if table is None:
-        return Inputs(items=items, problems=problems, unlabelled=len(items))
+        return Inputs(items=items, problems=problems)
     bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
-    matched = _join_labels(items, table, bases, problems)
-    return Inputs(items=items, problems=problems, unlabelled=len(items) - matched)
+    _join_labels(items, table, bases, problems)
+    return Inputs(items=items, problems=problems)
 
 
 def _items_from_table(table: LabelTable, root: Path | None, problems: Problems) -> list[ImageItem]:
@@ -316,8 +315,8 @@ def _image_paths(images: list[str], problems: Problems) -> list[Path]:
     return paths
 
 
-def _join_labels(items: list[ImageItem], table: LabelTable, bases: list[Path], problems: Problems) -> int:
-    """Give each image its label row (by path under one of ``bases``, else by a unique file name); returns matches."""
+def _join_labels(items: list[ImageItem], table: LabelTable, bases: list[Path], problems: Problems) -> None:
+    """Give each image its label row (by path under one of ``bases``, else by a unique file name)."""
     by_resolved = {it.path.resolve(): i for i, it in enumerate(items)}
     by_name: dict[str, list[int]] = {}
     for i, it in enumerate(items):
@@ -338,4 +337,3 @@ def _join_labels(items: list[ImageItem], table: LabelTable, bases: list[Path], p
             matched.add(idx)
             items[idx].labels = row.labels
             items[idx].face = row.face
-    return len(matched)

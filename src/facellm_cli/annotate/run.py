@@ -36,7 +36,6 @@ class ProgressState:
     in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    phase: str = "starting"
 
 
 @dataclass

@@ -24,7 +24,7 @@ import email.utils
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import EndpointError
@@ -72,10 +72,6 @@ class ClientStats:
     requests: int = 0
     retries: int = 0
     successes: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-
-    def count_error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class RateLimiter:
@@ -121,7 +117,7 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 @dataclass
 class _Failure:
-    """A failed attempt, classified: retryable ones carry a kind for the stats."""
+    """A failed attempt that may be retried: its kind, how to describe it, and the wait the server asked for."""
 
     kind: str
     desc: str
@@ -229,7 +225,6 @@ class ChatClient:
                 self.stats.successes += 1
                 return response if error is None else error
             failure = self._classify(error)
-            self.stats.count_error(failure.kind)
             if attempt >= self.max_retries:
                 raise self._gave_up(failure, error, attempt + 1)
             if failure.status == 429 and failure.asked is not None:

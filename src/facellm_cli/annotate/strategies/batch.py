@@ -398,7 +398,6 @@ def run(run: Run) -> None:
 
     client = sync_sdk_client(run.cfg.endpoint, run.api_key)
     batches = _Batches(run, client)
-    run.state.phase = "batch"
     base_url = run.cfg.endpoint.base_url or "api.openai.com"
     try:
         batches.rounds()

@@ -271,7 +271,6 @@ async def _tick(run: Run, client: ChatClient) -> None:
 async def _run(run: Run) -> None:
     cfg = run.cfg
     client = ChatClient(cfg.endpoint, run.api_key, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-    run.state.phase = "annotating"
     try:
         with AnnotationWriter(run.out) as writer:
             tick = asyncio.create_task(_tick(run, client))

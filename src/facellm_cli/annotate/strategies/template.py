@@ -38,7 +38,6 @@ def run(run: Run) -> None:
 
     run.summary.items_total = 0
     run.summary.prompt_version = TEMPLATE_VERSION
-    run.state.phase = "writing"
     todo, unlabelled = _todo(run)
     run.state.total = sum(len(qas) for _, qas in todo)
     with AnnotationWriter(run.out) as writer:
