@@ -41,12 +41,14 @@ RETRY_STATUS = frozenset({408, 409, 425, 429})
 class RequestFailed(EndpointError):
     """One request failed for good (retries exhausted, or a 4xx that retrying cannot fix)."""
 
-    def __init__(self, message: str, *, status: int | None = None, body: str = "", attempts: int = 1) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, body: str = "", attempts: int = 1, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
         self.attempts = attempts
-        self.reason = message.split(" (gave up after")[0]
+        self.reason = reason or message  # what the last attempt failed with, without the count
 
 
 class FatalEndpointError(EndpointError):
@@ -240,7 +242,9 @@ class ChatClient:
                 "(e.g. facellm serve --model ...)"
             )
         word = "try" if tries == 1 else "tries"
-        return RequestFailed(f"{failure.desc} (gave up after {tries} {word})", status=failure.status, attempts=tries)
+        return RequestFailed(
+            f"{failure.desc} (gave up after {tries} {word})", status=failure.status, attempts=tries, reason=failure.desc
+        )
 
     def _body(self, messages: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
         max_tokens = request.get("max_tokens", self.max_tokens)
