@@ -88,6 +88,8 @@ def test_ask_base_url_many_images_in_order(cli, tmp_path: Path) -> None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("REMOTE_KEY_FOR_TEST", "sk-remote")
             r = cli(*args, "--api-key-env", "REMOTE_KEY_FOR_TEST", "--set", "endpoint.concurrency=3")
+        r_unnamed = cli("ask", images[0], "age?", "--base-url", server.base_url)
+    assert r_unnamed.code == 1 and "error: endpoint.model: name the model the endpoint serves" in r_unnamed.err
     rows = [json.loads(line) for line in r.out.splitlines()]
     assert [row["image"] for row in rows] == [*map(str, images), str(bad)]
     assert sorted(row["answer"] for row in rows[:3]) == ["one", "three", "two"]
