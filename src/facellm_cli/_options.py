@@ -21,6 +21,10 @@ AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="PEFT adapter 
 QuantOpt = Annotated[str | None, typer.Option("--quantization", "-q", help="none | 8bit | 4bit (bitsandbytes).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="torch CPU threads (default: the idle cores this process may use)."),
+]
 MaxNewTokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
@@ -43,6 +47,7 @@ def model_flags(
     device: str | None = None,
     dtype: str | None = None,
     prefix: str = "model",
+    threads: int | None = None,
 ) -> dict[str, object]:
     """Dotted-key flag overrides for a ModelConfig nested at ``prefix``."""
     values = {
@@ -52,5 +57,6 @@ def model_flags(
         "quantization": quantization,
         "device": device,
         "dtype": dtype,
+        "threads": threads,
     }
     return {f"{prefix}.{k}": v for k, v in values.items()}

@@ -66,6 +66,11 @@ class ModelConfig(StrictModel):
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")
     trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run (off unless asked).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> ModelConfig:
@@ -171,7 +176,7 @@ class RemoteModelConfig(EndpointConfig):
 
 
 # The local-model options that mean nothing when an endpoint answers (rejected, not silently dropped).
-LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device")
+LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device", "threads")
 
 
 def local_options_with_endpoint(model: ModelConfig) -> str | None:
@@ -535,7 +540,14 @@ class EvalConfig(StrictModel):
         description="JSONL set ({images, question, options, answer} lines or build-dataset mcq_*.jsonl), or a folder of mcq_*.jsonl.",
     )
     image_root: str | None = Field(
-        None, description="Folder relative image paths in --data resolve against (default: the file's folder)."
+        None,
+        description="Folder relative image paths in --data resolve against (default: the image root recorded by "
+        "build-dataset, else the file's folder).",
+    )
+    split: Literal["train", "val", "test", "all"] | None = Field(
+        None,
+        description="With --data pointing at a build-dataset folder: which mcq_<split>.jsonl to score (default test; "
+        "all = every split).",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Local model to evaluate (ignored with endpoint)."
@@ -549,13 +561,21 @@ class EvalConfig(StrictModel):
         default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
     )
     batch_size: int = Field(8, gt=0, description="Questions per forward pass / generate call.")
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions (after --tasks).")
+    limit: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate a seeded sample of N questions (after --tasks), stratified over tasks so every task "
+        "keeps its share.",
+    )
+    sample_seed: int = Field(0, description="Seed of the --limit sample (same seed, same questions).")
     tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
     with_task_description: bool = Field(
         False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
     )
-    out: str = Field(
-        "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
+    out: str | None = Field(
+        None,
+        description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart "
+        "(default: eval-<model>-<set> in the current folder).",
     )
     train_data: list[str] = Field(
         default_factory=list,
@@ -583,6 +603,8 @@ class EvalConfig(StrictModel):
             problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
         if self.image_root and not self.data:
             problems.append("image_root: --image-root only applies to --data sets")
+        if self.split and not self.data:
+            problems.append("split: --split only applies to --data (a build-dataset folder)")
         if self.endpoint is not None and self.mode == "likelihood":
             problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
         if self.endpoint is not None and (local := local_options_with_endpoint(self.model)):
@@ -791,13 +813,19 @@ class ServeConfig(StrictModel):
 class FinetuneDataConfig(StrictModel):
     """Where the training conversations are and how they are turned into tokens."""
 
-    train: str | None = Field(None, description="Training file: build-dataset's messages .jsonl or a ShareGPT .json.")
+    train: str | None = Field(
+        None,
+        description="Training file: build-dataset's messages .jsonl or a ShareGPT .json, or a build-dataset folder "
+        "(its train.jsonl).",
+    )
     eval: str | None = Field(None, description="Optional evaluation file in the same format (eval loss in loss.png).")
     format: Literal["auto", "messages", "sharegpt"] = Field(
         "auto", description="auto: .jsonl = messages, .json = ShareGPT."
     )
     image_root: str | None = Field(
-        None, description="Folder relative image paths resolve against (default: the data file's folder)."
+        None,
+        description="Folder relative image paths resolve against (default: the image root recorded by build-dataset, "
+        "else the data file's folder).",
     )
     max_seq_length: int = Field(
         2048,
@@ -940,6 +968,11 @@ class QuickstartConfig(StrictModel):
         "template provider.",
     )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )
 
     @model_validator(mode="before")
     @classmethod

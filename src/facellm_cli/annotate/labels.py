@@ -275,10 +275,8 @@ def collect_inputs(
         return Inputs(items=_items_from_table(table, root, problems), problems=problems)
     paths = _image_paths(images, problems)
     items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
-    if table is None:
-        return Inputs(items=items, problems=problems)
-    bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
-    _join_labels(items, table, bases, problems)
+    if table is not None:
+        _join_labels(items, table, root, images, problems)
     return Inputs(items=items, problems=problems)
 
 
@@ -315,20 +313,44 @@ def _image_paths(images: list[str], problems: Problems) -> list[Path]:
     return paths
 
 
-def _join_labels(items: list[ImageItem], table: LabelTable, bases: list[Path], problems: Problems) -> None:
-    """Give each image its label row (by path under one of ``bases``, else by a unique file name)."""
-    by_resolved = {it.path.resolve(): i for i, it in enumerate(items)}
-    by_name: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        by_name.setdefault(it.path.name, []).append(i)
+class _ImageIndex:
+    """The images by resolved path and by file name, to find the one a label row names in O(1)."""
+
+    def __init__(self, items: list[ImageItem]) -> None:
+        self.paths = [it.path.resolve() for it in items]
+        self.by_resolved = {p: i for i, p in enumerate(self.paths)}
+        self.by_name: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            self.by_name.setdefault(it.path.name, []).append(i)
+
+    def find(self, image: str, bases: list[Path]) -> int | None:
+        """By path under one of ``bases``, else by a unique matching path tail."""
+        for base in bases:
+            idx = self.by_resolved.get((base / image).resolve())
+            if idx is not None:
+                return idx
+        # Fall back to the path's tail: "train/1.jpg" is fairface/train/1.jpg, never fairface/val/1.jpg.
+        tail = Path(image).parts
+        same = [i for i in self.by_name.get(Path(image).name, []) if self.paths[i].parts[-len(tail) :] == tail]
+        return same[0] if len(same) == 1 else None
+
+
+def _join_labels(
+    items: list[ImageItem], table: LabelTable, root: Path | None, images: list[str], problems: Problems
+) -> None:
+    """Give each image its label row; rows for images not asked for are not problems."""
+    asked_dirs = [Path(a) for a in images if Path(a).is_dir()]
+    bases = [b for b in [root, table.source.parent, *asked_dirs] if b is not None]
+    resolved_dirs = [d.resolve() for d in asked_dirs]
+    index = _ImageIndex(items)
     matched: set[int] = set()
     for row in table.rows:
-        idx = next((by_resolved[r] for b in bases if (r := (b / row.image).resolve()) in by_resolved), None)
+        idx = index.find(row.image, bases)
         if idx is None:
-            same = by_name.get(Path(row.image).name, [])
-            idx = same[0] if len(same) == 1 else None
-        if idx is None:
-            problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
+            # Missing from a folder being annotated: a problem. Elsewhere: an image not asked for
+            # (a few images, or one folder, annotated with the full labels file), not a problem.
+            if _lands_in(row.image, [b for b in (root, table.source.parent) if b is not None], resolved_dirs):
+                problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
         elif idx in matched:
             problems.append(
                 f"duplicate label row for {row.image}: {table.source.name} line {row.line} (first one kept)"
@@ -337,3 +359,21 @@ def _join_labels(items: list[ImageItem], table: LabelTable, bases: list[Path], p
             matched.add(idx)
             items[idx].labels = row.labels
             items[idx].face = row.face
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _lands_in(image: str, bases: list[Path], folders: list[Path]) -> bool:
+    """Whether a label row's path, read from a base or from above an asked folder, lies in that folder.
+
+    ``train/5.jpg`` lands in an asked ``fairface/train`` (read from ``fairface``);
+    ``val/5.jpg`` does not. A bare name is read from the folder itself.
+    """
+    bare = len(Path(image).parts) == 1
+    for d in folders:
+        starts = [*bases, *d.parents, *([d] if bare else [])]
+        if any(_inside((b / image).resolve(), d) for b in starts):
+            return True
+    return False

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
 from ..images import find_images, open_image
-from .generate import Prompt, generate_batch, stream_generate
+from .generate import Prompt, check_max_new_tokens, generate_batch, stream_generate
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -71,6 +71,7 @@ def ask_stream(
     lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
+    check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
     yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)  # type: ignore[list-item]
 
@@ -79,6 +80,7 @@ def ask_many(
     lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
+    check_max_new_tokens(lm, cfg.generation)
     pending: list[tuple[str, object]] = []
 
     def flush() -> Iterator[AskResult]:
@@ -132,6 +134,7 @@ def face_chip(img: PILImage.Image, face: Face, cfg: AskConfig) -> PILImage.Image
 
 def ask_face_stream(lm: LoadedModel, cfg: AskConfig, img: PILImage.Image, face: Face, question: str) -> Iterator[str]:
     """Stream the answer about one face of a photo (its chip, as ``ask_faces`` crops it)."""
+    check_max_new_tokens(lm, cfg.generation)
     prompt = Prompt(images=[face_chip(img, face, cfg)], text=question, system=cfg.generation.system)
     yield from stream_generate(lm, prompt, cfg.generation)
 
@@ -143,6 +146,7 @@ def ask_faces(
     from ..faces import check_available
 
     check_available()
+    check_max_new_tokens(lm, cfg.generation)
     for path in images:
         name = path if path != "-" else "<stdin>"
         try:
