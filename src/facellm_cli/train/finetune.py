@@ -724,6 +724,16 @@ class _Data:
         self._say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
 
 
+def _step_logs(out: Path, main: bool) -> list[Any]:
+    """The per-step metrics and samples logs (written by the main process only)."""
+    from ..io import JsonlAppender
+
+    if not main:
+        return [_NullLog(), _NullLog()]
+    with _translating_write_errors(out):
+        return [JsonlAppender(out / METRICS_NAME), JsonlAppender(out / SAMPLES_NAME)]
+
+
 def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
     """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
     start = time.perf_counter()
@@ -774,8 +784,6 @@ def finetune(
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..io import JsonlAppender
-
     set_seed(cfg.train.seed)
     lm = _load(cfg, say)
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
@@ -789,9 +797,7 @@ def finetune(
     model, trainable, total = _trainable(lm, cfg, say)
     data = _Data(cfg, plan, lm, say)
     args = _training_args(cfg, out, data.eval is not None, lm.device)
-    with _translating_write_errors(out):
-        metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
-        samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+    metrics_log, samples_log = logs = _step_logs(out, main)
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -805,7 +811,7 @@ def finetune(
     trainer.remove_callback(ProgressCallback)
     if lm.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run = _train(trainer, plan, data.eval is not None, [metrics_log, samples_log])
+    run = _train(trainer, plan, data.eval is not None, logs)
     peak, peak_kind = _peak_memory(lm.device)
     plot = _save(trainer, lm, out, main)
     result = _result(
