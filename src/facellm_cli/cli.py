@@ -26,6 +26,7 @@ from ._options import (
     DeviceOpt,
     DtypeOpt,
     EndpointOpt,
+    EngineOpt,
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
@@ -99,6 +100,7 @@ def ask(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     temperature: TemperatureOpt = None,
     system: SystemOpt = None,
@@ -116,7 +118,7 @@ def ask(
             "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
         )
     *image_args, question = inputs
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
     flags.update(
         {
             "generation.max_new_tokens": max_new_tokens,
@@ -153,10 +155,10 @@ def ask(
 
 def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     quiet_libraries()
-    from .models.loader import load_model_and_processor
+    from .infer.engine import load_engine
 
-    with err_console().status(f"loading {model_cfg.model} ..."):
-        return load_model_and_processor(model_cfg)
+    with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
+        return load_engine(model_cfg)
 
 
 # ---- build-dataset ----
@@ -258,6 +260,7 @@ def evaluate(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
@@ -295,7 +298,7 @@ def evaluate(
         return
     from .eval.runner import evaluate as run_eval
 
-    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
     if base_url:
         flags.update(
             {
@@ -470,6 +473,7 @@ def serve(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -493,7 +497,7 @@ def serve(
     from .config import ServeConfig, resolve_config
     from .serve.app import require_serve_extras, serve_forever
 
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
     flags.update(
         {
             "host": host,

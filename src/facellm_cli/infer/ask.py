@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
 from ..images import find_images, open_image
-from .generate import Prompt, generate_batch, stream_generate
+from .engine import Engine, as_engine
+from .generate import Prompt
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -58,17 +59,19 @@ def _open(path: str, stdin_bytes: bytes | None) -> object:
 
 
 def ask_stream(
-    lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
+    lm: LoadedModel | Engine, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
     img = _open(image, stdin_bytes)
-    yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)  # type: ignore[list-item]
+    prompt = Prompt(images=[img], text=question, system=cfg.generation.system)  # type: ignore[list-item]
+    yield from as_engine(lm).stream(prompt, cfg.generation)
 
 
 def ask_many(
-    lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
+    lm: LoadedModel | Engine, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
+    engine = as_engine(lm)
     pending: list[tuple[str, object]] = []
 
     def flush() -> Iterator[AskResult]:
@@ -76,17 +79,17 @@ def ask_many(
             return
         t0 = time.perf_counter()
         prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]  # type: ignore[list-item]
-        gens = generate_batch(lm, prompts, cfg.generation)
+        gens = engine.generate(prompts, cfg.generation)
         per = (time.perf_counter() - t0) / len(pending)
         for (path, _), g in zip(pending, gens, strict=True):
-            yield AskResult(path, question, g.text, lm.name, g.prompt_tokens, g.completion_tokens, per)
+            yield AskResult(path, question, g.text, engine.name, g.prompt_tokens, g.completion_tokens, per)
         pending.clear()
 
     for path in images:
         try:
             img = _open(path, stdin_bytes)
         except ImageError as e:
-            yield AskResult(path if path != "-" else "<stdin>", question, None, lm.name, error=str(e))
+            yield AskResult(path if path != "-" else "<stdin>", question, None, engine.name, error=str(e))
             continue
         pending.append((path if path != "-" else "<stdin>", img))
         if len(pending) >= cfg.batch_size:

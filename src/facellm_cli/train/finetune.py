@@ -458,7 +458,8 @@ def finetune(
 ) -> FinetuneResult:
     """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring)."""
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
-    from ..models.loader import load_model_and_processor
+    from ..models.loader import load_model_and_processor, resolve_source
+    from ..models.processor_files import save_processor
 
     say = log or (lambda _msg: None)
     out = plan.output_dir
@@ -587,7 +588,7 @@ def finetune(
 
     plot = None
     if main:
-        lm.processor.save_pretrained(str(out))
+        save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         plot = plot_losses(trainer.state.log_history, out / "loss.png")
     history = trainer.state.log_history
@@ -661,14 +662,15 @@ def merge_adapter(
     base_name = base or json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base_name:
         raise ConfigError(f"adapter {adapter} does not record its base model; pass --base")
-    from ..models.loader import load_model_and_processor
+    from ..models.loader import load_model_and_processor, resolve_source
+    from ..models.processor_files import save_processor
 
     lm = load_model_and_processor(
         ModelConfig(model=base_name, adapter=str(adapter), merge_adapter=True, dtype=dtype, device=device)
     )
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    lm.processor.save_pretrained(str(out))
+    save_processor(lm.processor, out, source=resolve_source(lm.config)[0], subfolder=lm.config.subfolder)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return MergeResult(str(out), base_name, str(adapter), files, size)
