@@ -78,6 +78,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
+        "video_preprocessor_config.json",  # a complete processor, as the base checkpoint has
         "finetune_config.yaml",
         "metrics.jsonl",
         "samples.jsonl",
@@ -241,7 +242,7 @@ def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     info = json.loads(r.out)
     shards = sorted(merged.glob("model-*.safetensors"))
     assert len(shards) >= 2 and (merged / "model.safetensors.index.json").is_file()
-    assert "processor_config.json" in info["files"]
+    assert "processor_config.json" in info["files"] and "video_preprocessor_config.json" in info["files"]
     a = load_model_and_processor(ModelConfig(model=str(merged), device="cpu"))
     b = load_model_and_processor(ModelConfig(model=str(tiny_internvl), adapter=str(run), device="cpu"))
     ids = torch.tensor([[5, 6, 7, 8, 9]])

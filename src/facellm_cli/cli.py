@@ -762,9 +762,11 @@ def run(argv: list[str] | None = None) -> int:
     except FacellmError as e:
         if os.environ.get("FACELLM_DEBUG"):
             raise
+        from rich.markup import escape
+
         console = err_console()
-        for line in str(e).splitlines() or [type(e).__name__]:
-            console.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
+        for line in str(e).splitlines() or [type(e).__name__]:  # escaped: "facellm[vllm]" is text, not markup
+            console.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
         return e.exit_code
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/yellow]")
