@@ -145,7 +145,10 @@ def test_evaluate_matches_transformers(pair: Any, images: list[Path], tmp_path: 
         rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
         preds[name] = {r["id"]: r for r in rows}
     run = json.loads((tmp_path / "vllm" / "run.json").read_text())
-    assert run["setup"]["engine"] == "vllm" and "engine" not in json.loads((tmp_path / "transformers" / "run.json").read_text())["setup"]
+    assert (
+        run["setup"]["engine"] == "vllm"
+        and "engine" not in json.loads((tmp_path / "transformers" / "run.json").read_text())["setup"]
+    )
     v, h = preds["vllm"], preds["transformers"]
     if mode == "likelihood":
         for qid in h:
@@ -160,9 +163,7 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def test_serve_keeps_the_api_surface_over_vllm(
-    pair: Any, images: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_serve_keeps_the_api_surface_over_vllm(pair: Any, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import httpx
 
     from facellm_cli.serve.app import background_server
@@ -173,7 +174,10 @@ def test_serve_keeps_the_api_surface_over_vllm(
     expected = [_answers(hf, [p], 1, max_new_tokens=8)[0] for p in images[:8]]
 
     def body(i: int, **more: Any) -> dict[str, Any]:
-        content = [{"type": "image_url", "image_url": {"url": _data_uri(images[i])}}, {"type": "text", "text": QUESTION}]
+        content = [
+            {"type": "image_url", "image_url": {"url": _data_uri(images[i])}},
+            {"type": "text", "text": QUESTION},
+        ]
         return {"model": "any", "messages": [{"role": "user", "content": content}], "max_tokens": 8, **more}
 
     with background_server(cfg, vl, api_key="s3cret") as (url, _app):
@@ -222,7 +226,13 @@ def adapter(models: dict[str, Path], images: list[Path], tmp_path_factory: pytes
 
     root = tmp_path_factory.mktemp("lora")
     records = [
-        {"messages": [{"role": "user", "content": "<image>\n" + QUESTION}, {"role": "assistant", "content": "The person is smiling."}], "images": [str(p)]}
+        {
+            "messages": [
+                {"role": "user", "content": "<image>\n" + QUESTION},
+                {"role": "assistant", "content": "The person is smiling."},
+            ],
+            "images": [str(p)],
+        }
         for p in images[:8]
     ]
     data = root / "train.jsonl"
@@ -261,7 +271,9 @@ def test_ask_cli_with_engine_vllm(models: dict[str, Path], images: list[Path]) -
     assert _same(r.stdout) == expected
 
 
-def test_a_checkpoint_without_video_config_still_loads_with_torchvision(models: dict[str, Path], tmp_path: Path) -> None:
+def test_a_checkpoint_without_video_config_still_loads_with_torchvision(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     """Checkpoints saved image-only (facellm before complete processors) load where torchvision imports."""
     import shutil
 

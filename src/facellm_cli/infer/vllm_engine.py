@@ -162,6 +162,10 @@ class VllmEngine:
 
     def __init__(self, cfg: ModelConfig) -> None:
         require_vllm()
+        # vLLM logs to stdout at INFO by default; facellm's stdout carries results only. Set before vLLM is
+        # imported (its engine process inherits the environment); either variable set by the user wins.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from ..models.loader import choose_dtype, load_processor, read_model_type, resolve_source
 
         self.config = cfg
@@ -205,6 +209,7 @@ class VllmEngine:
             limit_mm_per_prompt={"image": v.max_images_per_prompt, "video": 0},
             max_logprobs=2 * len(letter_token_ids(self.tokenizer)) + 1,
             disable_log_stats=True,
+            load_format=v.load_format,
         )
         if v.max_num_seqs:
             args["max_num_seqs"] = v.max_num_seqs

