@@ -342,14 +342,27 @@ def _make_trainer_class() -> type:
             # fallback for models without boolean logits_to_keep: full logits, then select
             return model(**inputs, use_cache=False).logits[keep]
 
+        def _log_samples(self, ids: list[Any]) -> None:
+            """The step's sample ids; with several processes, every rank's (gathered: a collective call)."""
+            per_rank = [ids]
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                per_rank = gather_object(per_rank)
+            if self.samples_log is not None and self.is_world_process_zero():
+                record: dict[str, Any] = {"step": self.state.global_step + 1, "ids": [i for r in per_rank for i in r]}
+                if len(per_rank) > 1:
+                    record["rank_ids"] = per_rank
+                self.samples_log.write(record)
+
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             inputs = dict(inputs)
             ids = inputs.pop("sample_ids", None)
             labels = inputs.pop("labels")
-            if model.training and ids is not None and self.samples_log is not None and self.is_world_process_zero():
-                self.samples_log.write({"step": self.state.global_step + 1, "ids": list(ids)})
+            if model.training and ids is not None:
+                self._log_samples(list(ids))
             targets = labels[:, 1:]
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = targets != -100
