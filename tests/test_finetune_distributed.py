@@ -42,7 +42,7 @@ def _config(path: Path, model: Path, data: Path, out: Path, batch_size: int) -> 
 
 
 def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=900)
 
@@ -71,7 +71,18 @@ def test_two_processes_train_disjoint_shards_into_one_output_equal_to_one_proces
     assert r1.returncode == 0, r1.stderr[-3000:]
 
     two = tmp_path / "two"
-    launch = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no"]
+    # --multi_gpu selects accelerate's multi-process launcher (torchrun); with no GPU, finetune asks for gloo
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
     launch += ["--dynamo_backend", "no", "-m", "facellm_cli", "finetune"]
     r2 = _run([*launch, "--config", str(_config(tmp_path / "2.yaml", tiny_internvl, data, two, 2))], tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -85,6 +96,7 @@ def test_two_processes_train_disjoint_shards_into_one_output_equal_to_one_proces
     steps_one = [json.loads(x) for x in (one / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps_two] == [1, 2] == [s["step"] for s in steps_one]
     for s2, s1 in zip(steps_two, steps_one, strict=True):
+        assert "rank_ids" in s2, (s2, r2.stderr[-2000:])  # the two ranks formed one DDP group
         rank0, rank1 = s2["rank_ids"]
         assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
         assert sorted(rank0 + rank1) == sorted(s1["ids"])

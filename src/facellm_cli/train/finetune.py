@@ -419,15 +419,21 @@ def _truncate_step_log(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
-def _distributed() -> tuple[Callable[[], None], bool]:
-    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
+def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
+    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops.
+
+    On CPU the process group must be asked for as such (gloo): accelerate's shared state, created here
+    first, would otherwise see no GPU and settle on a single process, and every rank would train alone.
+    """
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return (lambda: None), True
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
     return state.wait_for_everyone, state.is_main_process
 
 
@@ -485,7 +491,7 @@ def finetune(
     out = plan.output_dir
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
     # and only the main process prepares it.
-    barrier, main = _distributed()
+    barrier, main = _distributed(cfg.model.device)
     barrier()
     if main:
         out.mkdir(parents=True, exist_ok=True)
