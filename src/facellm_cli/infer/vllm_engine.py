@@ -182,6 +182,11 @@ class VllmEngine:
                 f"and pass ./{cfg.model.split('/')[-1]}/{cfg.subfolder} as --model"
             )
         model_path = str(Path(source) / cfg.subfolder) if (local and cfg.subfolder) else source
+        if cfg.device.startswith("cuda:") or cfg.device == "mps":
+            raise ModelLoadError(
+                f"--engine vllm does not take --device {cfg.device}: it uses the GPUs it can see "
+                "(choose them with CUDA_VISIBLE_DEVICES=1, split with --set model.vllm.tensor_parallel_size=N)"
+            )
         self.platform = vllm_platform()
         self.device = self.platform
         self.dtype = choose_dtype(cfg.dtype, "cuda" if self.platform != "cpu" else "cpu")
@@ -207,7 +212,7 @@ class VllmEngine:
             gpu_memory_utilization=v.gpu_memory_utilization,
             enforce_eager=v.enforce_eager or self.platform == "cpu",
             limit_mm_per_prompt={"image": v.max_images_per_prompt, "video": 0},
-            max_logprobs=2 * len(letter_token_ids(self.tokenizer)) + 1,
+            max_logprobs=_max_logprobs(self.tokenizer),
             disable_log_stats=True,
             load_format=v.load_format,
         )
@@ -215,8 +220,17 @@ class VllmEngine:
             args["max_num_seqs"] = v.max_num_seqs
         if quant:
             args["quantization"] = quant
+        if lora_rank is not None and lora_rank > 512:
+            raise AdapterError(
+                f"adapter rank {lora_rank} is above vLLM's largest LoRA rank (512); use --engine transformers"
+            )
         if lora_rank is not None:
-            args.update(enable_lora=True, max_lora_rank=max(lora_rank, 8), max_loras=1)
+            # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds the adapter's
+            args.update(
+                enable_lora=True,
+                max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= lora_rank),
+                max_loras=1,
+            )
             if lora_rank > v.max_lora_rank:
                 raise AdapterError(f"adapter rank {lora_rank} is above vllm.max_lora_rank {v.max_lora_rank}; raise it")
         self._loop = asyncio.new_event_loop()
@@ -392,6 +406,14 @@ def _sampling(params: RequestParams, sampling_cls: Any, **extra: Any) -> Any:
             **extra,
         )
     return sampling_cls(max_tokens=params.max_tokens, temperature=0.0, stop=list(params.stop) or None, **extra)
+
+
+def _max_logprobs(tokenizer: Any) -> int:
+    """Room for every option letter's spellings (likelihood mode) plus the sampled token."""
+    try:
+        return 2 * len(letter_token_ids(tokenizer)) + 1
+    except FacellmError:  # letters not tellable apart: likelihood mode refuses this tokenizer anyway
+        return 21
 
 
 def _logsumexp(values: list[float]) -> float:
