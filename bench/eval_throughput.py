@@ -6,7 +6,7 @@ facellm: ``evaluate --mode likelihood --batch-size N``: one forward pass per
 batch, the option letter with the highest next-token score wins.
 
 Both run on the same model, the same single-image FaceXBench-style questions
-(question texts from the benchmark files when present) and the same images on
+(question texts from the 48 benchmark files when found, else the tests' real subset) and the same images on
 disk, opened the same way. Defaults are a tiny model on CPU; ``--real-shapes``
 builds InternVL3-1B's sizes (InternViT-300M at 448 px, 256 image tokens,
 Qwen2.5-0.5B decoder) with random weights, for a GPU run:
@@ -39,7 +39,12 @@ from facellm_cli.images import open_image  # noqa: E402
 from facellm_cli.infer.generate import Prompt, generate_batch  # noqa: E402
 from facellm_cli.schema import MCQuestion, format_mcq_prompt  # noqa: E402
 
-BENCHMARK = Path("/work/shared/facexbench/benchmark")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from eval_helpers import SUBSET_BENCHMARK, find_facexbench  # noqa: E402
+
+# The 48 files from FACEXBENCH_DIR or ../shared/facexbench, else the real subset committed with the tests.
+BENCHMARK = find_facexbench() or SUBSET_BENCHMARK
 
 
 def make_questions(n: int, image_size: int, folder: Path, seed: int = 0) -> list[MCQuestion]:
@@ -48,10 +53,9 @@ def make_questions(n: int, image_size: int, folder: Path, seed: int = 0) -> list
 
     rng = random.Random(seed)
     pool: list[tuple[dict, dict]] = []
-    if BENCHMARK.is_dir():
-        for f in sorted(BENCHMARK.glob("*single*.json")):
-            meta = json.loads(f.read_text())
-            pool += [(meta, q) for q in meta["questions"].values()]
+    for f in sorted(BENCHMARK.glob("*single*.json")):
+        meta = json.loads(f.read_text())
+        pool += [(meta, q) for q in meta["questions"].values()]
     out = []
     for i in range(n):
         img = Image.frombytes("RGB", (image_size, image_size), rng.randbytes(image_size * image_size * 3))

@@ -142,6 +142,72 @@ def test_label_files(tmp_path: Path) -> None:
         read_labels(tmp_path / "n.csv")
 
 
+def test_fairface_label_values_are_checked_before_any_request(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(faces)
+    (faces / "bad.csv").write_text(
+        "file,age,gender,race,service_test\n"
+        "faces/000.jpg,3-9,Male,Martian,True\n"
+        "faces/001.jpg,banana,Robot,East Asian,False\n"
+        "faces/002.jpg,more than 70,Male,Black,False\n"
+    )
+    r = cli("annotate", "faces", "--labels", "bad.csv", "--base-url", server.base_url, *fast())
+    assert r.code == 1 and server.count() == 0
+    races = "White, Black, Latino_Hispanic, East Asian, Southeast Asian, Indian, Middle Eastern"
+    assert error_lines(r.err) == [
+        f"error: bad.csv line 2: race 'Martian' is not a known value (one of: {races})",
+        "error: bad.csv line 3: age 'banana' is not a known value "
+        "(one of: 0-2, 3-9, 10-19, 20-29, 30-39, 40-49, 50-59, 60-69, more than 70)",
+        "error: bad.csv line 3: gender 'Robot' is not a known value (one of: Male, Female)",
+        "error: 3 label value(s) would go into the prompts as written: fix them, "
+        "or give --prompts a prompt set YAML whose label_values allow them",
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+    # the template provider and dry runs check them too; FairFace's spellings with other case or '_' pass
+    assert cli("annotate", "--labels", "bad.csv", "--provider", "template").code == 1
+    assert cli("annotate", "faces", "--labels", "bad.csv", "--dry-run").code == 1
+    (faces / "ok.csv").write_text("file,age,gender,race\nfaces/000.jpg,20-29,female,east_asian\n")
+    r = cli("annotate", "faces/000.jpg", "--labels", "ok.csv", "--provider", "template", "--out", "ok.jsonl")
+    assert r.code == 0, r.err
+
+
+def test_ragged_and_malformed_csv_rows_name_their_lines(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(faces)
+    (faces / "ragged.csv").write_text(
+        "file,age,gender,race\n"
+        "faces/000.jpg,3-9,Male\n"
+        "faces/001.jpg,20-29,Female,White\n"
+        "faces/002.jpg,20-29,Female,White,extra\n"
+    )
+    r = cli("annotate", "--labels", "ragged.csv", "--provider", "template")
+    assert r.code == 1
+    assert error_lines(r.err) == [
+        "error: ragged.csv line 2: 3 cells but the header has 4 (file, age, gender, race); too few cells in that row",
+        "error: ragged.csv line 4: 5 cells but the header has 4 (file, age, gender, race); too many cells in that row",
+    ]
+    # a stray quote opens a cell that swallows the next rows: a CSV error at its line, not a missing image
+    (faces / "quote.csv").write_text(
+        "file,age,gender,race\n"
+        "faces/000.jpg,3-9,Male,White\n"
+        'faces/001.jpg,"20-29,Female,White\n'
+        'faces/002.jpg,20-29,Female,White"\n'
+    )
+    r = cli("annotate", "--labels", "quote.csv", "--provider", "template")
+    assert r.code == 1
+    assert error_lines(r.err) == [
+        'error: quote.csv line 3: a quoted cell runs on to line 4, merging rows (a stray " in the file?); '
+        "fix the quoting (not a valid CSV)"
+    ]
+    (faces / "open.csv").write_text('file,age\nfaces/000.jpg,3-9\nfaces/001.jpg,"20-29\nfaces/002.jpg,3-9\n')
+    r = cli("annotate", "--labels", "open.csv", "--provider", "template")
+    assert error_lines(r.err) == [
+        "error: open.csv line 3: not a valid CSV (unexpected end of data); check the quoting from that line on"
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+
+
 def test_refusal_detector() -> None:
     assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
     assert is_refusal("Sorry, I can't assist with identifying people.")
@@ -212,6 +278,25 @@ def test_template_provider_offline(cli, tmp_path: Path, faces: Path, monkeypatch
     r = cli("annotate", "faces", "--labels", "labels.csv", "--provider", "template", "--out", "ff.jsonl", "--json")
     assert r.code == 0 and json.loads(r.out)["written_ok"] == 0  # deterministic and resumable: nothing new
     assert (faces / "ff.jsonl").read_text() == before
+
+
+def test_complete_last_line_without_newline_is_kept(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(faces)
+    args = ["annotate", "faces", "--labels", "labels.csv", "--provider", "template", "--out", "ff.jsonl", "--json"]
+    assert cli(*args).code == 0
+    out = faces / "ff.jsonl"
+    full = out.read_text()
+    n = full.count("\n")
+    out.write_text(full.rstrip("\n"))  # a complete record, only its newline missing (e.g. edited by hand)
+    r = cli(*args)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["written_ok"] == 0 and json.loads(r.out)["items_done_before"] == n
+    assert out.read_text() == full  # kept, newline added
+    with open(out, "a") as f:  # a torn tail is still cut
+        f.write('{"image": "faces/000.jpg", "image_sha')
+    r = cli(*args)
+    assert r.code == 0 and json.loads(r.out)["written_ok"] == 0
+    assert out.read_text() == full
 
 
 # ---- live endpoint ---------------------------------------------------------------------------
@@ -285,7 +370,10 @@ def test_grouped_mode_sends_each_image_once(
     r = cli(
         "annotate", "faces", "--out", "g.jsonl", "--base-url", server.base_url, "--mode", "grouped", "--json", *fast()
     )
-    assert r.code == 0, r.err
+    assert r.code == 1, r.err  # the broken image makes the exit code non-zero, after the others are all done
+    assert error_lines(r.err) == [
+        "error: 1 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
     recs = lines(faces / "g.jsonl")
     assert len(recs) == 24 and all(x["status"] == "ok" for x in recs)
     assert len({(x["image_sha256"], x["aspect"]) for x in recs}) == 24
@@ -300,7 +388,7 @@ def test_grouped_mode_sends_each_image_once(
         "Describe the face pose of the image based on the visual information."
     }
     assert first in {x["image"] for x in recs}
-    assert "not an image file (format not recognised): faces/broken.jpg" in r.err  # reported, not fatal
+    assert "not an image file (format not recognised): faces/broken.jpg" in r.err  # reported; the rest done
     assert json.loads(r.out)["images_skipped"] == 1
 
 
@@ -353,18 +441,50 @@ def test_failed_items_are_recorded_then_retried_by_a_later_run(
     r = cli(*args)
     assert r.code == 1
     assert error_lines(r.err) == [
-        "error: 3 item(s) failed (status=failed in a.jsonl); re-run the same command to retry them"
+        "error: 3 item(s) failed (reasons in a.failures.jsonl); re-run the same command to retry them"
     ]
-    failed = [x for x in lines(faces / "a.jsonl") if x["status"] == "failed"]
+    # the output holds answers only, one per pair; the failures and their reasons are in the sidecar
+    assert len(lines(faces / "a.jsonl")) == 21 and all(x["status"] == "ok" for x in lines(faces / "a.jsonl"))
+    failed = lines(faces / "a.failures.jsonl")
     assert sorted(x["aspect"] for x in failed) == ["face_pose"] * 3
-    assert all(x["answer"] == "" and "HTTP 500" in x["error"] for x in failed)
+    assert all(x["status"] == "failed" and x["answer"] == "" and "HTTP 500" in x["error"] for x in failed)
+    assert json.loads(r.out)["failures_outstanding"] == 3
+    server.script(Behaviour.server_error(500, match="Describe only the face pose"))  # one of the three fails again
+    r = cli(*args)
+    assert r.code == 1 and json.loads(r.out)["failed_before"] == 3
+    assert json.loads(r.out)["written_ok"] == 2 and json.loads(r.out)["failures_outstanding"] == 1
+    assert len(lines(faces / "a.failures.jsonl")) == 1  # the two answered pairs left the sidecar
     r = cli(*args)
     assert r.code == 0, r.err
-    assert json.loads(r.out)["written_ok"] == 3 and json.loads(r.out)["items_done_before"] == 21
+    assert json.loads(r.out)["written_ok"] == 1 and json.loads(r.out)["items_done_before"] == 23
+    assert not (faces / "a.failures.jsonl").exists()
     final = read_annotations(faces / "a.jsonl")
     assert len(final) == 24 and all(a.status == "ok" for a in final.values())
-    ok_lines = [x for x in lines(faces / "a.jsonl") if x["status"] == "ok"]
-    assert len(ok_lines) == len({(x["image_sha256"], x["aspect"]) for x in ok_lines}) == 24
+    recs = lines(faces / "a.jsonl")
+    assert len(recs) == len({(x["image_sha256"], x["aspect"]) for x in recs}) == 24
+    assert all(x["status"] == "ok" and x["answer"] for x in recs)
+
+
+def test_failed_lines_left_by_older_versions_move_to_the_sidecar(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(faces)
+    args = ["annotate", "faces", "--out", "a.jsonl", "--base-url", server.base_url, "--max-retries", "0", "--json"]
+    args += fast("--set", "aspects=[detail,face_pose]")
+    server.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
+    assert cli(*args).code == 1
+    out, sidecar = faces / "a.jsonl", faces / "a.failures.jsonl"
+    with open(out, "a") as f:  # what an older facellm wrote: failures among the answers
+        f.write(sidecar.read_text())
+    sidecar.unlink()
+    server.script(Behaviour.server_error(500, match="Describe only the face pose"))
+    r = cli(*args)
+    assert r.code == 1 and json.loads(r.out)["failed_before"] == 3 and json.loads(r.out)["written_ok"] == 2
+    recs = lines(out)
+    assert len(recs) == len({(x["image_sha256"], x["aspect"]) for x in recs}) == 5
+    assert all(x["status"] == "ok" for x in recs)
+    assert [x["aspect"] for x in lines(sidecar)] == ["face_pose"]
 
 
 def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -406,6 +526,68 @@ def test_api_key_is_never_written(cli, faces: Path, server: FakeOpenAI, monkeypa
     )
     assert r.code == 1 and len(error_lines(r.err)) == 1
     assert "rejected the API key (HTTP 401" in r.err and "sk-wrong-0000" not in r.err
+
+
+def test_named_api_key_variable_must_be_set(
+    cli, faces: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(faces)
+    monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
+    r = cli("annotate", "faces", "--base-url", server.base_url, "--api-key-env", "FACELLM_TEST_UNSET_KEY", *fast())
+    assert r.code == 1 and server.count() == 0
+    assert error_lines(r.err) == [
+        "error: api_key_env: environment variable FACELLM_TEST_UNSET_KEY is not set or empty "
+        "(export FACELLM_TEST_UNSET_KEY=..., or name another with --api-key-env)"
+    ]
+    assert not (faces / "annotations.jsonl").exists()
+
+
+def _bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A PNG whose header claims side x side pixels (10 G): a decompression bomb for any decoder that trusts it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    data = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + data)
+    return path
+
+
+def test_skipped_inputs_make_the_exit_code_non_zero(
+    cli, tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (bad / "b.png").write_text("not an image")
+    r = cli("annotate", "bad", "--out", "b.jsonl", "--base-url", server.base_url, "--json", *fast())
+    assert r.code == 1 and server.count() == 0
+    summary = json.loads(r.out)  # the summary is still printed
+    assert summary["images_skipped"] == 2 and summary["written_ok"] == 0
+    assert error_lines(r.err) == [
+        "error: 2 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
+    assert "not an image file (format not recognised): bad/a.jpg" in r.err
+    make_faces(bad, 1)  # one good image: the batch path reports the two bad ones once and fails the run
+    r = cli("annotate", "bad", "--out", "c.jsonl", "--base-url", server.base_url, "--json", "--batch", *fast())
+    assert r.code == 1 and json.loads(r.out)["images_skipped"] == 2 and json.loads(r.out)["written_ok"] == 8
+
+    make_faces(tmp_path / "mixed", 1)
+    _bomb_png(tmp_path / "mixed" / "bomb.png")
+    (tmp_path / "l.csv").write_text("file,expression\nmixed/000.jpg,smiling\nmixed/bomb.png,neutral\n")
+    r = cli("annotate", "--labels", "l.csv", "--provider", "template", "--out", "t.jsonl", "--json")
+    assert r.code == 1
+    summary = json.loads(r.out)
+    assert summary["images_skipped"] == 1 and summary["written_ok"] == 1
+    assert "image too large (decompression bomb guard" in " ".join(r.err.split())
+    assert error_lines(r.err) == [
+        "error: 1 input image(s) skipped as unreadable or missing (see the problems above); fix or remove them"
+    ]
 
 
 def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -534,25 +716,32 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
         "--concurrency",
         "4",
     ]
+    failures = tmp_path / "ann.failures.jsonl"
     with FakeOpenAI(api_key=KEY, latency=0.05) as srv:
-        cmd += ["--base-url", srv.base_url, "--json"]
+        srv.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
+        cmd += ["--base-url", srv.base_url, "--json", "--max-retries", "0"]
         proc = subprocess.Popen(
             cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        _wait_lines(out, 20, proc)
+        _wait_lines(failures, 3, proc)  # the three failures are in the sidecar...
+        _wait_lines(out, 20, proc)  # ...and at least 20 answers in the output
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         partial = out.read_text().count("\n")
-        assert 20 <= partial < 96
+        assert 20 <= partial < 93
         with open(out, "a") as f:  # what a kill in the middle of a write leaves behind
             f.write('{"image": "faces/011.jpg", "image_sha256": "ab')
+        with open(failures, "a") as f:
+            f.write('{"image": "faces/011.jpg", "ima')
         done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["items_done_before"] == partial and summary["written_ok"] == 96 - partial
+    assert summary["failed_before"] == 3 and summary["failures_outstanding"] == 0
     recs = lines(out)
     assert len(recs) == 96 and all(x["status"] == "ok" for x in recs)
     assert len({(x["image_sha256"], x["aspect"]) for x in recs}) == 96
+    assert not failures.exists()  # every failed pair was answered on resume
 
 
 # ---- batch API -------------------------------------------------------------------------------
@@ -590,6 +779,14 @@ def test_batch_splits_merges_and_reasks(cli, faces: Path, monkeypatch: pytest.Mo
     parts = sorted(p.name for p in (faces / "b.batch").glob("round1_part*.jsonl"))
     assert parts == ["round1_part1.jsonl", "round1_part2.jsonl", "round1_part3.jsonl"]
     assert [len((faces / "b.batch" / p).read_text().splitlines()) for p in parts] == [10, 10, 4]
+    # what is still unanswered after the last round goes to the failures sidecar, not the output
+    with FakeOpenAI(api_key=KEY, batch_polls=1) as srv:
+        srv.script(Behaviour.refusal(match="Describe this image"))
+        args = ["annotate", "faces", "--out", "c.jsonl", "--base-url", srv.base_url, "--batch", "--json"]
+        r = cli(*args, "--set", "batch_poll_s=0.01", "--set", "max_reasks=0", "--set", "aspects=[detail]")
+    assert r.code == 1 and json.loads(r.out)["failures_outstanding"] == 1
+    assert len(lines(faces / "c.jsonl")) == 2 and all(x["status"] == "ok" for x in lines(faces / "c.jsonl"))
+    assert [(x["status"], x["error"]) for x in lines(faces / "c.failures.jsonl")] == [("failed", "refusal answer")]
 
 
 def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:

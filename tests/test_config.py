@@ -75,6 +75,17 @@ def test_missing_and_bad_yaml_files(tmp_path: Path) -> None:
         resolve_config(AskConfig, write(tmp_path, "- 1\n- 2\n"))
 
 
+def test_config_folder_is_named_a_folder(cli, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config path is a folder, not a YAML file"):
+        resolve_config(AskConfig, tmp_path)
+    r = cli("annotate", "x.jpg", "--provider", "template", "--config", str(tmp_path))
+    assert r.code == 1
+    errors = [line for line in r.err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: config path is a folder, not a YAML file: {tmp_path} (give the .yaml file inside it to --config)"
+    ]
+
+
 def test_model_config_cross_field_checks() -> None:
     with pytest.raises(ValueError, match="merge_adapter: needs an adapter folder"):
         ModelConfig(merge_adapter=True)

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from eval_helpers import SHARED_BENCHMARK, FakeOpenAI, make_facexbench, png_bytes
+from eval_helpers import (
+    FULL_BENCHMARK_MISSING,
+    SHARED_BENCHMARK,
+    SUBSET_BENCHMARK,
+    FakeOpenAI,
+    find_facexbench,
+    make_facexbench,
+    png_bytes,
+)
 from facellm_cli.config import EvalConfig, ModelConfig, validate_config
 from facellm_cli.errors import ConfigError, DataError, OutputExistsError
 from facellm_cli.eval.facexbench import CATEGORY_NAMES, category_display, load_facexbench
@@ -31,12 +39,25 @@ PAPER = json.loads((Path(__file__).parent / "data" / "facellm_1b_facexbench.json
 
 @pytest.fixture(scope="module")
 def fxb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A FaceXBench checkout: all 48 question files and a placeholder PNG at every listed path."""
+    """A FaceXBench checkout of the committed subset (12 real files, 360 questions), placeholder PNGs at every path."""
     return make_facexbench(tmp_path_factory.mktemp("facexbench"))
 
 
 @pytest.fixture(scope="module")
-def questions(fxb: Path) -> list[Any]:
+def fxb_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 48 question files with placeholder PNGs; skips (saying why) where they are not beside the repository."""
+    if SHARED_BENCHMARK is None:
+        pytest.skip(FULL_BENCHMARK_MISSING)
+    return make_facexbench(tmp_path_factory.mktemp("facexbench-full"), source=SHARED_BENCHMARK)
+
+
+@pytest.fixture(scope="module")
+def questions(fxb_full: Path) -> list[Any]:
+    return load_facexbench(fxb_full)
+
+
+@pytest.fixture(scope="module")
+def subset_questions(fxb: Path) -> list[Any]:
     return load_facexbench(fxb)
 
 
@@ -56,7 +77,36 @@ def _cfg(fxb: Path, out: Path, model: Path | str = "unused", **kw: Any) -> EvalC
 # ------------------------------------------------------------------ loading and prompts
 
 
-def test_all_48_files_load_with_readme_counts(questions: list[Any], fxb: Path) -> None:
+def test_the_benchmark_is_found_beside_the_repository_or_from_the_environment(tmp_path: Path) -> None:
+    assert find_facexbench(str(tmp_path / "nowhere")) is None
+    bench = tmp_path / "fxb" / "benchmark"
+    bench.mkdir(parents=True)
+    for i in range(48):
+        (bench / f"f{i}.json").write_text("{}")
+    assert find_facexbench(str(tmp_path / "fxb")) == bench  # a checkout
+    assert find_facexbench(str(bench)) == bench  # or its benchmark/ folder
+
+
+def test_the_committed_subset_covers_every_category_and_setting(subset_questions: list[Any], fxb: Path) -> None:
+    qs = subset_questions
+    assert len(qs) == 360 and len({q.task for q in qs}) == 12 and len({q.id for q in qs}) == 360
+    assert set(Counter(q.category for q in qs)) == set(README_COUNTS)
+    assert Counter(q.setting for q in qs) == {"single": 210, "multiple": 120, "zero": 30}
+    q = next(q for q in qs if q.id == "wmca_single_mcq/1")
+    assert q.images == [str(fxb / "benchmark" / "data/WMCA/RGB/012_03_004_4_03/Frame_25.png")]
+    assert (q.options, q.answer, q.category, q.subtask) == (["Yes", "No"], "A", "fas_deepfakes", "fas")
+    assert next(q for q in qs if q.id == "fairface_single_mcq_age_test/1").labels == {"age": "30-39"}
+    assert next(q for q in qs if q.id == "fairface_single_mcq_age_test/2").labels == {"age": "20-29"}
+    assert next(q for q in qs if q.id == "fairface_multiple_mcq_gender_test/1").labels == {}
+    assert len(select_questions(qs, ["tools_use"], None)) == 30
+    assert len(select_questions(qs, ["Face Authentication"], None)) == 30
+    assert len(select_questions(qs, ["age", "lapa_single_mcq"], 45)) == 45
+    with pytest.raises(ConfigError, match="tasks: nosuch not in this set"):
+        select_questions(qs, ["nosuch"], None)
+
+
+def test_all_48_files_load_with_readme_counts(questions: list[Any], fxb_full: Path) -> None:
+    fxb = fxb_full
     assert len(questions) == 5000
     assert len({q.task for q in questions}) == 48
     assert len({q.id for q in questions}) == 5000
@@ -99,17 +149,21 @@ def _reference_prompt(meta: dict[str, Any], q: dict[str, Any], prepend: bool) ->
     return text
 
 
-def test_prompts_match_the_benchmark_wording(questions: list[Any]) -> None:
+@pytest.mark.parametrize("which", ["subset", "full"])
+def test_prompts_match_the_benchmark_wording(which: str, request: pytest.FixtureRequest) -> None:
+    questions = request.getfixturevalue("subset_questions" if which == "subset" else "questions")
+    source = SUBSET_BENCHMARK if which == "subset" else SHARED_BENCHMARK
+    assert source is not None
     by_id = {q.id: q for q in questions}
     checked = 0
-    for path in sorted(SHARED_BENCHMARK.glob("*.json")):
+    for path in sorted(source.glob("*.json")):
         meta = json.loads(path.read_text())
         for n, raw in meta["questions"].items():
             q = by_id[f"{path.stem}/{n}"]
             for prepend in (False, True):
                 assert format_mcq_prompt(q, with_task_description=prepend) == _reference_prompt(meta, raw, prepend)
             checked += 1
-    assert checked == 5000
+    assert checked == len(questions) == (360 if which == "subset" else 5000)
     tools = by_id["tools_retrieval/1"]
     assert format_mcq_prompt(tools).startswith("Ignore the black image provided.\n1. Age Estimation:")
 
@@ -152,7 +206,9 @@ def test_likelihood_answers_every_question_single_multi_zero(fxb: Path, lm: Any,
         tasks=["tools_retrieval", "affectnet_multiple_mcq", "wmca_single_mcq"],
     )
     chosen = select_questions(load_facexbench(fxb), cfg.tasks, None)
-    picked = [chosen[i] for i in (0, 2, 300, 301)]  # multi-image (2 and 3 images), 2-option wmca
+    by_id = {q.id: q for q in chosen}
+    ids = ["affectnet_multiple_mcq/1", "affectnet_multiple_mcq/3", "wmca_single_mcq/1", "wmca_single_mcq/2"]
+    picked = [by_id[i] for i in ids]  # multi-image (2 and 3 images), 2-option wmca
     assert [len(q.images) for q in picked] == [2, 3, 1, 1]
     backend = LocalBackend(lm, cfg)
     batch_scores = backend.score(picked)
@@ -161,7 +217,7 @@ def test_likelihood_answers_every_question_single_multi_zero(fxb: Path, lm: Any,
     # Right padding: a (padded) question scores the same alone as in the batch.
     for i in (0, 2):
         assert backend.score([picked[i]])[0] == pytest.approx(batch_scores[i], abs=1e-4)
-    tools = chosen[100]  # FaceXBench's "zero" setting: a black image and a long API context
+    tools = by_id["tools_retrieval/1"]  # FaceXBench's "zero" setting: a black image and a long API context
     assert tools.setting == "zero" and tools.task == "tools_retrieval"
     assert len(backend.score([tools])[0]) == 4
     outcome = evaluate(
@@ -516,3 +572,21 @@ def test_shipped_example_config_loads() -> None:
         32,
     )
     assert cfg.model.model == "Idiap/FaceLLM-1B" and cfg.model.subfolder == "model"
+
+
+def test_named_api_key_variable_must_be_set(tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    q = {"id": "q1", "images": ["a.png"], "question": "Which?", "options": ["x", "y"], "answer": "A"}
+    (tmp_path / "set.jsonl").write_text(json.dumps(q) + "\n")
+    monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
+    with FakeOpenAI() as server:
+        args = ["evaluate", "--data", tmp_path / "set.jsonl", "--base-url", server.base_url, "--model", "m"]
+        r = cli(*args, "--api-key-env", "FACELLM_TEST_UNSET_KEY", "--out", tmp_path / "e1")
+        assert r.code == 1 and server.requests == []  # nothing sent without the key
+        assert [x for x in r.err.splitlines() if x.startswith("error:")] == [
+            "error: api_key_env: environment variable FACELLM_TEST_UNSET_KEY is not set or empty "
+            "(export FACELLM_TEST_UNSET_KEY=..., or name another with --api-key-env)"
+        ]
+        r = cli(*args, "--out", tmp_path / "e2")  # no variable named: a local endpoint may go without a key
+        assert r.code == 0, r.err
+        assert len(server.requests) == 1

@@ -181,7 +181,15 @@ def test_streaming_gives_the_same_answer_in_openai_chunks(client: openai.OpenAI,
     events = [e for e in data.decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    assert "usage" not in json.loads(events[-2][6:])  # usage only when stream_options asks for it
+    chunks_on_wire = [json.loads(e[6:]) for e in events[:-1]]
+    assert all("usage" in c and c["usage"] is None for c in chunks_on_wire)  # null, as OpenAI's, unless asked for
+    body = json.loads(body)
+    body["stream_options"] = {"include_usage": True}
+    status, _, data = raw(server["url"] + "/chat/completions", json.dumps(body).encode())
+    chunks_on_wire = [json.loads(e[6:]) for e in data.decode().split("\n\n") if e and e != "data: [DONE]"]
+    assert (
+        all(c["usage"] is None for c in chunks_on_wire[:-1]) and chunks_on_wire[-1]["usage"]["completion_tokens"] == 6
+    )
 
 
 def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
@@ -338,6 +346,110 @@ def test_malformed_bodies(server: dict[str, Any], client: openai.OpenAI) -> None
     status, body, _ = raw(url, key=KEY, method="GET")
     assert status == 405 and set(body["error"]) == {"message", "type", "param", "code"}
     assert_alive(client)
+
+
+NEWER_FIELDS: dict[str, Any] = {
+    "service_tier": "auto",
+    "reasoning_effort": "low",
+    "prompt_cache_key": "faces-v1",
+    "safety_identifier": "user-123",
+    "verbosity": "low",
+    "user": "someone",
+    "metadata": {"run": "a"},
+    "store": False,
+    "parallel_tool_calls": False,
+    "prediction": None,
+    "audio": None,
+    "functions": [],
+    "function_call": "none",
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+}
+
+
+def test_newer_openai_fields_that_cannot_change_the_answer_are_ignored(
+    client: openai.OpenAI, server: dict[str, Any]
+) -> None:
+    logs: io.StringIO = server["logs"]
+    plain = ask(client, (60, 90, 120), QUESTIONS[2], max_tokens=5).choices[0].message.content
+    for _ in range(2):
+        r = ask(client, (60, 90, 120), QUESTIONS[2], max_tokens=5, **NEWER_FIELDS)
+        assert r.choices[0].message.content == plain
+    ignored = [json.loads(x) for x in logs.getvalue().splitlines() if '"ignored request field"' in x]
+    named = [x["field"] for x in ignored]
+    sent = [f for f, v in NEWER_FIELDS.items() if v is not None]
+    assert sorted(named) == sorted(sent)  # each logged once, however many requests send it
+    # fields that would change the answer and are not implemented keep their 400
+    refused = {
+        "prediction": {"type": "content", "content": "A smiling face."},
+        "audio": {"voice": "alloy", "format": "wav"},
+        "functions": [{"name": "lookup", "parameters": {"type": "object"}}],
+        "function_call": {"name": "lookup"},
+        "frequency_penalty": 0.5,
+    }
+    for field, value in refused.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, (60, 90, 120), QUESTIONS[2], max_tokens=2, **{field: value})
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"], field
+    assert_alive(client)
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_deep_nesting_content_type_and_part_count_are_refused(server: dict[str, Any], client: openai.OpenAI) -> None:
+    url = server["url"] + "/chat/completions"
+    head = b'{"model": "m", "messages": [{"role": "user", "content": "q"}], "metadata": '
+    for depth in (50_000, 100):  # deeper than Python's parser recursion, and deeper than the server allows
+        status, body, _ = raw(url, head + b"[" * depth + b"]" * depth + b"}")
+        assert status == 400 and body["error"]["code"] == "invalid_json", (depth, body)
+        assert "nested more than 64 levels deep" in body["error"]["message"]
+    good = json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 1}).encode()
+    status, body = _post(url, good, "text/plain")
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+    assert "application/json" in body["error"]["message"]
+    assert _post(url, good, "application/json; charset=utf-8")[0] == 200
+    # many tiny parts in a small body: refused by count before validation builds them
+    parts = [{"type": "text", "text": ""}] * 1025
+    many = json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}], "max_tokens": 1}).encode()
+    status, body, _ = raw(url, many)
+    assert status == 400 and body["error"]["code"] == "too_many_parts" and body["error"]["param"] == "messages"
+    assert "1,025 in this request, the server allows 1,024" in body["error"]["message"]
+    assert_alive(client)
+
+
+def test_a_huge_many_part_body_is_refused_without_stalling_health(lm: Any) -> None:
+    """200,000 text parts (5.4 MB): one 400 before validation builds them; /health answers meanwhile."""
+    from facellm_cli.config import ServeConfig
+
+    cfg = ServeConfig.model_validate({"model": {"model": "unused-here"}, "generation": {"max_new_tokens": 2}})
+    parts = [{"type": "text", "text": "a"}] * 200_000
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}, separators=(",", ":"))
+    assert len(body) < cfg.max_body_mb * 1_000_000
+    with running_server(cfg, lm) as (url, _app):
+        results: dict[str, Any] = {}
+
+        def big() -> None:
+            results["big"] = raw(url + "/chat/completions", body.encode(), key=None)
+
+        t = threading.Thread(target=big)
+        t.start()
+        healths = []
+        while t.is_alive():
+            status, h, _ = raw(url.removesuffix("/v1") + "/health", key=None)
+            healths.append(status)
+        t.join()
+        status, err, _ = results["big"]
+        assert status == 400 and err["error"]["code"] == "too_many_parts"
+        assert healths and set(healths) == {200}
 
 
 def test_concurrent_requests_are_batched_without_cross_talk(client: openai.OpenAI, server: dict[str, Any]) -> None:

@@ -106,6 +106,16 @@ def ask(
     system: SystemOpt = None,
     batch_size: BatchSizeOpt = None,
     json_out: JsonOpt = False,
+    faces: Annotated[
+        bool | None,
+        typer.Option("--faces", help="Photos: detect every face, crop it FairFace-style and answer per face."),
+    ] = None,
+    draw: Annotated[
+        Path | None,
+        typer.Option(
+            "--draw", help="With --faces: write the photo with numbered boxes and answers (a folder for many)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -125,11 +135,20 @@ def ask(
             "generation.temperature": temperature,
             "generation.system": system,
             "batch_size": batch_size,
+            "faces": faces,
         }
     )
     cfg = resolve_config(AskConfig, config, flags, set_)
+    if draw is not None and not cfg.faces:
+        raise typer.BadParameter("--draw needs --faces (it draws the face boxes)")
     images = resolve_inputs(image_args)
     stdin_bytes = sys.stdin.buffer.read() if "-" in images else None
+    if cfg.faces:
+        from .faces import check_available
+
+        check_available()  # the install hint before a model loads
+        _ask_faces(_load(cfg.model), cfg, images, question, stdin_bytes, json_out, draw)
+        return
     lm = _load(cfg.model)
     if len(images) == 1 and not json_out:
         for piece in ask_stream(lm, cfg, images[0], question, stdin_bytes):
@@ -151,6 +170,57 @@ def ask(
             print(f"{r.image}\t{' '.join((r.answer or '').split())}", flush=True)
     if failed:
         raise FacellmError(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
+
+
+def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
+    from rich.markup import escape
+
+    from .faces import draw_path, save_drawing
+    from .infer.ask import AskResult, ask_faces
+
+    if draw is not None and len(images) > 1 and draw.suffix:
+        raise typer.BadParameter(f"--draw {draw}: several photos need a folder, not a file name")
+    if len(images) == 1 and not json_out:  # one photo with one face streams, as plain ask does
+        from .infer.ask import ask_face_stream, detect_photo
+
+        img, found = detect_photo(images[0], cfg, stdin_bytes)
+        if len(found) == 1:
+            name = images[0] if images[0] != "-" else "<stdin>"
+            sys.stdout.write(f"{name}\tface 0 [{','.join(str(v) for v in found[0].int_box())}]\t")
+            pieces = []
+            for piece in ask_face_stream(lm, cfg, img, found[0], question):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if draw is not None:
+                target = save_drawing(img, found, ["".join(pieces)], draw_path(draw, name, many=False))
+                err_console().print(f"drew 1 face: {escape(str(target))}")
+            return
+    failed = []
+    for photo in ask_faces(lm, cfg, images, question, stdin_bytes):
+        if photo.error:
+            failed.append(photo.image)
+            err_console().print(f"[red]error:[/red] {escape(photo.error)}")
+            if json_out:
+                print(
+                    json.dumps(AskResult(photo.image, question, None, lm.name, error=photo.error).to_json()), flush=True
+                )
+        for r in photo.results:
+            if json_out:
+                print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
+            else:
+                box = ",".join(str(v) for v in r.box or [])
+                print(f"{r.image}\tface {r.face} [{box}]\t{' '.join((r.answer or '').split())}", flush=True)
+        if draw is not None and photo.photo is not None and photo.faces:
+            target = draw_path(draw, photo.image, many=len(images) > 1)
+            save_drawing(photo.photo, photo.faces, [r.answer or "" for r in photo.results], target)
+            err_console().print(f"drew {len(photo.faces)} face(s): {escape(str(target))}")
+    if failed:
+        raise FacellmError(
+            f"{len(failed)} of {len(images)} photos gave no answer: {', '.join(failed)} "
+            "(a photo without a detected face: try --set face_crop.threshold=0.5)"
+        )
 
 
 def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
@@ -412,6 +482,12 @@ def annotate(
     batch: Annotated[
         bool | None, typer.Option("--batch", help="Use the OpenAI Batch API (resumable by batch id).")
     ] = None,
+    faces: Annotated[
+        bool | None,
+        typer.Option(
+            "--faces", help="The images are photos: crop every face first (into <out>.faces/), annotate chips."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -435,6 +511,7 @@ def annotate(
         "rpm": rpm,
         "max_retries": max_retries,
         "batch": batch,
+        "faces": faces,
     }
     cfg = resolve_config(AnnotateConfig, config, flags, set_)
     api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
@@ -444,24 +521,49 @@ def annotate(
     for line in summary_lines(summary):
         console.print(line, markup=False)
     print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
+    reasons = []
     if summary.failed:
-        raise FacellmError(
-            f"{summary.failed} item(s) failed (status=failed in {summary.out}); re-run the same command to retry them"
+        reasons.append(
+            f"{summary.failed} item(s) failed (reasons in {summary.failures}); re-run the same command to retry them"
         )
+    if summary.images_skipped:
+        reasons.append(
+            f"{summary.images_skipped} input image(s) skipped as unreadable or missing (see the problems above); "
+            "fix or remove them"
+        )
+    if reasons:
+        raise FacellmError("; ".join(reasons))
 
 
-def _api_key(env_name: str, base_url: str | None) -> str:
-    """The key from the named environment variable; local endpoints may go without one."""
+def _api_key(env_name: str | None, base_url: str | None = None, *, serving: bool = False) -> str | None:
+    """The API key from the environment: the one place every command reads it.
+
+    A variable named with --api-key-env (or api_key_env) must be set: an unset one is an
+    error, never a request without a key or an open server. Unnamed, clients read
+    OPENAI_API_KEY, which local endpoints may go without; ``serve`` runs without auth.
+    """
     from .annotate.client import is_local_endpoint
+    from .errors import ConfigError
 
+    if env_name is None:
+        if serving:
+            return None
+        key = os.environ.get("OPENAI_API_KEY", "").strip()
+        if key:
+            return key
+        if is_local_endpoint(base_url):
+            return "no-key-needed"
+        raise FacellmError(
+            "environment variable OPENAI_API_KEY is not set: export OPENAI_API_KEY=... "
+            "(or name another with --api-key-env)"
+        )
     key = os.environ.get(env_name, "").strip()
-    if key:
-        return key
-    if is_local_endpoint(base_url):
-        return "no-key-needed"
-    raise FacellmError(
-        f"environment variable {env_name} is not set: export {env_name}=... (or name another with --api-key-env)"
-    )
+    if not key:
+        hint = "or leave out --api-key-env to serve without a key" if serving else "or name another with --api-key-env"
+        raise ConfigError(
+            f"api_key_env: environment variable {env_name} is not set or empty (export {env_name}=..., {hint})"
+        )
+    return key
 
 
 # ---- serve ----
@@ -512,27 +614,12 @@ def serve(
     )
     cfg = resolve_config(ServeConfig, config, flags, set_)
     require_serve_extras()
-    api_key = _api_key_from_env(cfg.api_key_env)
+    api_key = _api_key(cfg.api_key_env, serving=True)
     console = err_console()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         console.print(f"[yellow]warning:[/yellow] serving on {cfg.host} without an API key (see --api-key-env)")
     lm = _load(cfg.model)
     serve_forever(cfg, lm, api_key=api_key, on_ready=lambda url: console.print(f"serving {url} (Ctrl-C to stop)"))
-
-
-def _api_key_from_env(var: str | None) -> str | None:
-    """The key named by --api-key-env; an unset or empty variable is an error, never an open server."""
-    if var is None:
-        return None
-    from .errors import ConfigError
-
-    key = os.environ.get(var, "").strip()
-    if not key:
-        raise ConfigError(
-            f"api_key_env: environment variable {var} is not set or empty (export {var}=..., "
-            "or leave out --api-key-env to serve without a key)"
-        )
-    return key
 
 
 # ---- finetune ----
@@ -747,6 +834,88 @@ def tiny_model(
     print(path)
 
 
+# ---- faces ----
+faces_app = typer.Typer(help="Faces in photos: detect them and crop FairFace-style chips.", no_args_is_help=True)
+app.add_typer(faces_app, name="faces")
+ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Lowest detector score kept (default 0.9).")]
+MinSizeOpt = Annotated[
+    float | None, typer.Option("--min-size", help="Smallest face kept, shorter box side in pixels (default 0).")
+]
+ImagesArg = Annotated[list[str], typer.Argument(help="Photos: files, folders or globs.")]
+
+
+@faces_app.command("detect")
+def faces_detect(
+    images: ImagesArg,
+    threshold: ThresholdOpt = None,
+    min_size: MinSizeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Find faces: a box, 5 landmarks (eyes, nose, mouth corners) and a score per face."""
+    from rich.markup import escape
+
+    from .config import FaceDetectConfig, resolve_config
+    from .faces import detect_files
+
+    cfg = resolve_config(FaceDetectConfig, config, {"threshold": threshold, "min_size": min_size}, set_)
+    failed = []
+    for det in detect_files(images, cfg):
+        if isinstance(det, FacellmError):
+            failed.append(det.path)
+            err_console().print(f"[red]error:[/red] {escape(str(det))} (skipped)")
+            continue
+        if json_out:
+            print(json.dumps(det.to_json()), flush=True)
+            continue
+        if not det.faces:
+            err_console().print(f"no face found: {escape(det.image)}")
+        for i, f in enumerate(det.faces):
+            box = ",".join(str(v) for v in f.int_box())
+            print(f"{det.image}\tface {i}\t[{box}]\tscore {f.score:.3f}", flush=True)
+    if failed:
+        raise FacellmError(f"{len(failed)} image(s) could not be read: {', '.join(failed)}")
+
+
+@faces_app.command("crop")
+def faces_crop(
+    images: ImagesArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the chips and manifest.csv.")],
+    margin: Annotated[float | None, typer.Option("--margin", help="Added on each side, x face size (0.25).")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Chip side in pixels (224).")] = None,
+    align: Annotated[
+        bool | None, typer.Option("--align/--no-align", help="Level the eye line (default: align).")
+    ] = None,
+    threshold: ThresholdOpt = None,
+    min_size: MinSizeOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Crop every face into FairFace-style chips plus a manifest.csv that annotate --labels and build-dataset read."""
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    from .config import FaceCropConfig, resolve_config
+    from .faces import crop_files
+
+    flags = {"margin": margin, "size": size, "align": align, "threshold": threshold, "min_size": min_size}
+    cfg = resolve_config(FaceCropConfig, config, flags, set_)
+    console = err_console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("cropping faces", total=None)
+        report = crop_files(images, out, cfg, on_progress=lambda n, total: bar.update(task, completed=n, total=total))
+    for name in report.no_face:
+        console.print(f"no face found: {escape(name)}")
+    for problem in report.problems:
+        console.print(f"[red]error:[/red] {escape(problem)} (skipped)")
+    skipped = f", {report.skipped_images} photo(s) already cropped" if report.skipped_images else ""
+    console.print(f"{report.written} chip(s) written{skipped}; {len(report.rows)} in {escape(str(report.manifest))}")
+    print(report.manifest)
+    if report.problems:
+        raise FacellmError(f"{len(report.problems)} image(s) could not be read")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the single place known errors are rendered.
 
@@ -765,7 +934,7 @@ def run(argv: list[str] | None = None) -> int:
         from rich.markup import escape
 
         console = err_console()
-        for line in str(e).splitlines() or [type(e).__name__]:  # escaped: "facellm[vllm]" is text, not markup
+        for line in str(e).splitlines() or [type(e).__name__]:  # escaped: "pip install 'facellm[faces]'" is not markup
             console.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
         return e.exit_code
     except KeyboardInterrupt:

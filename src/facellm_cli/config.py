@@ -129,12 +129,34 @@ class GenerationConfig(StrictModel):
     seed: int | None = Field(None, description="Seed for sampling.")
 
 
+class FaceDetectConfig(StrictModel):
+    """Face detection in photos (``facellm faces``, ``ask --faces``, ``annotate --faces``)."""
+
+    threshold: float = Field(0.9, gt=0, lt=1, description="Lowest detector score kept as a face.")
+    min_size: float = Field(0, ge=0, description="Smallest face kept, in pixels of the box's shorter side.")
+    max_side: int = Field(
+        1280, ge=64, description="Photos are downscaled to this longer side for detection; boxes map back."
+    )
+
+
+class FaceCropConfig(FaceDetectConfig):
+    """FairFace-style face chips."""
+
+    margin: float = Field(0.25, ge=0, le=2, description="Added on each side, as a fraction of the face size.")
+    size: int = Field(224, ge=16, le=2048, description="Chip side in pixels.")
+    align: bool = Field(True, description="Rotate so the eye line is level.")
+
+
 class AskConfig(StrictModel):
     """``facellm ask``: answer a question about one or more images."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to load.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     batch_size: int = Field(4, gt=0, description="Images answered per generate call.")
+    faces: bool = Field(False, description="Detect the faces in each photo and answer for each face's chip.")
+    face_crop: FaceCropConfig = Field(
+        default_factory=FaceCropConfig, description="Detection and chip settings used with faces."
+    )
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -156,6 +178,8 @@ def _format_validation_error(err: ValidationError, source: str | None) -> Config
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path is a folder, not a YAML file: {p} (give the .yaml file inside it to --config)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (check the path given to --config)")
     try:
@@ -368,7 +392,11 @@ class EvalEndpointConfig(StrictModel):
 
     base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(description="Model name the endpoint serves.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the API key (never stored); it must be set when named. "
+        "Default: OPENAI_API_KEY, which a local endpoint may go without.",
+    )
     concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
@@ -482,6 +510,11 @@ class AnnotateConfig(StrictModel):
     image_root: str | None = Field(
         None, description="Folder label paths are relative to; stored image paths become relative to it."
     )
+    faces: bool = Field(
+        False, description="The images are photos: crop every face first (into faces_dir) and annotate the chips."
+    )
+    faces_dir: str | None = Field(None, description="Where face chips and their manifest go (default: <out>.faces).")
+    face_crop: FaceCropConfig = Field(default_factory=FaceCropConfig, description="Detection and chip settings.")
     out: str = Field(
         "annotations.jsonl", description="Append-only JSONL of Annotation records (re-running resumes it)."
     )
@@ -501,10 +534,11 @@ class AnnotateConfig(StrictModel):
     model: str = Field(
         "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
     )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
+    api_key_env: str | None = Field(
+        None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding the API key (the key itself is never stored).",
+        description="Environment variable holding the API key (the key itself is never stored); it must be set "
+        "when named. Default: OPENAI_API_KEY, which a local endpoint may go without.",
     )
     concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
     rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
@@ -567,6 +601,13 @@ class AnnotateConfig(StrictModel):
             raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
         return v
 
+    @field_validator("faces")
+    @classmethod
+    def _faces_need_photos(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("labels"):
+            raise ValueError("faces crops photos given as images; labels describe whole images (drop one of them)")
+        return v
+
     @field_validator("base_url")
     @classmethod
     def _url_scheme(cls, v: str | None) -> str | None:
@@ -612,6 +653,9 @@ class ServeConfig(StrictModel):
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for (400 above).")
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body in MB (413 above).")
     max_images_per_request: int = Field(8, gt=0, description="Most images in one request (400 above).")
+    max_content_parts: int = Field(
+        1024, gt=0, description="Most content parts (texts and images, all messages together) in one request."
+    )
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image, width x height (413 above).")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: only base64 data: URIs).")
     remote_image_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching one remote image.")
@@ -777,5 +821,8 @@ class QuickstartConfig(StrictModel):
         None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
     )
     annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's key.")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
+    )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")

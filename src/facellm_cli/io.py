@@ -64,10 +64,12 @@ class JsonlAppender:
 
 
 def repair_jsonl_tail(path: Path) -> int:
-    """Cut a torn last line (no trailing newline) off a JSONL file; return the bytes dropped.
+    """Make a JSONL file end on a line boundary; return the bytes dropped.
 
-    Writers here emit each record plus its newline in one flushed write, so a
-    line without its newline can only be the remains of a killed write.
+    A last line without its newline is either a complete record whose newline
+    was never written (a killed writer, or a file edited by hand) or the remains
+    of a killed write. A complete JSON object is kept and given its newline;
+    anything unparseable is cut off.
     """
     if not path.exists():
         return 0
@@ -88,8 +90,20 @@ def repair_jsonl_tail(path: Path) -> int:
             if idx != -1:
                 keep = pos + idx + 1
                 break
+        f.seek(keep)
+        if _is_json_object(f.read(size - keep)):
+            f.seek(size)
+            f.write(b"\n")
+            return 0
         f.truncate(keep)
         return size - keep
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:  # includes UnicodeDecodeError
+        return False
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -130,7 +130,7 @@ def quickstart(
     )
     summary = annotate(ann_cfg, api_key=api_key)
     if summary.failed:
-        raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {ann_path}")
+        raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {summary.failures}")
     done()
 
     done = stage("build-dataset")

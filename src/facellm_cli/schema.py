@@ -20,6 +20,17 @@ class Usage(BaseModel):
     completion_tokens: int = 0
 
 
+class FaceRef(BaseModel):
+    """Where a face chip came from (``faces crop``, ``annotate --faces``): the photo and the face's box in it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    source_image: str = Field(description="The photo the chip was cut from, as given to faces crop.")
+    face_index: int = Field(description="Index of the face in the photo (0 = leftmost).")
+    box: list[int] = Field(description="Face box in the photo's pixels: x1, y1, x2, y2.")
+    score: float | None = Field(None, description="Detector score.")
+
+
 class Annotation(BaseModel):
     """One line of an annotate JSONL: one (image, aspect) question-answer pair, or a failure."""
 
@@ -39,6 +50,7 @@ class Annotation(BaseModel):
         default_factory=dict, description="Known attributes of the image (age, gender, race...)."
     )
     usage: Usage = Field(default_factory=Usage)
+    face: FaceRef | None = Field(None, description="For a face chip: its source photo and box.")
     attempts: int = 1
     created: str = Field("", description="UTC ISO-8601 time the record was written.")
 

@@ -10,7 +10,7 @@ polls the batches already submitted instead of paying for them twice.
 
 Refused, empty or malformed answers (and requests the batch failed) go into a
 new round, up to ``max_reasks`` extra rounds; what is still unanswered after that
-is written as ``failed`` records, which a later run retries.
+is written as ``failed`` records to the failures sidecar, which a later run retries.
 
 The few control calls (upload, create, retrieve, download) use the SDK's own
 retries: they are rare, sequential and not latency-bound, unlike the live path.
@@ -27,18 +27,20 @@ from typing import Any
 
 from ..config import AnnotateConfig
 from ..errors import EndpointError, ImageError
-from ..io import JsonlAppender, atomic_write_json
+from ..io import atomic_write_json
 from ..schema import Annotation, Usage
 from .client import chat_request, classify_answer
+from .labels import Problems
 from .pipeline import (
     AnnotateSummary,
+    AnnotationWriter,
     Plan,
     ProgressState,
     build_messages,
+    done_pairs,
     encode_image,
     now_iso,
     parse_grouped,
-    read_annotations,
 )
 from .prompts import AspectTemplate, grouped_json_schema, render_aspect, render_grouped
 
@@ -100,9 +102,14 @@ def write_round(
     todo: dict[str, list[AspectTemplate]],
     bdir: Path,
     round_no: int,
-    problems: list[str],
+    problems: Problems,
+    left_out: set[str],
 ) -> BatchState:
-    """Write the request files (split under the limits) and the manifest for one round."""
+    """Write the request files (split under the limits) and the manifest for one round.
+
+    Images that cannot be sent (unreadable, or a request over the size limit) are reported
+    once and added to ``left_out``, which later rounds skip.
+    """
     bdir.mkdir(parents=True, exist_ok=True)
     ps = plan.prompt_set
     by_sha = {w.sha: w for w in plan.work}
@@ -122,7 +129,9 @@ def write_round(
         nonlocal current, count, size
         line = (json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}) + "\n").encode()
         if len(line) > cfg.batch_max_bytes:
-            problems.append(f"request for {entry['image']} is {len(line):,} bytes, over batch_max_bytes; skipped")
+            if entry["sha"] not in left_out:
+                left_out.add(entry["sha"])
+                problems.skip(f"request for {entry['image']} is {len(line):,} bytes, over batch_max_bytes; skipped")
             return
         if current is not None and (count + 1 > cfg.batch_max_requests or size + len(line) > cfg.batch_max_bytes):
             close_part()
@@ -138,13 +147,18 @@ def write_round(
 
     try:
         for sha, aspects in todo.items():
+            if sha in left_out:
+                continue
             w = by_sha[sha]
             try:
                 image = encode_image(w.item.path, cfg.image_max_side, cfg.image_detail)
             except ImageError as e:
-                problems.append(str(e))
+                left_out.add(sha)
+                problems.skip(str(e))
                 continue
             entry = {"image": w.item.name, "sha": sha, "labels": w.item.labels, "tokens": image.tokens}
+            if w.item.face is not None:
+                entry["face"] = w.item.face.model_dump(mode="json")
             if cfg.mode == "per-aspect":
                 for a in aspects:
                     prompt, _ = render_aspect(ps, a, w.item.labels)
@@ -162,7 +176,7 @@ def write_round(
 
 
 def _pending(plan: Plan, out: Path) -> dict[str, list[AspectTemplate]]:
-    done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
+    done_ok = done_pairs(out)
     todo: dict[str, list[AspectTemplate]] = {}
     for w in plan.work:
         left = [a for a in w.pending if (w.sha, a.key) not in done_ok]
@@ -177,7 +191,7 @@ def run_batch(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     *,
     api_key: str,
     on_progress: Callable[[ProgressState], None] | None = None,
@@ -192,18 +206,19 @@ def run_batch(
     aspects_by_key = {a.key: a for a in plan.prompt_set.aspects}
     reasons: dict[tuple[str, str], str] = {}
     entries_seen: dict[tuple[str, str], dict[str, Any]] = {}
+    left_out: set[str] = set()  # images that cannot be sent: reported once, not retried
     state.phase = "batch"
     rounds = 0  # rounds started or resumed by this invocation; a later run starts counting again
     try:
         while True:
             bstate = BatchState.load(state_path)
             if bstate is None or not bstate.active:
-                todo = _pending(plan, out)
+                todo = {sha: left for sha, left in _pending(plan, out).items() if sha not in left_out}
                 next_round = (bstate.round + 1) if bstate else 1
                 if not todo or rounds >= cfg.max_reasks + 1:
                     break
                 state.total = max(state.total, state.done + sum(len(v) for v in todo.values()))
-                bstate = write_round(cfg, plan, todo, bdir, next_round, problems)
+                bstate = write_round(cfg, plan, todo, bdir, next_round, problems, left_out)
                 bstate.save(state_path)
                 if not bstate.parts:
                     break
@@ -213,7 +228,7 @@ def run_batch(
             if rounds > 1:  # rounds after the first re-ask what was refused or failed
                 summary.reasks += summary.requests - before
             _poll(client, cfg, bstate, state_path, sleep)
-            with JsonlAppender(out) as writer:
+            with AnnotationWriter(out) as writer:
                 for part in bstate.parts:
                     if not part.merged:
                         _merge(
@@ -236,8 +251,8 @@ def run_batch(
                         if on_progress:
                             on_progress(state)
         # What is still unanswered after the last round is recorded as failed (a later run retries it).
-        done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
-        with JsonlAppender(out) as writer:
+        done_ok = done_pairs(out)
+        with AnnotationWriter(out) as writer:
             for (sha, key), reason in reasons.items():
                 if (sha, key) in done_ok or key not in aspects_by_key:
                     continue
@@ -318,7 +333,7 @@ def _record(
     error: str | None,
     usage: tuple[int, int],
     attempts: int,
-) -> dict[str, Any]:
+) -> Annotation:
     return Annotation(
         image=entry["image"],
         image_sha256=entry["sha"],
@@ -331,10 +346,11 @@ def _record(
         provider="openai",
         prompt_version=plan.prompt_set.version,
         labels=entry.get("labels", {}),
+        face=entry.get("face"),
         usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
         attempts=attempts,
         created=now_iso(),
-    ).model_dump(mode="json")
+    )
 
 
 def _merge(
@@ -345,12 +361,12 @@ def _merge(
     part: BatchPart,
     bdir: Path,
     out: Path,
-    writer: JsonlAppender,
+    writer: AnnotationWriter,
     reasons: dict[tuple[str, str], str],
     entries_seen: dict[tuple[str, str], dict[str, Any]],
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
 ) -> None:
     """Append the answers of one finished batch; idempotent (pairs already ok are skipped)."""
     aspects_by_key = {a.key: a for a in plan.prompt_set.aspects}
@@ -360,7 +376,7 @@ def _merge(
             rec = json.loads(line)
             if rec.get("part") == part.path:
                 manifest[rec["custom_id"]] = rec
-    done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
+    done_ok = done_pairs(out)
     batch = client.batches.retrieve(part.batch_id)
     if batch.status != "completed":
         problems.append(f"batch {part.batch_id} ended '{batch.status}'; its unanswered items go to the next round")

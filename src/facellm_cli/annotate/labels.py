@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..faces import face_ref
 from ..images import find_images, is_image_path
+from ..schema import FaceRef
 
 IMAGE_COLUMNS = ("file", "image", "image_path", "path", "filename", "img")
 
@@ -31,6 +33,7 @@ class LabelRow:
     image: str
     labels: dict[str, str]
     line: int
+    face: FaceRef | None = None  # a faces-crop manifest row: where the chip came from (not a face attribute)
 
 
 @dataclass
@@ -87,25 +90,98 @@ def read_labels(
             value = _clean(v)
             if value is not None:
                 labels[str(k).strip()] = value
-        table.rows.append(LabelRow(image=image, labels=labels, line=line))
+        face = face_ref(labels)  # removes a faces manifest's provenance columns from the labels
+        table.rows.append(LabelRow(image=image, labels=labels, line=line, face=face))
     return table
 
 
 def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
+    """Rows as (first line, {column: cell}). Ragged rows and broken quoting are errors naming their lines.
+
+    A label value never spans lines, so a cell holding a line break is a stray quote
+    that swallowed the rows after it, reported here rather than as an image named
+    after two glued rows.
+    """
+    problems: list[str] = []
+    rows: list[tuple[int, dict[str, object]]] = []
     try:
         with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataError(f"{p} is empty (a CSV needs a header row such as file,age,gender,race)")
-            rows = []
-            for rec in reader:
-                rec.pop(None, None)  # extra cells beyond the header
-                rows.append((reader.line_num, dict(rec)))
-            return rows
+            reader = csv.reader(f, strict=True)
+            header: list[str] = []
+            prev_end = 0  # last physical line of the previous record; the next one starts after it
+            try:
+                while not header:
+                    header = next(reader)
+                    prev_end = reader.line_num
+                for row in reader:
+                    line, end = prev_end + 1, reader.line_num
+                    prev_end = end
+                    if not row:  # blank line
+                        continue
+                    if end > line and any("\n" in c or "\r" in c for c in row):
+                        problems.append(
+                            f"{p} line {line}: a quoted cell runs on to line {end}, merging rows "
+                            '(a stray " in the file?); fix the quoting (not a valid CSV)'
+                        )
+                        continue
+                    if len(row) != len(header):
+                        what = "few" if len(row) < len(header) else "many"
+                        problems.append(
+                            f"{p} line {line}: {len(row)} cells but the header has {len(header)} "
+                            f"({', '.join(header)}); too {what} cells in that row"
+                        )
+                        continue
+                    rows.append((line, dict(zip(header, row, strict=True))))
+            except StopIteration:
+                raise DataError(f"{p} is empty (a CSV needs a header row such as file,age,gender,race)") from None
+            except csv.Error as e:
+                problems.append(f"{p} line {prev_end + 1}: not a valid CSV ({e}); check the quoting from that line on")
     except UnicodeDecodeError as e:
         raise DataError(f"{p} is not UTF-8 text ({e}); save it as UTF-8 CSV") from None
-    except csv.Error as e:
-        raise DataError(f"{p}: not a valid CSV ({e})") from None
+    if problems:
+        raise DataError(_listed(problems))
+    return rows
+
+
+MAX_LISTED = 100
+
+
+def _listed(problems: list[str]) -> str:
+    """Problems one per line (the CLI prints each as an error line), the tail counted after ``MAX_LISTED``."""
+    shown = problems[:MAX_LISTED]
+    if len(problems) > MAX_LISTED:
+        shown.append(f"... and {len(problems) - MAX_LISTED} more problems of the same kinds")
+    return "\n".join(shown)
+
+
+def check_label_values(table: LabelTable, allowed: dict[str, list[str]]) -> None:
+    """Every value of a column with a vocabulary must be in it; all offenders are listed, with file and line.
+
+    Matching ignores case and treats ``_`` as a space ('east_asian' is 'East Asian');
+    anything else outside the vocabulary is an error before any request is sent.
+    """
+    if not allowed:
+        return
+    vocab = {col.lower(): {_norm(v) for v in values} for col, values in allowed.items()}
+    shown = {col.lower(): ", ".join(values) for col, values in allowed.items()}
+    problems = []
+    for row in table.rows:
+        for key, value in row.labels.items():
+            known = vocab.get(key.lower())
+            if known is not None and _norm(value) not in known:
+                problems.append(
+                    f"{table.source} line {row.line}: {key} '{value}' is not a known value "
+                    f"(one of: {shown[key.lower()]})"
+                )
+    if problems:
+        raise DataError(
+            _listed(problems) + f"\n{len(problems)} label value(s) would go into the prompts as written: fix them, "
+            "or give --prompts a prompt set YAML whose label_values allow them"
+        )
+
+
+def _norm(value: str) -> str:
+    return " ".join(value.replace("_", " ").split()).casefold()
 
 
 def _read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
@@ -124,6 +200,18 @@ def _read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
     return rows
 
 
+class Problems(list[str]):
+    """What a run reports, in order. ``skip`` records an input left out, which fails the run (exit 1) at its end."""
+
+    def __init__(self, items: list[str] | None = None, skipped: int = 0) -> None:
+        super().__init__(items or [])
+        self.skipped = skipped
+
+    def skip(self, message: str) -> None:
+        self.append(message)
+        self.skipped += 1
+
+
 @dataclass
 class ImageItem:
     """One image to annotate: its path on disk, the name stored in records, and its labels."""
@@ -131,12 +219,13 @@ class ImageItem:
     path: Path
     name: str
     labels: dict[str, str]
+    face: FaceRef | None = None
 
 
 @dataclass
 class Inputs:
     items: list[ImageItem]
-    problems: list[str]
+    problems: Problems
     unlabelled: int = 0
 
 
@@ -156,6 +245,7 @@ def collect_inputs(
     image_column: str | None = None,
     ignore: list[str] | None = None,
     image_root: str | None = None,
+    label_values: dict[str, list[str]] | None = None,
 ) -> Inputs:
     """Images joined with their labels.
 
@@ -163,12 +253,14 @@ def collect_inputs(
     the image root, the labels file's folder and every folder given), then by
     file name when that name is unique. Without image arguments the label rows
     themselves are the images (resolved against the image root, else the labels
-    file's folder).
+    file's folder). ``label_values`` (column -> allowed values) is checked on every row
+    first: a value outside it is an error listing each one, before anything is sent.
     """
     root = Path(image_root) if image_root else None
-    problems: list[str] = []
+    problems = Problems()
     table = read_labels(labels, image_column, ignore) if labels else None
     if table is not None:
+        check_label_values(table, label_values or {})
         problems.extend(table.problems)
 
     if not images:
@@ -183,20 +275,20 @@ def collect_inputs(
                 continue
             seen.add(path)
             if not path.is_file():
-                problems.append(f"image not found: {path} (listed in {table.source.name} line {row.line})")
+                problems.skip(f"image not found: {path} (listed in {table.source.name} line {row.line})")
                 continue
-            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels))
+            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels, face=row.face))
         return Inputs(items=items, problems=problems)
 
     found = find_images(images)
     paths: list[Path] = []
     for p in found:
         if str(p) == "-":
-            problems.append("'-' (stdin) is not supported by annotate: give image files or folders")
+            problems.skip("'-' (stdin) is not supported by annotate: give image files or folders")
         elif not p.exists():
-            problems.append(f"image not found: {p}")
+            problems.skip(f"image not found: {p}")
         elif p.is_file() and not is_image_path(p):
-            problems.append(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
+            problems.skip(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
         elif p.is_file():
             paths.append(p)
     items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
@@ -228,4 +320,5 @@ def collect_inputs(
             continue
         matched.add(idx)
         items[idx].labels = row.labels
+        items[idx].face = row.face
     return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))

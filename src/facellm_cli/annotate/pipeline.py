@@ -1,14 +1,16 @@
 """The resumable annotate run: images x aspects -> an append-only JSONL of ``Annotation`` records.
 
-Resume works from the output file alone: every (image_sha256, aspect) pair with
-an ``ok`` record is done and skipped, so re-running the same command after a
-crash (even ``kill -9``; the torn last line is cut on open) continues where it
-stopped, and a later run retries pairs that were recorded as ``failed``. Within
-a run each pending pair is scheduled exactly once, and a lock file stops two
-runs appending to the same output, so ok records are never duplicated.
+The output holds exactly one answer record per (image_sha256, aspect), so anyone
+can read it directly (pandas, ``datasets``, training scripts). Pairs that failed
+(refusals, HTTP errors, ...) are written with their reasons to a sidecar,
+``<out>.failures.jsonl``; resume reads both, retries the failures, and a pair that
+later succeeds is dropped from the sidecar at the end of that run.
 
-A pair that fails and later succeeds leaves a ``failed`` line followed by an
-``ok`` line; :func:`read_annotations` gives the one record that counts per pair.
+Resume works from those files alone: every pair with an answer is done and
+skipped, so re-running the same command after a crash (even ``kill -9``; a torn
+last line is cut on open) continues where it stopped. Within a run each pending
+pair is scheduled exactly once, and a lock file stops two runs appending to the
+same output, so answers are never duplicated.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from typing import Any
 from ..config import AnnotateConfig, dump_config
 from ..errors import DataError, ImageError, OutputExistsError
 from ..images import encode_data_uri, file_sha256, fit_within, open_image
-from ..io import JsonlAppender, read_jsonl
+from ..io import JsonlAppender, atomic_write_text, read_jsonl
 from ..schema import Annotation, Usage
-from .labels import ImageItem, collect_inputs
+from .labels import ImageItem, Problems, collect_inputs
 from .prompts import AspectTemplate, PromptSet, load_prompt_set
 
 MAX_PROBLEMS_SHOWN = 20
@@ -40,22 +42,112 @@ MAX_PROBLEMS_SHOWN = 20
 # ---- reading an output ------------------------------------------------------------------------
 
 
-def read_annotations(path: str | Path) -> dict[tuple[str, str], Annotation]:
-    """The record that counts for each (image_sha256, aspect): the last ok one, else the last failed one."""
-    out: dict[tuple[str, str], Annotation] = {}
-    p = Path(path)
+def failures_path_for(out: str | Path) -> Path:
+    """annotations.jsonl -> annotations.failures.jsonl, next to the output."""
+    out = Path(out)
+    return out.with_name(out.stem + ".failures.jsonl")
+
+
+def _read_records(p: Path) -> Iterator[Annotation]:
     if not p.exists():
-        return out
+        return
     for lineno, rec in read_jsonl(p):
         try:
-            a = Annotation.model_validate(rec)
+            yield Annotation.model_validate(rec)
         except ValueError as e:
             raise DataError(f"{p} line {lineno}: not an annotation record ({e}); fix or delete that line") from None
+
+
+def read_annotations(path: str | Path) -> dict[tuple[str, str], Annotation]:
+    """The record that counts for each (image_sha256, aspect): its answer, else its last failure.
+
+    Failures come from the sidecar (and, for outputs of older versions, from
+    ``failed`` lines in the output itself).
+    """
+    out: dict[tuple[str, str], Annotation] = {}
+    p = Path(path)
+    for a in [*_read_records(p), *_read_records(failures_path_for(p))]:
         key = (a.image_sha256, a.aspect)
         prev = out.get(key)
         if prev is None or a.status == "ok" or prev.status != "ok":
             out[key] = a
     return out
+
+
+def done_pairs(path: str | Path) -> set[tuple[str, str]]:
+    """Pairs with an answer in the output (what a resumed run skips)."""
+    return {(a.image_sha256, a.aspect) for a in _read_records(Path(path)) if a.status == "ok"}
+
+
+class AnnotationWriter:
+    """Appends answers to the output and failures to its sidecar (opened on the first failure).
+
+    Each record is one flushed line, so a killed run loses at most the line it was writing.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._ok = JsonlAppender(out)
+        self._failed: JsonlAppender | None = None
+
+    def write(self, record: Annotation) -> None:
+        if record.status == "ok":
+            self._ok.write(record.model_dump(mode="json"))
+            return
+        if self._failed is None:
+            self._failed = JsonlAppender(failures_path_for(self.out))
+        self._failed.write(record.model_dump(mode="json"))
+
+    def close(self) -> None:
+        self._ok.close()
+        if self._failed is not None:
+            self._failed.close()
+
+    def __enter__(self) -> AnnotationWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def settle_failures(out: Path) -> int:
+    """Leave the answers alone in the output and the unanswered pairs (their last failure) in the sidecar.
+
+    Returns how many pairs are still unanswered. Called at the end of a run, under the
+    output lock. Outputs of older versions held ``failed`` lines among the answers:
+    those move to the sidecar here. Every rewrite is atomic and the sidecar is written
+    first, so a kill at any point loses neither answers nor failure reasons.
+    """
+    sidecar = failures_path_for(out)
+    legacy: list[Annotation] = []
+    done: set[tuple[str, str]] = set()
+    if out.exists():
+        for _, rec in read_jsonl(out):  # plain JSON: the records were validated when the run read them
+            if rec.get("status", "ok") == "ok":
+                done.add((rec.get("image_sha256"), rec.get("aspect")))
+            else:
+                legacy.append(Annotation.model_validate(rec))
+    last: dict[tuple[str, str], Annotation] = {}
+    for a in [*legacy, *_read_records(sidecar)]:
+        if (a.image_sha256, a.aspect) not in done:
+            last[(a.image_sha256, a.aspect)] = a
+    if last:
+        text = "".join(json.dumps(a.model_dump(mode="json"), ensure_ascii=False) + "\n" for a in last.values())
+        atomic_write_text(sidecar, text)
+    else:
+        sidecar.unlink(missing_ok=True)
+    if legacy:
+        kept = [line for _, line in _raw_lines(out) if json.loads(line).get("status", "ok") == "ok"]
+        atomic_write_text(out, "".join(kept))
+    return len(last)
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text with its newline) of every complete, non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.endswith("\n") and line.strip():
+                yield lineno, line
 
 
 def config_path_for(out: Path) -> Path:
@@ -218,6 +310,9 @@ class AnnotateSummary:
     batch_ids: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     problems_total: int = 0
+    failed_before: int = 0
+    failures: str | None = None
+    failures_outstanding: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,7 +347,8 @@ class Plan:
     images: int
     items_total: int
     done_before: int
-    problems: list[str]
+    problems: Problems
+    failed_before: int = 0
 
 
 def now_iso() -> str:
@@ -274,22 +370,35 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     """Join inputs, hash images, drop duplicates and pairs already done."""
     prompt_set = load_prompt_set(cfg.prompts)
     aspects = prompt_set.select(cfg.aspects) if cfg.provider == "openai" else list(prompt_set.aspects)
+    if cfg.faces:  # crop the photos first; the chips' manifest then lists the images, as --labels would
+        from ..faces import crop_files
+
+        manifest = crop_files(cfg.images, Path(cfg.faces_dir or f"{out}.faces"), cfg.face_crop).manifest
+        cfg = cfg.model_copy(
+            update={"images": [], "labels": str(manifest), "label_image_column": None, "image_root": None}
+        )
     inputs = collect_inputs(
-        cfg.images, cfg.labels, image_column=cfg.label_image_column, ignore=cfg.label_ignore, image_root=cfg.image_root
+        cfg.images,
+        cfg.labels,
+        image_column=cfg.label_image_column,
+        ignore=cfg.label_ignore,
+        image_root=cfg.image_root,
+        label_values=prompt_set.label_values,
     )
-    problems = list(inputs.problems)
+    problems = inputs.problems
     if not inputs.items:
         first = f" ({problems[0]})" if problems else ""
         where = " ".join(cfg.images) if cfg.images else str(cfg.labels)
         raise DataError(f"no images to annotate in: {where}{first}; give image files, folders or globs")
     done = read_annotations(out)
     done_ok = {k for k, a in done.items() if a.status == "ok"}
+    failed_before = sum(1 for a in done.values() if a.status != "ok")
     hashes = _hash_all(inputs.items)
     seen: dict[str, str] = {}
     work: list[WorkImage] = []
     for item, sha in zip(inputs.items, hashes, strict=True):
         if sha is None:
-            problems.append(f"cannot read image: {item.path}")
+            problems.skip(f"cannot read image: {item.path}")
             continue
         if sha in seen:
             problems.append(f"duplicate image skipped: {item.path} (same bytes as {seen[sha]})")
@@ -303,7 +412,7 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     done_before = sum(1 for w in work for a in aspects if (w.sha, a.key) in done_ok)
     if cfg.provider == "template":
         done_before = sum(1 for (sha, _a) in done_ok if sha in seen)
-    return Plan(prompt_set, aspects, work, len(work), items_total, done_before, problems)
+    return Plan(prompt_set, aspects, work, len(work), items_total, done_before, problems, failed_before)
 
 
 def _summary(cfg: AnnotateConfig, out: Path, plan: Plan, *, dry_run: bool, config_file: Path | None) -> AnnotateSummary:
@@ -320,27 +429,14 @@ def _summary(cfg: AnnotateConfig, out: Path, plan: Plan, *, dry_run: bool, confi
         items_total=plan.items_total,
         items_done_before=plan.done_before,
         items_pending=sum(len(w.pending) for w in plan.work),
+        failed_before=plan.failed_before,
     )
 
 
-def _finish(summary: AnnotateSummary, problems: list[str], started: float) -> AnnotateSummary:
+def _finish(summary: AnnotateSummary, problems: Problems, started: float) -> AnnotateSummary:
     summary.problems_total = len(problems)
     summary.problems = problems[:MAX_PROBLEMS_SHOWN]
-    summary.images_skipped = sum(
-        1
-        for p in problems
-        if p.startswith(
-            (
-                "image not found",
-                "cannot read",
-                "cannot decode",
-                "not an image",
-                "empty image",
-                "image too large",
-                "expected an image",
-            )
-        )
-    )
+    summary.images_skipped = problems.skipped
     summary.wall_s = round(time.monotonic() - started, 3)
     return summary
 
@@ -381,13 +477,16 @@ def annotate(
         else:
             assert api_key is not None
             asyncio.run(_run_live(cfg, out, plan, summary, state, problems, api_key, on_progress))
+        summary.failures_outstanding = settle_failures(out)
+        if summary.failures_outstanding:
+            summary.failures = str(failures_path_for(out))
     summary.cost_usd = price_for(cfg, summary.prompt_tokens, summary.completion_tokens, batch=cfg.batch)
     if cfg.provider == "template":
         summary.cost_usd = 0.0
     return _finish(summary, problems, started)
 
 
-def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problems: list[str]) -> None:
+def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problems: Problems) -> None:
     """Requests, tokens and cost the run would need (no re-asks or retries counted)."""
     if cfg.provider == "template":
         summary.cost_usd = 0.0
@@ -402,7 +501,7 @@ def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problem
         try:
             img = open_image(w.item.path)
         except ImageError as e:
-            problems.append(str(e))
+            problems.skip(str(e))
             summary.items_pending -= len(w.pending)
             continue
         width, height = img.size
@@ -428,12 +527,12 @@ def _run_template(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     on_progress: Callable[[ProgressState], None] | None,
 ) -> None:
     from .template import TEMPLATE_VERSION, template_qa
 
-    done_ok = {k for k, a in read_annotations(out).items() if a.status == "ok"}
+    done_ok = done_pairs(out)
     wanted = set(cfg.aspects) if cfg.aspects else None
     unlabelled = 0
     summary.items_total = 0
@@ -444,7 +543,7 @@ def _run_template(
         try:
             open_image(w.item.path)
         except ImageError as e:
-            problems.append(str(e))
+            problems.skip(str(e))
             continue
         qas = [qa for qa in template_qa(w.item.labels, plan.prompt_set) if wanted is None or qa.aspect in wanted]
         if not qas:
@@ -452,7 +551,7 @@ def _run_template(
         summary.items_total += len(qas)
         todo.append((w, [qa for qa in qas if (w.sha, qa.aspect) not in done_ok]))
     state.total = sum(len(qas) for _, qas in todo)
-    with JsonlAppender(out) as writer:
+    with AnnotationWriter(out) as writer:
         for w, qas in todo:
             for qa in qas:
                 record = Annotation(
@@ -465,10 +564,11 @@ def _run_template(
                     provider="template",
                     prompt_version=TEMPLATE_VERSION,
                     labels=w.item.labels,
+                    face=w.item.face,
                     attempts=1,
                     created=now_iso(),
                 )
-                writer.write(record.model_dump(mode="json"))
+                writer.write(record)
                 summary.written_ok += 1
                 state.done += 1
             if on_progress:
@@ -518,8 +618,8 @@ class _LiveRun:
         plan: Plan,
         summary: AnnotateSummary,
         state: ProgressState,
-        problems: list[str],
-        writer: JsonlAppender,
+        problems: Problems,
+        writer: AnnotationWriter,
         client: Any,
     ) -> None:
         self.cfg = cfg
@@ -559,11 +659,12 @@ class _LiveRun:
             provider="openai",
             prompt_version=self.ps.version,
             labels=w.item.labels,
+            face=w.item.face,
             usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
             attempts=attempts,
             created=now_iso(),
         )
-        self.writer.write(record.model_dump(mode="json"))
+        self.writer.write(record)
         self.state.done += 1
         if ok:
             self.summary.written_ok += 1
@@ -577,7 +678,7 @@ class _LiveRun:
         except ImageError as e:
             if w.sha not in self.bad_images:
                 self.bad_images.add(w.sha)
-                self.problems.append(str(e))
+                self.problems.skip(str(e))
             return None
 
     def _account(self, prompt_tokens: int, completion_tokens: int, image: EncodedImage) -> None:
@@ -716,7 +817,7 @@ async def _run_live(
     plan: Plan,
     summary: AnnotateSummary,
     state: ProgressState,
-    problems: list[str],
+    problems: Problems,
     api_key: str,
     on_progress: Callable[[ProgressState], None] | None,
 ) -> None:
@@ -737,7 +838,7 @@ async def _run_live(
     )
     state.phase = "annotating"
     try:
-        with JsonlAppender(out) as writer:
+        with AnnotationWriter(out) as writer:
             run = _LiveRun(cfg, plan, summary, state, problems, writer, client)
             jobs: asyncio.Queue[Any] = asyncio.Queue(maxsize=cfg.concurrency * 2)
             n_workers = cfg.concurrency * 2  # workers sleeping in backoff must not starve the endpoint

@@ -78,6 +78,11 @@ class PromptSet(StrictModel):
         description="User text for grouped mode; may use {labels}, {aspect_list} and {keys}.",
     )
     aspects: list[AspectTemplate] = Field(min_length=1, description="The aspects, in order.")
+    label_values: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Allowed values per label column, e.g. {gender: [Male, Female]}; a label file with another "
+        "value is an error before any request (case and '_' vs ' ' ignored). Empty: any value.",
+    )
 
     @model_validator(mode="after")
     def _check_templates(self) -> PromptSet:
@@ -145,9 +150,17 @@ _ASPECT_PROMPT = (
 )
 _ASPECT_QUESTION = "Describe the {name} of the image based on the visual information."
 
+# FairFace's vocabularies, spelled as in fairface_label_{train,val}.csv.
+FAIRFACE_LABEL_VALUES: dict[str, list[str]] = {
+    "age": ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"],
+    "gender": ["Male", "Female"],
+    "race": ["White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern"],
+}
+
 FAIRFACEGPT_V1 = PromptSet(
     version="fairfacegpt-v1",
     system=_SYSTEM,
+    label_values=FAIRFACE_LABEL_VALUES,
     aspects=[
         AspectTemplate(
             key="demographics", name="demographic attributes", prompt=_ASPECT_PROMPT, question=_ASPECT_QUESTION

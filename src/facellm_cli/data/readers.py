@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import DataError
+from ..faces import PROVENANCE_COLUMNS
 from ..images import IMAGE_SUFFIXES
 from ..schema import Annotation
 
@@ -240,7 +241,7 @@ def read_labels_csv(path: Path, image_column: str) -> tuple[dict[str, dict[str, 
                 f"labels CSV {path} has no '{image_column}' column (columns: {', '.join(columns) or 'none'}); "
                 "name the image column with --set labels_image_column=COLUMN"
             )
-        label_cols = [c for c in columns if c != image_column]
+        label_cols = [c for c in columns if c != image_column and c not in PROVENANCE_COLUMNS]
         for lineno, row in enumerate(reader, 2):
             key = (row.get(image_column) or "").strip().replace("\\", "/")
             if not key:

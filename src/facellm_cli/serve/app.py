@@ -29,7 +29,7 @@ from ..config import ServeConfig
 from ..errors import FacellmError, MissingDependencyError
 from .batcher import Batcher, Cancelled, Job, QueueFull, Result, SamplingParams
 from .messages import ImageLimits, extract_json, to_prompt
-from .protocol import ChatCompletionRequest, ProtocolError, chunk, completion, error_body, parse_request
+from .protocol import ChatCompletionRequest, ProtocolError, chunk, completion, decode_request, error_body
 
 if TYPE_CHECKING:
     from ..infer.engine import Engine
@@ -156,6 +156,28 @@ async def _read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_content_type(value: str | None) -> None:
+    """JSON bodies only (415 otherwise); a missing header is read as JSON, as OpenAI's API does."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media in ("", "application/json") or media.endswith("+json"):
+        return
+    raise ProtocolError(
+        f"Content-Type '{media}' is not supported: send the body as JSON with Content-Type: application/json",
+        status=415,
+        code="unsupported_media_type",
+    )
+
+
+def _log_ignored_once(req: ChatCompletionRequest, seen: set[str]) -> None:
+    """Name each accepted-but-ignored field once per server, so operators know it had no effect."""
+    for f in req.ignored_fields():
+        if f not in seen:
+            seen.add(f)
+            log.info("ignored request field", extra={"fields": {"field": f, "why": "cannot change the answer here"}})
+
+
 def _count_images(req: ChatCompletionRequest) -> int:
     return sum(
         1
@@ -270,6 +292,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         base = engine.lm  # type: ignore[attr-defined]
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
         check_prompt = _PromptCheck(base)
+    ignored_seen: set[str] = set()
     name = served_name(cfg, lm)
     created = int(time.time())
     body_limit = int(cfg.max_body_mb * 1_000_000)
@@ -343,15 +366,14 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
             _log_request(fields)
 
         try:
+            _check_content_type(request.headers.get("content-type"))
             body = await _read_body(request, body_limit)
-            try:
-                data = json.loads(body)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise ProtocolError(f"request body is not valid JSON ({e})", code="invalid_json") from None
-            req = parse_request(data)
+            # Parsing and validating a large body takes CPU time: a worker thread keeps /health and streams going.
+            req = await asyncio.to_thread(decode_request, body, cfg.max_content_parts)
             fields.update(stream=bool(req.stream), images=_count_images(req))
             if req.model != name:
                 fields["requested_model"] = req.model
+            _log_ignored_once(req, ignored_seen)
             params = _sampling(req, cfg)
             prompt = await asyncio.to_thread(to_prompt, req, limits, cfg.generation.system)
             await asyncio.to_thread(check_prompt, prompt, params.max_tokens)

@@ -4,21 +4,27 @@ Requests are validated strictly (``extra="forbid"`` everywhere): a field we do n
 is a 400 naming the field, so a client never silently gets behaviour it did not ask
 for. Fields OpenAI defines but we cannot honour (tools, logprobs, penalties, n > 1,
 audio ...) are refused with a message saying so, unless they carry their neutral value.
+Fields that cannot change the answer (``service_tier``, ``prompt_cache_key``, ``user``,
+``metadata`` ...), which official clients and proxies send, are accepted and ignored
+(``IGNORED_FIELDS``; the server logs each once), as vLLM does.
 Responses are plain dicts built by the helpers at the end, in OpenAI's exact layout.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "IGNORED_FIELDS",
     "ChatCompletionRequest",
     "ProtocolError",
     "chunk",
     "completion",
+    "decode_request",
     "error_body",
     "format_validation_error",
     "parse_request",
@@ -177,9 +183,16 @@ class ChatCompletionRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    # Accepted and ignored: they cannot change the answer (see IGNORED_FIELDS).
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    parallel_tool_calls: bool | None = None
     # Accepted only at their neutral value, refused otherwise (see _refuse_unsupported).
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -188,7 +201,10 @@ class ChatCompletionRequest(_Strict):
     logit_bias: dict[str, int] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
 
     @field_validator("stop")
@@ -212,7 +228,11 @@ class ChatCompletionRequest(_Strict):
             "top_logprobs": lambda v: v == 0,
             "tools": lambda v: v == [],
             "tool_choice": lambda v: v in ("none", "auto"),
+            "functions": lambda v: v == [],
+            "function_call": lambda v: v in ("none", "auto"),
             "logit_bias": lambda v: v == {},
+            "prediction": lambda v: False,  # only null is neutral
+            "audio": lambda v: False,
         }
         for field, is_neutral in neutral.items():
             value = getattr(self, field)
@@ -228,12 +248,39 @@ class ChatCompletionRequest(_Strict):
             raise ProtocolError("messages must contain at least one user message", param="messages")
         return self
 
+    def ignored_fields(self) -> list[str]:
+        """Fields this request sent that the server accepts without acting on them."""
+        return [f for f in IGNORED_FIELDS if f in self.model_fields_set and getattr(self, f) is not None]
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+
+# Sent by official clients and proxies; none of them can change the generated answer. The
+# neutral-valued ones (penalties 0, tools [], ...) are listed too, so each is logged once.
+IGNORED_FIELDS = (
+    "service_tier",
+    "reasoning_effort",
+    "prompt_cache_key",
+    "safety_identifier",
+    "verbosity",
+    "user",
+    "metadata",
+    "store",
+    "parallel_tool_calls",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+)
 
 _ROLE_OR_PART_TAGS = {"system", "developer", "user", "assistant", "text", "image_url"}
 _FORMAT_TAGS = {"text", "json_object", "json_schema"}
@@ -273,6 +320,64 @@ def format_validation_error(err: ValidationError) -> ProtocolError:
         problems.append(f"{loc}: {msg}" if loc else msg)
     unique = list(dict.fromkeys(problems))
     return ProtocolError("invalid request: " + "; ".join(unique[:5]), param=items[0][0] or None if items else None)
+
+
+MAX_JSON_DEPTH = 64  # deeper than any real request (a JSON schema in response_format is the deepest part)
+
+
+def decode_request(body: bytes, max_parts: int) -> ChatCompletionRequest:
+    """Raw body -> validated request, every problem a :class:`ProtocolError` (400).
+
+    Cheap shape checks run before pydantic sees the data: nesting deeper than
+    ``MAX_JSON_DEPTH`` and more than ``max_parts`` content parts are refused, so a
+    small body cannot make validation recurse without end or build 200,000 objects.
+    The server runs this in a worker thread, off the event loop.
+    """
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise _too_deep() from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"request body is not valid JSON ({e})", code="invalid_json") from None
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        parts = sum(
+            len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+            for m in data["messages"]
+        )
+        if parts > max_parts:
+            raise ProtocolError(
+                f"too many content parts: {parts:,} in this request, the server allows {max_parts:,} "
+                "(join the texts, or start the server with a higher --set max_content_parts)",
+                param="messages",
+                code="too_many_parts",
+            )
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise _too_deep()
+    try:
+        return parse_request(data)
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> ProtocolError:
+    return ProtocolError(f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether lists/objects nest deeper than ``limit`` (iterative: deep input cannot overflow the stack)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def parse_request(data: Any) -> ChatCompletionRequest:
@@ -327,7 +432,10 @@ def chunk(
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion.chunk``; ``delta=None`` with usage gives the final usage-only chunk (no choices)."""
+    """A ``chat.completion.chunk``; ``delta=None`` with usage gives the final usage-only chunk (no choices).
+
+    Every other chunk carries ``"usage": null``, as OpenAI's do.
+    """
     out: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",
@@ -335,9 +443,8 @@ def chunk(
         "model": model,
         "system_fingerprint": None,
         "choices": [],
+        "usage": usage,
     }
     if delta is not None:
         out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    if usage is not None:
-        out["usage"] = usage
     return out
