@@ -20,6 +20,7 @@ from facellm_cli.refusals import is_refusal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import Behaviour, FakeOpenAI  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KEY = "sk-test-DO-NOT-LEAK-4f9a2c"
@@ -691,15 +692,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never reached {n} lines")
+def _wait_lines(path: Path, n: int, proc: subprocess.Popen) -> None:
+    wait_for(lambda: path.exists() and path.read_text().count("\n") >= n, proc, f"{path} reached {n} lines")
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
@@ -726,14 +720,14 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
         _wait_lines(failures, 3, proc)  # the three failures are in the sidecar...
         _wait_lines(out, 20, proc)  # ...and at least 20 answers in the output
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait()
         partial = out.read_text().count("\n")
         assert 20 <= partial < 93
         with open(out, "a") as f:  # what a kill in the middle of a write leaves behind
             f.write('{"image": "faces/011.jpg", "image_sha256": "ab')
         with open(failures, "a") as f:
             f.write('{"image": "faces/011.jpg", "ima')
-        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True)  # until it ends
         assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["items_done_before"] == partial and summary["written_ok"] == 96 - partial
@@ -814,17 +808,17 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
             cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         state = tmp_path / "b.batch" / "state.json"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (state.exists() and '"batch_id": "batch' in state.read_text()):
-            time.sleep(0.05)
+        wait_for(
+            lambda: state.exists() and '"batch_id": "batch' in state.read_text(), proc, "state.json held a batch id"
+        )
         time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait()
         batch_id = json.loads(state.read_text())["parts"][0]["batch_id"]
         assert srv.count("/v1/batches") == 1
         assert not out.exists() or out.read_text() == ""  # killed before any result came back
         srv.batch_polls = 1
-        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True)  # until it ends
         assert done.returncode == 0, done.stderr
         assert srv.count("/v1/files") == 1 and srv.count("/v1/batches") == 1  # nothing uploaded or submitted twice
     assert json.loads(done.stdout)["batch_ids"] == [batch_id]

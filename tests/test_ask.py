@@ -93,8 +93,7 @@ def test_ask_stdin_through_the_real_console_script(tiny_internvl: Path, faces: l
         ],
         input=faces[0].read_bytes(),
         capture_output=True,
-        env=env,
-        timeout=120,
+        env=env,  # no deadline: the run ends when the command does (pytest-timeout catches a hang)
     )
     assert proc.returncode == 0, proc.stderr.decode()
     row = json.loads(proc.stdout.decode().strip())
@@ -107,3 +106,15 @@ def test_ask_with_config_file_and_set(cli, tiny_internvl: Path, faces: list[Path
     r = cli("ask", "--config", cfg, faces[0], faces[1], "q", "--json", "--set", "generation.max_new_tokens=1")
     assert r.code == 0, r.err
     assert all(json.loads(line)["tokens"]["completion"] == 1 for line in r.out.splitlines())
+
+
+def test_ask_refuses_an_answer_longer_than_the_context(cli, tiny_internvl: Path, faces: list[Path]) -> None:
+    """A max_new_tokens the model's context cannot hold is an error before any decoding, not hours of it."""
+    for images in ([faces[0]], faces[:2]):  # the streaming path and the batch path
+        r = cli("ask", "--model", tiny_internvl, *images, "q", "--set", "generation.max_new_tokens=1000000000")
+        assert r.code == 1
+        assert (
+            "generation.max_new_tokens: 1,000,000,000 does not fit the model's context of 2,048 tokens "
+            "(prompt and answer share it); use --max-new-tokens below 2,048"
+        ) in r.err
+        assert r.out == ""

@@ -43,7 +43,7 @@ def test_three_formats_written(tmp_path: Path, corpus) -> None:
     assert sorted(report.files) == sorted(
         [f"{s}.json" for s in SPLITS]
         + [f"{s}.jsonl" for s in SPLITS]
-        + ["dataset_info.json", "stats.json", "report.md", "config.yaml"]
+        + ["dataset_info.json", "stats.json", "report.md", "config.yaml", "facellm_dataset.json"]
     )
     total = 0
     for split in SPLITS:
@@ -224,7 +224,7 @@ def test_same_inputs_give_identical_bytes(tmp_path: Path, corpus) -> None:
     jsonl, records = corpus
     build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)  # the same command twice
     first = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    assert "mcq_test.jsonl" in first and len(first) == 13
+    assert "mcq_test.jsonl" in first and len(first) == 14
     build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == first
     shuffled = tmp_path / "shuffled.jsonl"

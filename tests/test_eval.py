@@ -292,7 +292,8 @@ def test_interrupted_run_resumes_without_reasking(fxb: Path, lm: Any, tmp_path: 
     assert (outcome.asked, outcome.cached, outcome.model_calls) == (4, 2, 2)
     assert len(calls) == 1
     ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert sorted(ids) == [f"lapa_single_mcq/{i}" for i in range(1, 7)]  # each asked once, torn line dropped
+    expected = [q.id for q in select_questions(load_facexbench(fxb), cfg.tasks, 6, cfg.sample_seed)]
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == 6  # each asked once, torn line dropped
     # Everything answered: a rerun loads no model and asks nothing.
     again = evaluate(cfg, load_model=lambda: pytest.fail("model loaded although every answer is cached"))
     assert (again.asked, again.cached, again.model_calls) == (0, 6, 0)
@@ -375,9 +376,15 @@ def test_reports_fairness_and_compare(fxb: Path, lm: Any, tmp_path: Path, cli: A
     out = tmp_path / "a"
     res = json.loads((out / "results.json").read_text())
     assert res["overall"]["n"] == 8 and res["meta"]["mode"] == "likelihood"
-    assert set(res["fairness"]) == {"gender"}
+    # --limit samples both tasks (stratified), not the first 8 of the first file
+    assert set(res["fairness"]) == {"gender", "race"} and res["tasks"].keys() == {
+        "fairface_single_mcq_gender_test",
+        "utkface_single_mcq_race_test",
+    }
+    assert "random sample of 8 (seed 0, stratified over tasks)" in res["meta"]["selection"]
     groups = res["fairness"]["gender"]["groups"]
-    assert sum(g["n"] for g in groups.values()) == 8 and set(groups) <= {"Male", "Female"}
+    n_gender = res["tasks"]["fairface_single_mcq_gender_test"]["n"]
+    assert sum(g["n"] for g in groups.values()) == n_gender and set(groups) <= {"Male", "Female"}
     gap = res["fairness"]["gender"]["gap"]
     assert gap == pytest.approx(
         max(g["accuracy"] for g in groups.values()) - min(g["accuracy"] for g in groups.values())
@@ -392,8 +399,11 @@ def test_reports_fairness_and_compare(fxb: Path, lm: Any, tmp_path: Path, cli: A
     assert len(table["rows"]["Overall"]) == 2
     text = render_compare(table)
     assert text.splitlines()[2] == "| questions | 8 | 8 |"
-    r = cli("evaluate", "--compare", tmp_path / "a", "--compare", tmp_path / "b")
+    r = cli("evaluate", "--compare", tmp_path / "a", "--compare", tmp_path / "b", "--out", tmp_path / "cmp")
     assert r.code == 0 and r.out == text
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = cli("evaluate", "--compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "cmp2")  # the README's form
+    assert r.code == 0 and r.out == text and (tmp_path / "cmp2" / "comparison.png").is_file()
     r = cli("evaluate", "--compare", tmp_path / "nope")
     assert r.code == 1 and "no results.json in" in r.err
 
@@ -517,7 +527,7 @@ def test_endpoint_gives_up_with_a_clear_error(fxb: Path, tmp_path: Path) -> None
             tasks=["lapa_single_mcq"],
             endpoint={"base_url": server.base_url, "model": "m", "max_retries": 2, "concurrency": 1},
         )
-        with pytest.raises(EndpointError, match=r"failed question lapa_single_mcq/1 after 3 attempts \(HTTP 503"):
+        with pytest.raises(EndpointError, match=r"failed question lapa_single_mcq/\d+ after 3 attempts \(HTTP 503"):
             evaluate(cfg)
 
 

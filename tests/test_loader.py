@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from facellm_cli.models.loader import choose_device, choose_dtype, load_model_an
 from facellm_cli.testing import build_tiny_model
 from loader_helpers import hub_style_internvl, hub_style_qwen2_vl
 
+ROOT = Path(__file__).resolve().parents[1]
 IMG = Image.new("RGB", (70, 50), (180, 120, 90))
 
 
@@ -201,3 +203,102 @@ def test_adapter_errors(tiny_internvl: Path, tmp_path: Path) -> None:
     assert msg.startswith(f"adapter {adapter} does not match base model {tiny_internvl} (it was trained on '{other}')")
     assert msg.endswith("Load the base model the adapter was trained on")
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(other)
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_or_truncated_weights_name_the_file(tiny_internvl: Path, tmp_path: Path) -> None:
+    truncated = _copy_model(tiny_internvl, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    with pytest.raises(ModelLoadError) as e:
+        load_model_and_processor(ModelConfig(model=str(truncated), device="cpu"))
+    assert str(e.value).startswith(f"model weights {weights} is corrupt or incomplete (")
+    assert str(e.value).endswith("); re-download it")
+    garbage = _copy_model(tiny_internvl, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(ModelLoadError, match=r"model weights .*garbage/model.safetensors is corrupt or incomplete"):
+        load_model_and_processor(ModelConfig(model=str(garbage), device="cpu"))
+
+
+def test_corrupt_adapter_weights_name_the_file(tiny_internvl: Path, tmp_path: Path) -> None:
+    adapter = _lora_adapter(tiny_internvl, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=rf"adapter weights {weights} is corrupt or incomplete .*re-download it"):
+        load_model_and_processor(ModelConfig(model=str(tiny_internvl), adapter=str(adapter), device="cpu"))
+
+
+def test_local_folder_errors_say_what_is_wrong_with_it(tiny_internvl: Path, tmp_path: Path) -> None:
+    broken = _copy_model(tiny_internvl, tmp_path / "broken")
+    (broken / "config.json").write_text('{"model_type": ')
+    with pytest.raises(ModelLoadError) as e:
+        load_model_and_processor(ModelConfig(model=str(broken), device="cpu"))
+    assert str(e.value) == (
+        f"{broken / 'config.json'} is not valid JSON (Expecting value: line 1 column 16 (char 15)); "
+        "re-download the model or fix the file"
+    )
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text_only = tmp_path / "text-only"
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        )
+    ).save_pretrained(text_only)
+    with pytest.raises(ModelLoadError) as e:
+        load_model_and_processor(ModelConfig(model=str(text_only), device="cpu"))
+    assert str(e.value).startswith(
+        f"'{text_only}' is a 'qwen2' model (Qwen2ForCausalLM), not an image-text-to-text model; "
+        "facellm needs a vision-language checkpoint"
+    )
+    no_processor = _copy_model(tiny_internvl, tmp_path / "no-processor")
+    for f in no_processor.glob("*"):
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            f.unlink()
+    with pytest.raises(ModelLoadError) as e:
+        load_model_and_processor(ModelConfig(model=str(no_processor), device="cpu"))
+    assert str(e.value).startswith(f"cannot load model folder {no_processor}: ")
+    assert "not a local folder" not in str(e.value)
+
+
+@pytest.mark.slow  # two fresh processes
+def test_unreachable_hub_fails_fast_and_the_cache_still_serves(tiny_internvl: Path, tmp_path: Path) -> None:
+    """Online mode with the hub down: one request, no five retries; a model in the cache loads from it."""
+    import shutil
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port nothing listens on: the hub's connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hf_home = tmp_path / "hf"
+    snapshot = hf_home / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_internvl, snapshot)
+    (hf_home / "hub" / "models--org--tiny" / "refs").mkdir()
+    (hf_home / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT / "src"))
+    image = tmp_path / "face.png"
+    IMG.save(image)
+
+    def ask(model: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "facellm_cli", "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)  # ends when the command does
+
+    r = ask("org/missing")
+    assert r.returncode == 1
+    assert "Retrying" not in r.stderr and "Retry" not in r.stderr
+    assert (
+        "model 'org/missing' is not a local folder and could not be loaded from the Hugging Face hub "
+        "(the hub cannot be reached (ConnectError: "
+    ) in r.stderr
+    assert "and it is not in the local cache)" in r.stderr
+    r = ask("org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert "Retry" not in r.stderr

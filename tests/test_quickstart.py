@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,14 @@ def test_quickstart_learns_expressions(cli, tmp_path: Path) -> None:
     assert result["ask"]["truth"] in ("smiling", "neutral", "frowning")
     assert result["ask"]["correct"] == (result["ask"]["picked"] == result["ask"]["truth"])
     assert (out / "quickstart-results.json").is_file()
+    assert (out / "before_after.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The follow-up command runs as printed: the fine-tuned model and the real question.
+    cmd = shlex.split(result["ask"]["command"])
+    assert cmd[:4] == ["facellm", "ask", "--model", result["artefacts"]["fine-tuned model"]]
+    assert cmd[-1] == result["ask"]["question"] and "(A)" in cmd[-1]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == result["ask"]["answer"].strip()
 
     # a second run refuses to overwrite, --force replaces only a quickstart folder
     r = cli("quickstart", "--out", out, "--faces", "30")

@@ -25,6 +25,10 @@ EngineOpt = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="torch CPU threads (default: the idle cores this process may use)."),
+]
 MaxNewTokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
@@ -48,6 +52,7 @@ def model_flags(
     dtype: str | None = None,
     prefix: str = "model",
     engine: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, object]:
     """Dotted-key flag overrides for a ModelConfig nested at ``prefix``."""
     values = {
@@ -58,5 +63,6 @@ def model_flags(
         "device": device,
         "dtype": dtype,
         "engine": engine,
+        "threads": threads,
     }
     return {f"{prefix}.{k}": v for k, v in values.items()}

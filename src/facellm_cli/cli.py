@@ -36,6 +36,7 @@ from ._options import (
     SubfolderOpt,
     SystemOpt,
     TemperatureOpt,
+    ThreadsOpt,
     model_flags,
 )
 from .errors import FacellmError
@@ -71,6 +72,9 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    from .runtime import silence_known_warnings
+
+    silence_known_warnings(debug=False)
 
 
 def _version(value: bool) -> None:
@@ -101,6 +105,7 @@ def ask(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     engine: EngineOpt = None,
+    threads: ThreadsOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     temperature: TemperatureOpt = None,
     system: SystemOpt = None,
@@ -128,7 +133,7 @@ def ask(
             "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
         )
     *image_args, question = inputs
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
     flags.update(
         {
             "generation.max_new_tokens": max_new_tokens,
@@ -228,7 +233,12 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     from .infer.engine import load_engine
 
     with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
-        return load_engine(model_cfg)
+        engine = load_engine(model_cfg)
+    loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
+    threads = loaded.extras.get("threads") if loaded is not None else None
+    if threads is not None and threads.note:
+        err_console().print(f"[yellow]note:[/yellow] {threads.note}")
+    return engine
 
 
 # ---- build-dataset ----
@@ -263,6 +273,10 @@ def build_dataset(
     force: Annotated[
         bool | None, typer.Option("--force/--no-force", help="Replace outputs in a non-empty --out.")
     ] = None,
+    exclude_overlap_with: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-overlap-with", help="Drop images that match these benchmark images/sets (repeatable)."),
+    ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -285,8 +299,11 @@ def build_dataset(
         "stratify": stratify,
         "skip_invalid": skip_invalid,
         "force": force,
+        "exclude_overlap_with": exclude_overlap_with,
     }
     cfg = resolve_config(DatasetConfig, config, flags, set_)
+    if cfg.exclude_overlap_with and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     with err_console().status("building dataset ...") as status:
         report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
     if json_out:
@@ -319,7 +336,8 @@ def evaluate(
         str | None, typer.Option("--data-dir", help="FaceXBench checkout (or its benchmark/ folder).")
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="JSONL set, or a folder of build-dataset mcq_*.jsonl.")
+        str | None,
+        typer.Option("--data", help="JSONL set, or a build-dataset folder (its mcq_test.jsonl; see --split)."),
     ] = None,
     image_root: Annotated[
         str | None, typer.Option("--image-root", help="Root for relative image paths in --data.")
@@ -331,12 +349,26 @@ def evaluate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     engine: EngineOpt = None,
+    threads: ThreadsOpt = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Endpoint requests in flight.")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="generate | likelihood.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="With --data DIR (build-dataset output): train | val | test (default) | all."),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="generate (default: answer, then parse the letter) | likelihood (score the option letters; "
+            "best for small or base models).",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="A seeded sample of N questions, stratified over tasks.")
+    ] = None,
     tasks: Annotated[
         list[str] | None,
         typer.Option("--tasks", help="Tasks, sub-tasks or categories to run (repeat or comma-separate)."),
@@ -348,7 +380,18 @@ def evaluate(
     out: OutDirOpt = None,
     compare: Annotated[
         list[str] | None,
-        typer.Option("--compare", help="Result folder to show side by side (repeatable); alone, only compares."),
+        typer.Option(
+            "--compare",
+            help="Result folders to show side by side (--compare DIR1 DIR2 ...); alone, only compares "
+            "(table on stdout, comparison.png in --out or the current folder).",
+        ),
+    ] = None,
+    train_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train-data",
+            help="The model's training data (or auto: its finetune run): also accuracy on unseen images.",
+        ),
     ] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -356,19 +399,17 @@ def evaluate(
 ) -> None:
     """Multiple-choice accuracy on FaceXBench or a JSONL set: batched, resumable, with per-task and fairness reports."""
     from .config import EvalConfig, resolve_config
-    from .eval.report import compare as compare_runs
-    from .eval.report import render_compare
 
     if compare and not (benchmark or data or config or set_):
-        table = compare_runs(compare)
-        print(
-            json.dumps(table, ensure_ascii=False) if json_out else render_compare(table),
-            end="" if not json_out else "\n",
-        )
+        _show_compare(compare, Path(out) if out else Path("."), json_out)
         return
     from .eval.runner import evaluate as run_eval
 
-    flags = {} if base_url else model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
+    flags = (
+        {}
+        if base_url
+        else model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
+    )
     if base_url:
         flags.update(
             {
@@ -384,6 +425,7 @@ def evaluate(
             "data_dir": data_dir,
             "data": data,
             "image_root": image_root,
+            "split": split,
             "mode": mode,
             "batch_size": batch_size,
             "limit": limit,
@@ -391,54 +433,58 @@ def evaluate(
             "generation.max_new_tokens": max_new_tokens,
             "out": str(out) if out else None,
             "tasks": [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None,
+            "train_data": train_data,
         }
     )
     cfg = resolve_config(EvalConfig, config, flags, set_)
+    if cfg.train_data and cfg.overlap_cache is None:
+        cfg.overlap_cache = str(_overlap_cache())
     api_key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url) if cfg.endpoint else None
-    with _progress("evaluating") as bar:
+    from ._progress import ProgressBar
+
+    console = err_console()
+    with ProgressBar(console, "evaluate", unit="questions", cpu_bound=cfg.endpoint is None) as bar:
         outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
-    err_console().print(f"{outcome.asked} answered, {outcome.cached} from cache; report: {outcome.files['report']}")
+    meta = outcome.results["meta"]
+    scored = f"{meta['set_name']}" + (f" (split {meta['split']})" if meta.get("split") else "")
+    console.print(
+        f"{outcome.asked} answered, {outcome.cached} from cache on {scored}; report: {outcome.files['report']}"
+        + (f", chart: {outcome.files['chart']}" if outcome.files.get("chart") else "")
+    )
+    if meta.get("selection"):
+        console.print(f"questions: {meta['selection']}", markup=False)
+    overall = outcome.results["overall"]
+    if cfg.endpoint is None and cfg.mode == "generate" and overall["unparseable"] > overall["n"] / 2:
+        console.print(
+            f"[yellow]hint:[/yellow] {overall['unparseable']} of {overall['n']} answers named no option letter; "
+            "small or base models often do better with --mode likelihood (scores the letters, nothing to parse)"
+        )
     if json_out:
         print(json.dumps(outcome.results, ensure_ascii=False))
     else:
         from .eval.report import summary_table
 
         print(summary_table(outcome.results), end="")
+        if outcome.results.get("unseen_in_training"):
+            from .data.overlap import unseen_markdown
+
+            print("\n".join(unseen_markdown(outcome.results["unseen_in_training"])))
     if compare:
-        table = compare_runs([*compare, str(outcome.out_dir)])
-        print(
-            json.dumps(table, ensure_ascii=False) if json_out else "\n" + render_compare(table),
-            end="" if not json_out else "\n",
-        )
+        if not json_out:
+            print()
+        _show_compare([*compare, str(outcome.out_dir)], outcome.out_dir, json_out)
 
 
-class _progress:
-    """A rich progress bar on stderr, called as ``bar(done, total)``."""
+def _show_compare(folders: list[str], chart_dir: Path, json_out: bool) -> None:
+    """The comparison table on stdout and comparison.png in ``chart_dir``."""
+    from .eval.report import compare as compare_runs
+    from .eval.report import render_compare, write_compare_chart
 
-    def __init__(self, label: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn(label),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err_console(),
-            transient=True,
-        )
-        self._task = None
-
-    def __enter__(self) -> _progress:
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._p.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._task is None:
-            self._task = self._p.add_task("", total=total)
-        self._p.update(self._task, completed=done, total=total)
+    table = compare_runs(folders)
+    print(json.dumps(table, ensure_ascii=False) if json_out else render_compare(table), end="\n" if json_out else "")
+    chart = write_compare_chart(folders, chart_dir / "comparison.png")
+    if chart:
+        err_console().print(f"chart: {chart}")
 
 
 # ---- annotate ----
@@ -576,6 +622,7 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     engine: EngineOpt = None,
+    threads: ThreadsOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -599,7 +646,7 @@ def serve(
     from .config import ServeConfig, resolve_config
     from .serve.app import require_serve_extras, serve_forever
 
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
     flags.update(
         {
             "host": host,
@@ -636,12 +683,14 @@ def finetune(
     ctx: typer.Context,
     config: ConfigOpt = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json).")
+        str | None,
+        typer.Option("--data", help="Training file (messages .jsonl or ShareGPT .json), or a build-dataset folder."),
     ] = None,
     model: ModelOpt = None,
     method: Annotated[str | None, typer.Option("--method", help="lora | qlora | full.")] = None,
     out: OutDirOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimiser steps.")] = None,
+    threads: ThreadsOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in --out.")
     ] = False,
@@ -664,21 +713,33 @@ def finetune(
         "method": method,
         "output_dir": str(out) if out else None,
         "train.max_steps": max_steps,
+        "model.threads": threads,
     }
     cfg = resolve_config(FinetuneConfig, config, flags, set_)
     quiet_libraries()
+    from ._progress import ProgressBar
+
     console = err_console()
-    res = run_finetune(
-        cfg,
-        resume=resume_from or ("latest" if resume else None),
-        overwrite=overwrite,
-        source=str(config) if config else None,
-        log=lambda m: console.print(m, markup=False),
-    )
+    # Under accelerate/torchrun only the first process draws the bar (the others report no steps).
+    with ProgressBar(console, "finetune", unit="steps", disable=os.environ.get("RANK", "0") != "0") as bar:
+        res = run_finetune(
+            cfg,
+            resume=resume_from or ("latest" if resume else None),
+            overwrite=overwrite,
+            source=str(config) if config else None,
+            log=lambda m: bar.print(m, markup=False),
+            progress=bar,
+        )
     mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
+    losses = [
+        f"{name} {value:.4g}"
+        for name, value in (("final train loss", res.final_train_loss), ("eval loss", res.final_eval_loss))
+        if value is not None
+    ]
     console.print(
-        f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}, "
-        f"final train loss {res.final_train_loss}, eval loss {res.final_eval_loss}; saved to {res.output_dir}"
+        f"done: {res.global_step} steps, {res.samples_per_second:.2f} samples/s, peak memory {mem}"
+        + (", " + ", ".join(losses) if losses else "")
+        + f"; saved to {res.output_dir}"
     )
     print(json.dumps(res.to_json()) if json_out else res.output_dir)
 
@@ -699,11 +760,18 @@ def finetune_merge(
 ) -> None:
     """Merge a LoRA adapter into its base model and save a standalone model with its processor."""
     quiet_libraries()
+    from ._progress import ProgressBar
     from .train.finetune import merge_adapter
 
-    with err_console().status("merging ..."):
+    with ProgressBar(err_console(), "merge (load, save weights, save processor)", unit="parts") as bar:
         res = merge_adapter(
-            adapter, out, base=base, max_shard_size=max_shard_size, dtype=dtype or "auto", overwrite=overwrite
+            adapter,
+            out,
+            base=base,
+            max_shard_size=max_shard_size,
+            dtype=dtype or "auto",
+            overwrite=overwrite,
+            progress=bar,
         )
     err_console().print(
         f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB"
@@ -730,9 +798,13 @@ def synth_faces_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Draw synthetic faces with known expression, eyes, pose, glasses, skin tone and background."""
+    from ._progress import ProgressBar
     from .synth import default_workers, synth_faces
 
-    res = synth_faces(out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n))
+    with ProgressBar(err_console(), "synth-faces", unit="faces", transient=True) as bar:
+        res = synth_faces(
+            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), progress=bar
+        )
     err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
     if json_out:
         info = {"out_dir": str(res.out_dir), "labels": str(res.labels_csv), "count": res.count, "counts": res.counts}
@@ -751,6 +823,7 @@ def quickstart(
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     force: Annotated[bool | None, typer.Option("--force", help="Replace an earlier quickstart in --out.")] = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -767,17 +840,23 @@ def quickstart(
         "base_url": base_url,
         "api_key_env": api_key_env,
         "force": force,
+        "threads": threads,
     }
     cfg = resolve_config(QuickstartConfig, config, flags, set_)
     api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None
     quiet_libraries()
+    from ._progress import ProgressBar
+
     console = err_console()
-    result = run_quickstart(
-        cfg,
-        api_key=api_key,
-        on_stage=lambda name: console.print(f"[bold]>>[/bold] {name}"),
-        log=lambda msg: console.print(f"   {msg}"),
-    )
+    with ProgressBar(console, "quickstart") as bar:
+
+        def on_stage(name: str) -> None:
+            bar.print(f"[bold]>>[/bold] {name}")
+            bar.stage(name)
+
+        result = run_quickstart(
+            cfg, api_key=api_key, on_stage=on_stage, log=lambda msg: bar.print(f"   {msg}"), progress=bar
+        )
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
@@ -803,14 +882,91 @@ def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, impor
     out.print(stages)
     ask = result.ask
     verdict = "correct" if ask["correct"] else f"wrong, truth: {ask['truth']}"
-    out.print(f'facellm ask {ask["image"]} "<its multiple-choice question>"')
-    out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})")
+    out.print("Ask the fine-tuned model yourself (this command runs as printed):")
+    out.print(ask["command"], markup=False, highlight=False, soft_wrap=True)  # never wrapped: it must paste as is
+    out.print(f"  -> {ask['answer']} = {ask['picked']} ({verdict})", markup=False)
     arts = Table(title="Artefacts")
     arts.add_column("what")
     arts.add_column("where")
     for k, v in result.artefacts.items():
         arts.add_row(k, v)
     out.print(arts)
+
+
+def _overlap_cache() -> Path:
+    from .data.overlap import default_cache_path
+
+    return default_cache_path(dict(os.environ))
+
+
+# ---- data ----
+data_app = typer.Typer(help="Dataset hygiene: compare training data with benchmarks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("overlap")
+def data_overlap(
+    train: Annotated[
+        list[str] | None,
+        typer.Argument(help="Training images: folders, annotate/build-dataset outputs, training or mcq JSONL files."),
+    ] = None,
+    against: Annotated[
+        list[str] | None, typer.Option("--against", help="Benchmark images or sets, same kinds (repeatable).")
+    ] = None,
+    benchmark: Annotated[str | None, typer.Option("--benchmark", help="Built-in benchmark: facexbench.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="FaceXBench checkout (with --benchmark).")] = None,
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="Root for relative image paths in JSONL inputs.")
+    ] = None,
+    max_distance: Annotated[
+        int | None, typer.Option("--max-distance", help="Most differing bits of the 128-bit hash (default 14).")
+    ] = None,
+    max_colour_distance: Annotated[
+        float | None, typer.Option("--max-colour-distance", help="Most mean chroma difference (default 3).")
+    ] = None,
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="Contact sheet PNG of the closest pairs (default overlap_pairs.png).")
+    ] = None,
+    sheet_pairs: Annotated[int | None, typer.Option("--sheet-pairs", help="Pairs drawn on the contact sheet.")] = None,
+    show: Annotated[int, typer.Option("--show", help="Pairs listed in the table.")] = 20,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Processes decoding images (default: one per 2,000).")
+    ] = None,
+    cache: Annotated[str | None, typer.Option("--cache", help="Hash cache file (default under FACELLM_HOME).")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Find training images that are also benchmark images (perceptual hash: survives re-encoding, resizing, crops)."""
+    from .config import OverlapConfig, resolve_config
+    from .data.overlap import overlap, render_table
+
+    flags = {
+        "train": train or None,
+        "against": against or None,
+        "benchmark": benchmark,
+        "data_dir": data_dir,
+        "image_root": image_root,
+        "max_distance": max_distance,
+        "max_colour_distance": max_colour_distance,
+        "sheet": sheet,
+        "sheet_pairs": sheet_pairs,
+        "workers": workers,
+        "cache": cache,
+    }
+    cfg = resolve_config(OverlapConfig, config, flags, set_)
+    if cfg.cache is None:
+        cfg.cache = str(_overlap_cache())
+    from ._progress import ProgressBar
+
+    with ProgressBar(err_console(), "hashing", unit="images", transient=True) as bar:
+        result = overlap(cfg, progress=lambda _label, done, total: bar(done, total))
+    if json_out:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print(render_table(result, show), end="")
+    if result.sheet:
+        err_console().print(f"contact sheet of the closest pairs: {result.sheet}")
 
 
 @dev_app.command("tiny-model")
@@ -894,17 +1050,16 @@ def faces_crop(
 ) -> None:
     """Crop every face into FairFace-style chips plus a manifest.csv that annotate --labels and build-dataset read."""
     from rich.markup import escape
-    from rich.progress import Progress
 
+    from ._progress import ProgressBar
     from .config import FaceCropConfig, resolve_config
     from .faces import crop_files
 
     flags = {"margin": margin, "size": size, "align": align, "threshold": threshold, "min_size": min_size}
     cfg = resolve_config(FaceCropConfig, config, flags, set_)
     console = err_console()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("cropping faces", total=None)
-        report = crop_files(images, out, cfg, on_progress=lambda n, total: bar.update(task, completed=n, total=total))
+    with ProgressBar(console, "cropping faces", unit="photos", transient=True) as bar:
+        report = crop_files(images, out, cfg, on_progress=bar)
     for name in report.no_face:
         console.print(f"no face found: {escape(name)}")
     for problem in report.problems:
@@ -916,6 +1071,31 @@ def faces_crop(
         raise FacellmError(f"{len(report.problems)} image(s) could not be read")
 
 
+def expand_compare(argv: list[str]) -> list[str]:
+    """``evaluate --compare A B C`` -> ``--compare A --compare B --compare C``.
+
+    click options take a fixed number of values; the README's (and users') form
+    lists the folders after one ``--compare``.
+    """
+    if "evaluate" not in argv:
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] != "--compare":
+            out.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("-"):
+            out += ["--compare", argv[j]]
+            j += 1
+        if j == i + 1:
+            out.append("--compare")  # no folder: click reports the missing value
+        i = j
+    return out
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the single place known errors are rendered.
 
@@ -924,7 +1104,7 @@ def run(argv: list[str] | None = None) -> int:
     shows tracebacks for known errors too.
     """
     try:
-        app(args=argv, prog_name="facellm")
+        app(args=expand_compare(sys.argv[1:] if argv is None else argv), prog_name="facellm")
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -96,6 +96,11 @@ class ModelConfig(StrictModel):
     adapter: str | None = Field(None, description="PEFT adapter folder to apply on top of the base model.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the base weights after loading.")
     trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run (off unless asked).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> ModelConfig:
@@ -343,13 +348,22 @@ class DatasetConfig(StrictModel):
     )
     name: str = Field("facellm", description="Dataset name prefix in dataset_info.json (name_train, name_val, ...).")
     max_errors_shown: int = Field(20, gt=0, description="Most invalid records listed in one error.")
+    exclude_overlap_with: list[str] = Field(
+        default_factory=list,
+        description="Benchmark images or sets (folders, mcq JSONL, a FaceXBench checkout): training images that "
+        "match one of their images by perceptual hash are dropped and counted (facellm data overlap).",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a benchmark match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="before")
     @classmethod
     def _lists_from_flags(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for key in ("split", "mcq"):
+            for key in ("split", "mcq", "exclude_overlap_with"):
                 if key in data:
                     data[key] = _split_csv(data[key])
             if isinstance(data.get("inputs"), str):
@@ -381,6 +395,53 @@ class DatasetConfig(StrictModel):
             object.__setattr__(self, "mcq_train", bool(self.mcq))
         if self.stratify is None and self.mcq:
             object.__setattr__(self, "stratify", self.mcq[0])
+        return self
+
+
+# ---- data overlap ----
+
+
+class OverlapConfig(StrictModel):
+    """``facellm data overlap``: training images that are also benchmark images, by perceptual hash."""
+
+    train: list[str] = Field(
+        default_factory=list,
+        description="Training images: folders, annotate/build-dataset outputs, training JSONL, finetune run folders.",
+    )
+    against: list[str] = Field(
+        default_factory=list, description="Benchmark images or sets: folders, mcq JSONL, build-dataset outputs."
+    )
+    benchmark: Literal["facexbench"] | None = Field(None, description="Built-in benchmark to compare with.")
+    data_dir: str | None = Field(None, description="FaceXBench checkout (or its benchmark/ folder).")
+    image_root: str | None = Field(None, description="Folder relative image paths in JSONL inputs resolve against.")
+    max_distance: int = Field(14, ge=0, lt=128, description="Most differing bits of the 128-bit hash for a match.")
+    max_colour_distance: float = Field(
+        3.0, ge=0, description="Most mean chroma difference (0-255) of a colour pair; grayscale images skip it."
+    )
+    sheet: str | None = Field("overlap_pairs.png", description="Contact sheet PNG of the closest pairs (null: none).")
+    sheet_pairs: int = Field(12, gt=0, description="Pairs drawn on the contact sheet.")
+    workers: int | None = Field(
+        None, gt=0, description="Processes decoding images (default: one per 2,000 images, up to the CPUs or 8)."
+    )
+    cache: str | None = Field(
+        None, description="Hash cache file (default: overlap-hashes.sqlite under FACELLM_HOME/cache or ~/.cache)."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> OverlapConfig:
+        problems = []
+        if not self.train:
+            problems.append("train: give at least one folder or file of training images")
+        if self.benchmark and not self.data_dir:
+            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout)")
+        if self.data_dir and not self.benchmark:
+            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
+        if not self.against and not self.benchmark:
+            problems.append(
+                "against: nothing to compare with; give --against PATH or --benchmark facexbench --data-dir DIR"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -419,7 +480,14 @@ class EvalConfig(StrictModel):
         description="JSONL set ({images, question, options, answer} lines or build-dataset mcq_*.jsonl), or a folder of mcq_*.jsonl.",
     )
     image_root: str | None = Field(
-        None, description="Folder relative image paths in --data resolve against (default: the file's folder)."
+        None,
+        description="Folder relative image paths in --data resolve against (default: the image root recorded by "
+        "build-dataset, else the file's folder).",
+    )
+    split: Literal["train", "val", "test", "all"] | None = Field(
+        None,
+        description="With --data pointing at a build-dataset folder: which mcq_<split>.jsonl to score (default test; "
+        "all = every split).",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Local model to evaluate (ignored with endpoint)."
@@ -433,14 +501,32 @@ class EvalConfig(StrictModel):
         default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
     )
     batch_size: int = Field(8, gt=0, description="Questions per forward pass / generate call.")
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions (after --tasks).")
+    limit: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate a seeded sample of N questions (after --tasks), stratified over tasks so every task "
+        "keeps its share.",
+    )
+    sample_seed: int = Field(0, description="Seed of the --limit sample (same seed, same questions).")
     tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
     with_task_description: bool = Field(
         False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
     )
-    out: str = Field(
-        "facellm-eval", description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart."
+    out: str | None = Field(
+        None,
+        description="Output folder: predictions.jsonl (resume cache), results.json, report.md, chart "
+        "(default: eval-<model>-<set> in the current folder).",
     )
+    train_data: list[str] = Field(
+        default_factory=list,
+        description="Training data of the model (image folders, annotate/build-dataset outputs, training JSONL, "
+        "finetune run folders; 'auto': the run recorded next to the adapter or model): accuracy is also reported on "
+        "the questions whose images were not in it.",
+    )
+    overlap_max_distance: int = Field(
+        14, ge=0, lt=128, description="Most differing bits of the 128-bit image hash for a training-image match."
+    )
+    overlap_cache: str | None = Field(None, description="Image hash cache file (None: no cache).")
 
     @model_validator(mode="after")
     def _checks(self) -> EvalConfig:
@@ -457,6 +543,8 @@ class EvalConfig(StrictModel):
             problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
         if self.image_root and not self.data:
             problems.append("image_root: --image-root only applies to --data sets")
+        if self.split and not self.data:
+            problems.append("split: --split only applies to --data (a build-dataset folder)")
         if self.endpoint is not None and self.mode == "likelihood":
             problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
         if problems:
@@ -672,13 +760,19 @@ class ServeConfig(StrictModel):
 class FinetuneDataConfig(StrictModel):
     """Where the training conversations are and how they are turned into tokens."""
 
-    train: str | None = Field(None, description="Training file: build-dataset's messages .jsonl or a ShareGPT .json.")
+    train: str | None = Field(
+        None,
+        description="Training file: build-dataset's messages .jsonl or a ShareGPT .json, or a build-dataset folder "
+        "(its train.jsonl).",
+    )
     eval: str | None = Field(None, description="Optional evaluation file in the same format (eval loss in loss.png).")
     format: Literal["auto", "messages", "sharegpt"] = Field(
         "auto", description="auto: .jsonl = messages, .json = ShareGPT."
     )
     image_root: str | None = Field(
-        None, description="Folder relative image paths resolve against (default: the data file's folder)."
+        None,
+        description="Folder relative image paths resolve against (default: the image root recorded by build-dataset, "
+        "else the data file's folder).",
     )
     max_seq_length: int = Field(
         2048,
@@ -826,3 +920,8 @@ class QuickstartConfig(StrictModel):
         description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
     )
     force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
+    )

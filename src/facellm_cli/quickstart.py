@@ -12,6 +12,7 @@ The model starts from random weights, so accuracy before training is chance
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -82,10 +83,16 @@ def quickstart(
     api_key: str | None = None,
     on_stage: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuickstartResult:
-    """Run every stage into ``cfg.out`` and return what was measured."""
+    """Run every stage into ``cfg.out`` and return what was measured.
+
+    ``on_stage(name)`` starts each stage; ``progress(done, total)`` reports within the stages that count
+    (faces drawn, items annotated, questions evaluated, optimiser steps).
+    """
     from .annotate.pipeline import annotate
     from .data.build import build_dataset
+    from .eval.report import write_compare_chart
     from .eval.runner import evaluate
     from .infer.ask import ask_many
     from .models.loader import load_model_and_processor, require_model_extras
@@ -95,6 +102,11 @@ def quickstart(
     from .train.recipes import QUICKSTART_TINY_MODEL, quickstart_tiny_config
 
     require_model_extras("quickstart")
+    from .runtime import configure_threads
+
+    threads = configure_threads(cfg.threads)  # once for every stage that follows
+    if threads.note and log:
+        log(threads.note)
     out = Path(cfg.out).expanduser()
     _prepare_out(out, cfg.force)
     dump_config(cfg, out / "config.yaml")
@@ -109,7 +121,12 @@ def quickstart(
 
     done = stage("synthesize faces")
     faces = synth_faces(
-        out / "faces", cfg.faces, seed=cfg.seed, size=cfg.image_size, workers=default_workers(cfg.faces)
+        out / "faces",
+        cfg.faces,
+        seed=cfg.seed,
+        size=cfg.image_size,
+        workers=default_workers(cfg.faces),
+        progress=progress,
     )
     done()
 
@@ -128,7 +145,9 @@ def quickstart(
             else {}
         ),
     )
-    summary = annotate(ann_cfg, api_key=api_key)
+    summary = annotate(
+        ann_cfg, api_key=api_key, on_progress=(lambda st: progress(st.done, st.total)) if progress else None
+    )
     if summary.failed:
         raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {summary.failures}")
     done()
@@ -173,7 +192,7 @@ def quickstart(
         )
 
     done = stage("evaluate before training")
-    before = evaluate(eval_cfg(base, "eval-before"))
+    before = evaluate(eval_cfg(base, "eval-before"), progress=progress)
     done()
 
     done = stage("finetune")
@@ -181,13 +200,19 @@ def quickstart(
     ft_cfg = quickstart_tiny_config(
         base, data_dir / "train.jsonl", run_dir, image_root=faces.out_dir, epochs=cfg.epochs, seed=cfg.seed
     )
-    finetune(ft_cfg, log=log)
+    finetune(ft_cfg, log=log, progress=progress)
     done()
 
     done = stage("evaluate after training")
     # Loaded once here and reused by the ask stage below.
     lm = load_model_and_processor(ModelConfig(model=str(run_dir), device="cpu"))
-    after = evaluate(eval_cfg(run_dir, "eval-after"), lm=lm)
+    after = evaluate(eval_cfg(run_dir, "eval-after"), lm=lm, progress=progress)
+    chart = write_compare_chart(
+        [out / "eval-before", out / "eval-after"],
+        out / "before_after.png",
+        labels=["random weights (before)", "after facellm finetune"],
+        title=f"quickstart: expression accuracy on {after.results['overall']['n']} held-out faces",
+    )
     done()
 
     done = stage("ask")
@@ -212,6 +237,10 @@ def quickstart(
         ask={
             "image": str(image_path),
             "question": prompt,
+            # The same question, as a command that runs as printed (the fine-tuned model, not the hub default).
+            "command": shlex.join(
+                ["facellm", "ask", "--model", str(run_dir), "--max-new-tokens", "4", str(image_path), prompt]
+            ),
             "answer": answer.answer,
             "picked": question.options[LETTERS.index(picked)] if picked else None,
             "truth": truth,
@@ -227,6 +256,7 @@ def quickstart(
             "base model": str(base),
             "fine-tuned model": str(run_dir),
             "loss plot": str(run_dir / "loss.png"),
+            **({"before/after chart": str(chart)} if chart else {}),
             "eval before": str(out / "eval-before" / "report.md"),
             "eval after": str(out / "eval-after" / "report.md"),
         },

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,6 +178,7 @@ def synth_faces(
     size: int = 64,
     overwrite: bool = False,
     workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SynthResult:
     """Write ``n`` faces as ``face_00000.png``... plus ``labels.csv`` (FairFace-style: ``file`` then attributes).
 
@@ -202,15 +204,26 @@ def synth_faces(
     workers = max(1, min(workers, n))
     chunk = max(1, -(-n // (workers * 4)))
     jobs = [(str(out), size, items[i : i + chunk]) for i in range(0, n, chunk)]
+    chunks: list[list[dict[str, str]]] = []
+
+    def collect(rows: list[dict[str, str]]) -> None:
+        chunks.append(rows)
+        if progress:
+            progress(sum(len(c) for c in chunks), n)
+
+    if progress:
+        progress(0, n)
     if workers == 1:
-        chunks = [_draw_chunk(j) for j in jobs]
+        for j in jobs:
+            collect(_draw_chunk(j))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: the caller may already hold OpenMP threads (torch), which a forked child can deadlock on
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            chunks = list(pool.map(_draw_chunk, jobs))
+            for rows in pool.map(_draw_chunk, jobs):
+                collect(rows)
     rows = [row for part in chunks for row in part]
     counts: dict[str, dict[str, int]] = {c: {} for c in LABEL_COLUMNS[1:]}
     for row in rows:

@@ -300,6 +300,7 @@ def collect_inputs(
     for i, p in enumerate(paths):
         by_name.setdefault(p.name, []).append(i)
     bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
+    asked_dirs = [Path(a).resolve() for a in images if Path(a).is_dir()]
     matched: set[int] = set()
     for row in table.rows:
         idx = None
@@ -308,10 +309,15 @@ def collect_inputs(
             if idx is not None:
                 break
         if idx is None:
-            same = by_name.get(Path(row.image).name, [])
+            # Fall back to the path's tail: "train/1.jpg" is fairface/train/1.jpg, never fairface/val/1.jpg.
+            tail = Path(row.image).parts
+            same = [i for i in by_name.get(Path(row.image).name, []) if paths[i].resolve().parts[-len(tail) :] == tail]
             idx = same[0] if len(same) == 1 else None
         if idx is None:
-            problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
+            # Missing from a folder being annotated: a problem. Elsewhere: an image not asked for
+            # (a few images, or one folder, annotated with the full labels file), not a problem.
+            if _lands_in(row.image, [b for b in (root, table.source.parent) if b is not None], asked_dirs):
+                problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
             continue
         if idx in matched:
             problems.append(
@@ -322,3 +328,21 @@ def collect_inputs(
         items[idx].labels = row.labels
         items[idx].face = row.face
     return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _lands_in(image: str, bases: list[Path], folders: list[Path]) -> bool:
+    """Whether a label row's path, read from a base or from above an asked folder, lies in that folder.
+
+    ``train/5.jpg`` lands in an asked ``fairface/train`` (read from ``fairface``);
+    ``val/5.jpg`` does not. A bare name is read from the folder itself.
+    """
+    bare = len(Path(image).parts) == 1
+    for d in folders:
+        starts = [*bases, *d.parents, *([d] if bare else [])]
+        if any(_inside((b / image).resolve(), d) for b in starts):
+            return True
+    return False

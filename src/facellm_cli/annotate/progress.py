@@ -8,54 +8,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._progress import ProgressBar
 from .pipeline import AnnotateSummary, ProgressState
 
 
-class AnnotateProgress:
-    """done / failed / in flight / tokens, redrawn by rich at most 10 times a second."""
+class AnnotateProgress(ProgressBar):
+    """The shared bar plus failed / in flight / tokens, fed from the pipeline's ProgressState."""
 
     def __init__(self, console: Any, description: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight"
-                " · {task.fields[tokens]} tokens"
+        super().__init__(
+            console,
+            description,
+            unit="items",
+            cpu_bound=False,  # paced by the endpoint, not by this machine's cores
+            fields={"failed": "0", "in_flight": "0", "tokens": "0"},
+            columns=(
+                "[red]{task.fields[failed]} failed[/red] · {task.fields[in_flight]} in flight · {task.fields[tokens]} tokens",
             ),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
         )
-        self.task = self.progress.add_task(description, total=None, failed=0, in_flight=0, tokens="0")
-
-    def __enter__(self) -> AnnotateProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
     def update(self, state: ProgressState) -> None:
         tokens = state.prompt_tokens + state.completion_tokens
-        self.progress.update(
-            self.task,
-            total=state.total,
-            completed=state.done,
-            failed=state.failed,
-            in_flight=state.in_flight,
-            tokens=f"{tokens:,}",
-        )
+        self(state.done, state.total, failed=state.failed, in_flight=state.in_flight, tokens=f"{tokens:,}")
 
 
 def summary_lines(s: AnnotateSummary) -> list[str]:

@@ -35,6 +35,7 @@ from typing import IO, Any
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
 from ..schema import format_mcq_prompt
+from .manifest import MANIFEST_NAME, write_manifest
 from .mcq import build_mcq
 from .readers import Problem, RawRecord, Source, open_sources, read_labels_csv
 from .report import build_stats, render_report
@@ -50,6 +51,7 @@ OUTPUT_NAMES = (
     "stats.json",
     "report.md",
     CONFIG_NAME,
+    MANIFEST_NAME,
 )
 # Label columns with more distinct values than this (ids, file names) get a count, not a balance table.
 MAX_BALANCE_VALUES = 50
@@ -162,8 +164,12 @@ class _Scan:
                 chosen = Path(rel).as_posix()
             if chosen is None or not (self.root / chosen).exists():
                 via_cwd = self._inside(os.path.abspath(s))
-                if via_cwd is not None and (self.root / via_cwd).exists():
+                if via_cwd is not None:
+                    # Read from the working folder the path lands inside the root: that reading wins, also for
+                    # a missing file (``fairface/x.jpg`` with root ``fairface`` is not ``fairface/fairface/x.jpg``).
                     chosen = via_cwd
+                elif os.path.exists(s):
+                    chosen = None  # a real file, outside the root: say so, not "image not found"
         self._resolved[raw] = chosen
         return chosen
 
@@ -207,9 +213,12 @@ class _Scan:
                     continue
                 rel = self.resolve_image(rec.image)
                 if rel is None:
+                    exists = os.path.exists(rec.image)
+                    found = f" (the file exists at {os.path.abspath(rec.image)})" if exists else ""
                     self.reject(
                         "image_outside_root",
-                        f"{where}: image {rec.image} is outside the image root {self.root} (fix --image-root)",
+                        f"{where}: image {rec.image} is outside the image root {self.root}{found}; "
+                        "pass an --image-root that contains it",
                     )
                     continue
                 state = self.images.get(rel)
@@ -381,10 +390,15 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         scan = _Scan(cfg, root, label_table)
         scan.run(sources, progress)
         keep = scan.find_duplicates(sources)
+        overlap_stats = _drop_benchmark_overlap(scan, keep, root, cfg) if cfg.exclude_overlap_with else None
         if scan.n_problems and not cfg.skip_invalid:
             shown = len(scan.problems)
-            more = f" (first {shown} listed)" if scan.n_problems > shown else ""
-            head = f"{scan.n_problems} invalid records{more}; fix them or pass --skip-invalid to drop and count them:"
+            invalid = sum(n for reason, n in scan.filtered.items() if reason not in NOT_ERRORS)
+            more = f"; first {shown} problems listed" if scan.n_problems > shown else ""
+            bad_images = sum(scan.filtered_images.values())
+            # An unusable image is listed once, with its first record; its other records count too.
+            images = f" ({bad_images} unusable image(s), each listed once)" if invalid > scan.n_problems else ""
+            head = f"{invalid} invalid records{images}{more}; fix them or pass --skip-invalid to drop and count them:"
             raise DataError("\n".join([head, *scan.problems]))
         img = np.frombuffer(scan.rec_img, dtype=np.int32)[keep]
         if len(img) == 0:
@@ -527,9 +541,16 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                 max_balance_values=MAX_BALANCE_VALUES,
             )
             _write_json(staging / "dataset_info.json", _dataset_info(cfg))
+            report_md = render_report(stats, cfg)
+            if overlap_stats is not None:
+                from .overlap import overlap_report_section
+
+                stats["benchmark_overlap"] = overlap_stats
+                report_md += overlap_report_section(overlap_stats)
             _write_json(staging / "stats.json", stats)
-            (staging / "report.md").write_text(render_report(stats, cfg), encoding="utf-8")
+            (staging / "report.md").write_text(report_md, encoding="utf-8")
             dump_config(cfg, staging / CONFIG_NAME)
+            write_manifest(staging, out, root)
             files = sorted(p.name for p in staging.iterdir())
             _finalize(staging, out)
         except BaseException:
@@ -554,6 +575,25 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         elapsed_s=time.perf_counter() - t0,
         stats=stats,
     )
+
+
+def _drop_benchmark_overlap(scan: _Scan, keep: Any, root: Path, cfg: DatasetConfig) -> dict[str, Any]:
+    """Mark the records of images that match a benchmark image as filtered ("benchmark_overlap")."""
+    import numpy as np
+
+    from .overlap import benchmark_matches
+
+    good = [rel for rel in scan.image_names if not scan.images[rel].bad]
+    found, summary = benchmark_matches(
+        [str(root / rel) for rel in good], cfg.exclude_overlap_with, cfg.overlap_max_distance, cfg.overlap_cache
+    )
+    drop = np.array([str(root / rel) in found for rel in scan.image_names] or [False], dtype=bool)
+    rec_drop = drop[np.frombuffer(scan.rec_img, dtype=np.int32)] & keep
+    if rec_drop.any():
+        scan.filtered["benchmark_overlap"] += int(rec_drop.sum())
+        scan.filtered_images["benchmark_overlap"] += len(found)
+        keep &= ~rec_drop
+    return summary
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -38,10 +38,11 @@ REASONS: dict[str, str] = {
     "image_too_large": "image over the size limits",
     "image_changed": "image bytes differ from the image_sha256 recorded at annotation",
     "duplicate": "same (image, question) as an earlier record",
+    "benchmark_overlap": "image matches a benchmark image (--exclude-overlap-with); dropped",
 }
 
 # Reasons that are not errors even without --skip-invalid: annotate's own failures and torn tails.
-NOT_ERRORS = frozenset({"annotate_failed", "torn_line"})
+NOT_ERRORS = frozenset({"annotate_failed", "torn_line", "benchmark_overlap"})
 
 
 def check_text(question: str, answer: str, refusal_patterns: list[str] | None) -> str | None:

@@ -25,6 +25,12 @@ CHART = "accuracy_by_category.png"
 SETTING_ORDER = ("zero", "single", "multiple")
 
 
+def chance(records: Iterable[dict[str, Any]]) -> float:
+    """Expected accuracy (%) of guessing uniformly among each question's options."""
+    inv = [1.0 / len(r["options"]) for r in records if r.get("options")]
+    return 100.0 * sum(inv) / len(inv) if inv else 0.0
+
+
 def _tallies(records: Iterable[dict[str, Any]], key: Any) -> dict[str, Tally]:
     out: dict[str, Tally] = {}
     for r in records:
@@ -70,8 +76,16 @@ def build_results(records: Sequence[dict[str, Any]], meta: dict[str, Any] | None
     hows = _tallies(records, lambda r: r.get("how"))
     return {
         "meta": dict(meta or {}),
-        "overall": overall.to_json(),
-        "categories": [{"key": k, "name": category_display(k), **cats[k].to_json()} for k in _category_order(cats)],
+        "overall": {**overall.to_json(), "chance": chance(records)},
+        "categories": [
+            {
+                "key": k,
+                "name": category_display(k),
+                **cats[k].to_json(),
+                "chance": chance(r for r in records if str(r.get("category")) == k),
+            }
+            for k in _category_order(cats)
+        ],
         "subtasks": {
             k: t.to_json() for k, t in sorted(_tallies(records, lambda r: r.get("subtask") or r.get("task")).items())
         },
@@ -100,10 +114,13 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {who}",
         "",
-        f"set: {meta.get('set')} · mode: {meta.get('mode')} · "
+        f"set: {meta.get('set')}"
+        + (f" (split: {meta['split']})" if meta.get("split") else "")
+        + f" · mode: {meta.get('mode')} · "
         f"task description: {bool(meta.get('with_task_description'))}"
         + (f" · adapter: {meta['adapter']}" if meta.get("adapter") else ""),
         "",
+        *([f"questions: {meta['selection']}", ""] if meta.get("selection") else []),
         "| | accuracy % | correct / questions | unparseable |",
         "|---|---:|---:|---:|",
         _row("**Overall**", results["overall"]),
@@ -118,6 +135,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     for title, table in sections:
         lines += ["", f"| {title} | accuracy % | correct / questions | unparseable |", "|---|---:|---:|---:|"]
         lines += [_row(k, t) for k, t in table.items()]
+    if results.get("unseen_in_training"):
+        from ..data.overlap import unseen_markdown
+
+        lines += unseen_markdown(results["unseen_in_training"])
     if results.get("fairness"):
         lines += ["", "## Fairness", ""]
         for attr, f in results["fairness"].items():
@@ -127,26 +148,163 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_chart(results: dict[str, Any], path: Path) -> Path | None:
-    """Bar chart of accuracy by category (matplotlib, Agg backend); None when matplotlib is not installed."""
+def _pyplot():  # noqa: ANN202 - matplotlib is optional
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cats = results["categories"]
-    names = [c["name"] for c in cats] + ["Overall"]
-    values = [c["accuracy"] for c in cats] + [results["overall"]["accuracy"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names)), 4.0))
-    bars = ax.bar(names, values, color=["#4C72B0"] * len(cats) + ["#DD8452"])
-    for b, v in zip(bars, values, strict=True):
-        ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 100)
+    return plt
+
+
+# A white box behind value labels keeps chance lines and error bars from running through the numbers.
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85}
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent (an error bar that stays inside 0..100)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def chart_title(meta: dict[str, Any]) -> str:
+    """'<model> on <set>': names, never absolute paths."""
+    model = meta.get("model_name") or Path(str(meta.get("model") or "model").rstrip("/")).name
+    the_set = meta.get("set_name") or Path(str(meta.get("set") or "set").rstrip("/")).name
+    return f"{model} on {the_set}"
+
+
+def write_chart(results: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy by category with 95% error bars, counts, and each category's chance level; None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    cats = list(results["categories"])
+    if len(cats) != 1:  # with one category "Overall" would repeat it
+        cats.append({**results["overall"], "name": "Overall"})
+    names = [c["name"] for c in cats]
+    values = [c["accuracy"] for c in cats]
+    lo_hi = [wilson(c["correct"], c["n"]) for c in cats]
+    err = [
+        [v - lo for v, (lo, _) in zip(values, lo_hi, strict=True)],
+        [hi - v for v, (_, hi) in zip(values, lo_hi, strict=True)],
+    ]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.6))
+    x = range(len(names))
+    bars = ax.bar(
+        x,
+        values,
+        color=["#DD8452" if c["name"] == "Overall" else "#4C72B0" for c in cats],
+        yerr=err,
+        capsize=3,
+        ecolor="#333333",
+    )
+    for i, (b, c) in enumerate(zip(bars, cats, strict=True)):
+        if c.get("chance") is not None:
+            ax.hlines(
+                c["chance"],
+                b.get_x() + 0.04,
+                b.get_x() + b.get_width() - 0.04,
+                colors="#C44E52",
+                linestyles="--",
+                linewidth=1.5,
+                label="chance" if i == 0 else None,
+                zorder=3,
+            )
+        top = lo_hi[i][1]
+        ax.text(
+            b.get_x() + b.get_width() / 2,
+            top + 1.5,
+            f"{c['accuracy']:.1f}%\n{c['correct']}/{c['n']}",
+            ha="center",
+            va="bottom",
+            bbox=_LABEL_BOX,
+            zorder=4,
+            fontsize=8,
+        )
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 118)  # room above 100% for the value labels, below the title
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{results.get('meta', {}).get('model') or ''} ({results['overall']['n']} questions)")
+    ax.set_title(f"{chart_title(results.get('meta', {}))} ({results['overall']['n']} questions)")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_compare_chart(
+    folders: Sequence[str | Path], path: Path, labels: Sequence[str] | None = None, title: str | None = None
+) -> Path | None:
+    """Side-by-side bars per category (and overall), one colour per run, with each category's chance level."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    runs = [load_results(f) for f in folders]
+    names = list(labels) if labels else compare(folders)["runs"]
+    names = [n if isinstance(n, str) else n["name"] for n in names]
+    keys = _category_order({c["key"] for r in runs for c in r["categories"]})
+    rows = [*keys, "__overall__"] if len(keys) != 1 else keys
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(rows) * max(2, len(runs)) / 2 + 2), 4.8))
+    width = 0.8 / len(runs)
+    colors = ["#8C8C8C", "#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860"]
+    for ri, r in enumerate(runs):
+        by_key = {c["key"]: c for c in r["categories"]}
+        for gi, key in enumerate(rows):
+            c = r["overall"] if key == "__overall__" else by_key.get(key)
+            if c is None:
+                continue
+            xpos = gi - 0.4 + width * (ri + 0.5)
+            lo, hi = wilson(c["correct"], c["n"])
+            ax.bar(
+                xpos,
+                c["accuracy"],
+                width * 0.92,
+                color=colors[ri % len(colors)],
+                label=names[ri] if gi == 0 else None,
+                yerr=[[c["accuracy"] - lo], [hi - c["accuracy"]]],
+                capsize=2,
+                ecolor="#333333",
+            )
+            ax.text(
+                xpos, hi + 1.5, f"{c['accuracy']:.1f}", ha="center", va="bottom", bbox=_LABEL_BOX, zorder=4, fontsize=7
+            )
+    for gi, key in enumerate(rows):
+        ref = next(
+            (r["overall"] if key == "__overall__" else next((c for c in r["categories"] if c["key"] == key), None))
+            for r in runs
+        )
+        if ref is not None and ref.get("chance") is not None:
+            ax.hlines(
+                ref["chance"],
+                gi - 0.4,
+                gi + 0.4,
+                colors="#C44E52",
+                linestyles="--",
+                linewidth=1.5,
+                label="chance" if gi == 0 else None,
+                zorder=3,
+            )
+    ax.set_xticks(range(len(rows)), [("Overall" if k == "__overall__" else category_display(k)) for k in rows])
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("accuracy (%)")
+    sets = {chart_title(r.get("meta", {})).split(" on ", 1)[-1] for r in runs}
+    ax.set_title(title or f"{' vs '.join(names)} on {', '.join(sorted(sets))}", fontsize=11)
+    ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=min(4, len(runs) + 1))
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -182,7 +340,8 @@ def compare(folders: Sequence[str | Path]) -> dict[str, Any]:
     runs = [(str(f), load_results(f)) for f in folders]
     names = []
     for folder, res in runs:
-        label = res.get("meta", {}).get("model") or Path(folder).name
+        meta = res.get("meta", {})
+        label = meta.get("model_name") or Path(str(meta.get("model") or folder).rstrip("/")).name
         names.append(label if label not in names else f"{label} ({Path(folder).name})")
     rows: dict[str, list[float | None]] = {"Overall": [r["overall"]["accuracy"] for _, r in runs]}
     cat_keys = _category_order({c["key"] for _, r in runs for c in r["categories"]})

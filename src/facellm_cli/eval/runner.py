@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,7 +35,7 @@ from ..infer.engine import Engine, as_engine, letter_token_ids
 from ..infer.generate import Prompt
 from ..io import JsonlAppender, atomic_write_json, read_jsonl
 from ..schema import LETTERS, MCQuestion, format_mcq_prompt
-from .facexbench import CATEGORY_NAMES, load_facexbench
+from .facexbench import CATEGORY_NAMES, check_images_exist, find_benchmark_dir, load_facexbench
 from .scoring import parse_answer
 from .sets import load_jsonl_set
 
@@ -49,38 +50,75 @@ Progress = Callable[[int, int], None]
 
 
 def load_questions(cfg: EvalConfig) -> list[MCQuestion]:
-    """All questions of the configured set (images checked), before --tasks/--limit."""
+    """All questions of the configured set, before --tasks/--limit; images are not checked here."""
     if cfg.benchmark == "facexbench":
-        return load_facexbench(cfg.data_dir or "")
-    return load_jsonl_set(cfg.data or "", image_root=cfg.image_root)
+        return load_facexbench(cfg.data_dir or "", check_images=False)
+    return load_jsonl_set(cfg.data or "", image_root=cfg.image_root, split=cfg.split, check_images=False)
+
+
+def _task_names(q: MCQuestion) -> tuple[str, ...]:
+    return tuple(n for n in (q.task, q.subtask or "", q.category, CATEGORY_NAMES.get(q.category, "")) if n)
+
+
+def stratified_sample(questions: Sequence[MCQuestion], n: int, seed: int) -> list[MCQuestion]:
+    """``n`` questions drawn with ``seed``, each task keeping its share (largest remainder), in the set's order.
+
+    The first N in file order would be one or two datasets of a benchmark
+    sorted by file name; a per-task sample keeps a small run representative.
+    """
+    import random
+
+    if n >= len(questions):
+        return list(questions)
+    by_task: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_task.setdefault(q.task, []).append(i)
+    total = len(questions)
+    quotas = {t: n * len(idx) / total for t, idx in by_task.items()}
+    take = {t: int(v) for t, v in quotas.items()}
+    left = n - sum(take.values())
+    for t in sorted(quotas, key=lambda t: (-(quotas[t] - take[t]), t))[:left]:
+        take[t] += 1
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for t in sorted(by_task):
+        chosen.extend(rng.sample(by_task[t], take[t]))
+    return [questions[i] for i in sorted(chosen)]
 
 
 def select_questions(
-    questions: Sequence[MCQuestion], tasks: Sequence[str] | None, limit: int | None
+    questions: Sequence[MCQuestion], tasks: Sequence[str] | None, limit: int | None, seed: int = 0
 ) -> list[MCQuestion]:
-    """Questions whose task, sub-task or category (key or display name) is in ``tasks``; then the first ``limit``."""
+    """Questions whose task, sub-task or category (key or display name) is in ``tasks``; then a seeded,
+    task-stratified sample of ``limit``. Unknown task names are an error listing the valid ones."""
     chosen = list(questions)
     if tasks:
         wanted = {t.strip().lower() for t in tasks if t.strip()}
         known: set[str] = set()
         for q in questions:
-            known.update(
-                n.lower() for n in (q.task, q.subtask or "", q.category, CATEGORY_NAMES.get(q.category, "")) if n
-            )
+            known.update(n.lower() for n in _task_names(q))
         unknown = sorted(wanted - known)
         if unknown:
             names = sorted({q.task for q in questions})
+            subs = sorted({q.subtask for q in questions if q.subtask})
+            cats = sorted({CATEGORY_NAMES.get(q.category, q.category) for q in questions})
             raise ConfigError(
-                f"tasks: {', '.join(unknown)} not in this set; use task names ({', '.join(names[:8])}"
-                f"{', ...' if len(names) > 8 else ''}), sub-tasks or categories"
+                f"tasks: {', '.join(unknown)} not in this set; valid tasks: {', '.join(names)}"
+                + (f"; sub-tasks: {', '.join(subs)}" if subs else "")
+                + f"; categories: {', '.join(cats)}"
             )
+        chosen = [q for q in chosen if any(n.lower() in wanted for n in _task_names(q))]
+    return stratified_sample(chosen, limit, seed) if limit else chosen
 
-        def keep(q: MCQuestion) -> bool:
-            names = (q.task, q.subtask or "", q.category, CATEGORY_NAMES.get(q.category, ""))
-            return any(n.lower() in wanted for n in names if n)
 
-        chosen = [q for q in chosen if keep(q)]
-    return chosen[:limit] if limit else chosen
+def describe_selection(total: int, chosen: int, cfg: EvalConfig) -> str | None:
+    """How the questions were chosen, for the report (None when the whole set was run)."""
+    parts = []
+    if cfg.tasks:
+        parts.append(f"tasks {', '.join(cfg.tasks)}")
+    if cfg.limit and cfg.limit < total:
+        parts.append(f"a random sample of {chosen} (seed {cfg.sample_seed}, stratified over tasks)")
+    return f"{chosen} of {total} questions: " + "; ".join(parts) if parts else None
 
 
 # ---------------------------------------------------------------- answering backends
@@ -336,10 +374,17 @@ def evaluate(
     """
     from .report import build_results, write_reports
 
-    questions = select_questions(load_questions(cfg), cfg.tasks, cfg.limit)
+    if cfg.train_data:
+        from ..data.overlap import check_train_data
+
+        check_train_data(cfg)
+    everything = load_questions(cfg)
+    questions = select_questions(everything, cfg.tasks, cfg.limit, cfg.sample_seed)
     if not questions:
         raise ConfigError("tasks: no questions selected (check --tasks and --limit)")
-    out = Path(cfg.out).expanduser()
+    # Only the selected questions' images must exist (a --limit run needs no full download).
+    check_images_exist(questions, find_benchmark_dir(cfg.data_dir or "") if cfg.benchmark else None)
+    out = default_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     spec = setup_spec(cfg)
@@ -381,22 +426,77 @@ def evaluate(
     records = [rescore(cached[q.id]) for q in questions]
     meta = {
         "model": spec.get("model"),
+        "model_name": model_name(cfg),
         "endpoint": spec.get("endpoint"),
         "adapter": spec.get("adapter"),
         "engine": spec.get("engine", "transformers") if cfg.endpoint is None else None,
         "mode": cfg.mode,
         "with_task_description": cfg.with_task_description,
         "set": cfg.benchmark or cfg.data,
+        "set_name": set_name(cfg),
+        "split": data_split(cfg),
+        "selection": describe_selection(len(everything), total, cfg),
         "questions": total,
         "answered_this_run": len(todo),
         "reused_from_cache": total - len(todo),
     }
     results = build_results(records, meta)
+    if cfg.train_data:
+        from ..data.overlap import add_unseen_split
+
+        add_unseen_split(results, records, questions, cfg)
     files = write_reports(results, out)
     files["predictions"] = str(pred_path)
     files["config"] = str(out / "config.yaml")
     atomic_write_json(out / "run.json", {"setup": spec, "fingerprint": fp, "config": config_to_dict(cfg)})
     return EvalOutcome(out, results, asked=len(todo), cached=total - len(todo), files=files, model_calls=calls)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "x"
+
+
+def model_name(cfg: EvalConfig) -> str:
+    """A short name for the model under test: the folder or hub name, plus the adapter's folder name."""
+    if cfg.endpoint is not None:
+        return cfg.endpoint.model
+    name = Path(cfg.model.model.rstrip("/")).name or cfg.model.model
+    if cfg.model.adapter:
+        name += "+" + (Path(cfg.model.adapter.rstrip("/")).name or "adapter")
+    return name
+
+
+def data_split(cfg: EvalConfig) -> str | None:
+    """The build-dataset split scored when --data is a folder of mcq_<split>.jsonl files, else None."""
+    if not cfg.data:
+        return None
+    p = Path(cfg.data).expanduser()
+    if p.is_dir() and any(p.glob("mcq_*.jsonl")):
+        return cfg.split or "test"
+    return None
+
+
+def set_name(cfg: EvalConfig) -> str:
+    """A short name for the question set: facexbench, or the data folder/file name (with its split)."""
+    if cfg.benchmark:
+        return cfg.benchmark
+    from ..data.manifest import find_manifest
+
+    p = Path((cfg.data or "set").rstrip("/"))
+    split = data_split(cfg)
+    if split:
+        return f"{p.name}-{split}"
+    m = re.fullmatch(r"mcq_(\w+)", p.stem)
+    if m and p.is_file() and find_manifest(p) is not None:  # one split file of a build-dataset folder
+        return f"{p.parent.name}-{m.group(1)}"
+    return p.stem
+
+
+def default_out_dir(cfg: EvalConfig) -> Path:
+    """``cfg.out``, else ``eval-<model>-<set>``: a second model gets its own folder, not a setup clash."""
+    if cfg.out:
+        return Path(cfg.out).expanduser()
+    return Path(f"eval-{_slug(model_name(cfg))}-{_slug(set_name(cfg))}")
 
 
 def _load(cfg: EvalConfig) -> Engine:

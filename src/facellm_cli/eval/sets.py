@@ -8,7 +8,8 @@ Two line shapes are accepted, so people can bring their own questions:
   line, where ``answer`` is a letter or the text of one option and ``id`` is
   optional (``<file stem>/<line>`` is used).
 
-Relative image paths resolve against ``image_root`` (default: the file's folder).
+Relative image paths resolve against ``image_root`` (default: the image root
+recorded in a build-dataset manifest, else the file's folder).
 """
 
 from __future__ import annotations
@@ -76,13 +77,27 @@ def _record(rec: dict[str, Any], stem: str, lineno: int, root: Path, where: str)
         raise DataError(f"{where}: {loc}: {first['msg']}") from None
 
 
-def set_files(data: str | Path) -> list[Path]:
-    """A JSONL file, or every ``mcq_*.jsonl`` (else ``*.jsonl``) in a folder."""
+def set_files(data: str | Path, split: str | None = None) -> list[Path]:
+    """A JSONL file; for a folder its ``mcq_{split}.jsonl`` (default test; ``all``: every ``mcq_*.jsonl``).
+
+    A folder without ``mcq_*`` files contributes every ``*.jsonl`` (users' own sets).
+    """
     p = Path(data).expanduser()
     if p.is_file():
+        if split:
+            raise DataError(f"--split {split} picks a file of a build-dataset folder, but --data {p} is a file")
         return [p]
     if p.is_dir():
-        files = sorted(p.glob("mcq_*.jsonl")) or sorted(p.glob("*.jsonl"))
+        mcq = sorted(p.glob("mcq_*.jsonl"))
+        if mcq:
+            if split == "all":
+                return mcq
+            wanted = p / f"mcq_{split or 'test'}.jsonl"
+            if wanted.is_file():
+                return [wanted]
+            have = ", ".join(f.name for f in mcq)
+            raise DataError(f"no {wanted.name} in {p} (it has {have}); choose another --split")
+        files = sorted(p.glob("*.jsonl"))
         if files:
             return files
         raise DataError(
@@ -92,13 +107,23 @@ def set_files(data: str | Path) -> list[Path]:
 
 
 def load_jsonl_set(
-    data: str | Path, *, image_root: str | Path | None = None, check_images: bool = True
+    data: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    check_images: bool = True,
+    split: str | None = None,
 ) -> list[MCQuestion]:
-    """Questions from one JSONL file or a folder of them; ids must be unique; missing images are listed in one error."""
+    """Questions from one JSONL file or a folder of them; ids must be unique; missing images are listed in one error.
+
+    Relative image paths resolve against ``image_root``, else the image root a
+    build-dataset manifest records, else the file's folder.
+    """
+    from ..data.manifest import default_image_root
+
     questions: list[MCQuestion] = []
     seen: dict[str, str] = {}
-    for path in set_files(data):
-        root = Path(image_root).expanduser() if image_root else path.parent
+    for path in set_files(data, split):
+        root = default_image_root(path, image_root) or path.parent
         for lineno, rec in read_jsonl(path):
             where = f"{path} line {lineno}"
             q = _record(rec, path.stem, lineno, root, where)

@@ -11,7 +11,7 @@ from ..config import AskConfig
 from ..errors import FacellmError, ImageError
 from ..images import find_images, open_image
 from .engine import Engine, as_engine
-from .generate import Prompt
+from .generate import Prompt, check_max_new_tokens
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -72,6 +72,7 @@ def ask_stream(
     lm: LoadedModel | Engine, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
+    check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
     prompt = Prompt(images=[img], text=question, system=cfg.generation.system)  # type: ignore[list-item]
     yield from as_engine(lm).stream(prompt, cfg.generation)
@@ -81,6 +82,7 @@ def ask_many(
     lm: LoadedModel | Engine, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
+    check_max_new_tokens(lm, cfg.generation)
     engine = as_engine(lm)
     pending: list[tuple[str, object]] = []
 
@@ -137,6 +139,7 @@ def ask_face_stream(
     lm: LoadedModel | Engine, cfg: AskConfig, img: PILImage.Image, face: Face, question: str
 ) -> Iterator[str]:
     """Stream the answer about one face of a photo (its chip, as ``ask_faces`` crops it)."""
+    check_max_new_tokens(lm, cfg.generation)
     prompt = Prompt(images=[face_chip(img, face, cfg)], text=question, system=cfg.generation.system)
     yield from as_engine(lm).stream(prompt, cfg.generation)
 
@@ -148,6 +151,7 @@ def ask_faces(
     from ..faces import check_available
 
     check_available()
+    check_max_new_tokens(lm, cfg.generation)
     engine = as_engine(lm)
     for path in images:
         name = path if path != "-" else "<stdin>"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -78,6 +79,32 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """Positions the language model was built for (``max_position_embeddings``), or None when not recorded.
+
+    An engine may be given too: the vLLM engine's context is its ``max_model_len``."""
+    fixed = getattr(lm, "context_length", None)
+    if isinstance(fixed, int):
+        return fixed
+    lm = getattr(lm, "lm", lm)  # the transformers engine's loaded model
+    conf = getattr(lm.model, "config", None)
+    for c in (getattr(conf, "text_config", None), conf):
+        n = getattr(c, "max_position_embeddings", None) if c is not None else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_max_new_tokens(lm: LoadedModel, cfg: GenerationConfig) -> None:
+    """Refuse an answer budget the model's context cannot hold (it would otherwise decode for hours)."""
+    n = context_length(lm)
+    if n is not None and cfg.max_new_tokens >= n:
+        raise ConfigError(
+            f"generation.max_new_tokens: {cfg.max_new_tokens:,} does not fit the model's context of {n:,} tokens "
+            f"(prompt and answer share it); use --max-new-tokens below {n:,}"
+        )
 
 
 def _generate_kwargs(lm: LoadedModel, cfg: GenerationConfig) -> dict[str, Any]:

@@ -117,28 +117,132 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
                     hint = f"; it has one in subfolder '{subs[0]}' (pass --subfolder {subs[0]})"
             raise ModelLoadError(f"no config.json in model folder {root}{hint}")
         return str(p), kwargs
+    if hub_unreachable() is not None:
+        kwargs["local_files_only"] = True  # the cache only: no five retries against a hub that is not there
     return cfg.model, kwargs
+
+
+@cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (one quick request, once per process), or None.
+
+    huggingface_hub retries a failed metadata request five times with back-off (~25 s) before it
+    falls back to the cache; when the hub is down or the machine offline that is pure waiting.
+    Offline mode (HF_HUB_OFFLINE=1) is honoured as it is: no request at all.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:  # noqa: BLE001 - any transport failure means: do not wait on the hub
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
 
 
 def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
     sub = f" --include '{cfg.subfolder}/*'" if cfg.subfolder else ""
+    down = hub_unreachable()
+    why = (
+        f"the hub cannot be reached ({down}) and it is not in the local cache"
+        if down
+        else (f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    )
     return ModelLoadError(
         f"model '{cfg.model}' is not a local folder and could not be loaded from the Hugging Face hub "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Download it where the hub is reachable "
+        f"({why}). Download it where the hub is reachable "
         f"with: hf download {cfg.model}{sub} --local-dir ./{cfg.model.split('/')[-1]} and pass that folder to --model"
     )
 
 
-def read_model_type(source: str, kwargs: dict[str, Any], cfg: ModelConfig) -> str:
-    from transformers import AutoConfig
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
+
+def _local_root(source: str, kwargs: dict[str, Any]) -> Path | None:
+    """The folder holding config.json when ``source`` is a local model folder, else None."""
+    p = Path(source)
+    if not p.is_dir():
+        return None
+    return p / kwargs["subfolder"] if kwargs.get("subfolder") else p
+
+
+def _load_error(cfg: ModelConfig, source: str, kwargs: dict[str, Any], err: Exception) -> ModelLoadError:
+    """What went wrong loading from a local folder, or the hub error (with its download line) otherwise."""
+    root = _local_root(source, kwargs)
+    if root is None:
+        return _hub_error(cfg, err)
+    return ModelLoadError(f"cannot load model folder {root}: {_first_line(err)}")
+
+
+def _check_config_json(root: Path) -> None:
+    try:
+        json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(
+            f"{root / 'config.json'} is not valid JSON ({_first_line(e)}); re-download the model or fix the file"
+        ) from None
+
+
+def read_model_type(source: str, kwargs: dict[str, Any], cfg: ModelConfig) -> str:
+    """The checkpoint's model_type; refuses configs that are not JSON and text-only (or other non-VLM) models."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    root = _local_root(source, kwargs)
+    if root is not None:
+        _check_config_json(root)
     try:
         conf = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except OSError as e:
-        raise _hub_error(cfg, e) from None
-    except ValueError as e:
-        raise ModelLoadError(f"cannot read the config of '{cfg.model}': {e}") from None
-    return str(conf.model_type)
+        raise _load_error(cfg, source, kwargs, e) from None
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read the config of '{cfg.model}': {_first_line(e)}") from None
+    model_type = str(conf.model_type)
+    custom = cfg.trust_remote_code and bool(getattr(conf, "auto_map", None))  # its own code decides
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not custom:
+        arch = ", ".join(getattr(conf, "architectures", None) or []) or "no architectures listed"
+        raise ModelLoadError(
+            f"'{cfg.model}' is a '{model_type}' model ({arch}), not an image-text-to-text model; facellm needs a "
+            "vision-language checkpoint such as InternVL3 or Qwen2-VL (for a FaceLLM release, pass its 'model' "
+            "subfolder)"
+        )
+    return model_type
+
+
+def _weight_files(source: str, kwargs: dict[str, Any]) -> list[Path]:
+    """The safetensors files of a local folder or of the hub cache's snapshot of ``source``."""
+    root = _local_root(source, kwargs)
+    if root is None:
+        from transformers.utils import cached_file
+
+        try:
+            conf = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False, **kwargs)
+        except OSError:
+            conf = None
+        root = Path(conf).parent if conf else None
+    return sorted(root.glob("*.safetensors")) if root is not None else []
+
+
+def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model weights") -> ModelLoadError | None:
+    """When ``err`` comes from a damaged safetensors file, the error naming that file (None otherwise)."""
+    if type(err).__name__ != "SafetensorError" and "safetensor" not in type(err).__module__.lower():
+        return None
+    from safetensors import safe_open
+
+    bad = None
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):  # opening checks the header covers the whole file
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open means this is the damaged file
+            bad = f
+            break
+    name = str(bad) if bad else (", ".join(str(f) for f in files) or "a .safetensors file")
+    return ModelLoadError(f"{what} {name} is corrupt or incomplete ({_first_line(err)}); re-download it")
 
 
 def _image_only_class(cls: type) -> type:
@@ -196,7 +300,7 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
         try:
             return AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs), False
         except OSError as e:
-            raise _hub_error(cfg, e) from None
+            raise _load_error(cfg, source, kwargs, e) from None
     name = _processor_class_name(source, kwargs, model_type)
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
@@ -207,7 +311,7 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
     try:
         proc = _image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
     except OSError as e:
-        raise _hub_error(cfg, e) from None
+        raise _load_error(cfg, source, kwargs, e) from None
     return proc, True
 
 
@@ -262,7 +366,12 @@ def _apply_adapter(model: Any, cfg: ModelConfig, source: str) -> Any:
         base_name = None
     try:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:
+        corrupt = corrupt_file_error(sorted(adapter.glob("*.safetensors")), e, "adapter weights")
+        if corrupt is not None:
+            raise corrupt from None
+        if not isinstance(e, (RuntimeError, ValueError, KeyError)):
+            raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         trained_on = f" (it was trained on '{base_name}')" if base_name else ""
         raise AdapterError(
@@ -284,6 +393,11 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     model_type = read_model_type(source, kwargs, cfg)
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
+    extras: dict[str, Any] = {}
+    if device == "cpu":
+        from ..runtime import configure_threads
+
+        extras["threads"] = configure_threads(cfg.threads)
     qconf = quantization_config(cfg, device)
     processor, image_only = load_processor(source, kwargs, cfg, model_type)
 
@@ -293,13 +407,21 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    if kwargs.get("local_files_only"):  # transformers' adapter lookup does not pass it on by itself
+        load_kwargs["adapter_kwargs"] = {"local_files_only": True}
     if qconf is not None:
         load_kwargs["quantization_config"] = qconf
         load_kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+        except Exception as e:  # a damaged weights file surfaces as safetensors' own error type
+            corrupt = corrupt_file_error(_weight_files(source, kwargs), e)
+            if corrupt is not None:
+                raise corrupt from None
+            raise
     except OSError as e:
-        raise _hub_error(cfg, e) from None
+        raise _load_error(cfg, source, kwargs, e) from None
     except ValueError as e:
         msg = str(e)
         if "attn" in msg.lower() or "attention" in msg.lower():
@@ -344,4 +466,5 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         model_type=model_type,
         name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
         image_only_processor=image_only,
+        extras=extras,
     )

@@ -220,7 +220,9 @@ class _PromptCheck:
         import threading
 
         self.lm = lm
-        self.context = context or _context_length(lm)
+        from ..infer.generate import context_length
+
+        self.context = context or context_length(lm)
         self.tokenizer = copy.deepcopy(lm.tokenizer) if self.context else None
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
         self.lock = threading.Lock()
@@ -249,15 +251,6 @@ class _PromptCheck:
                 param="messages",
                 code="context_length_exceeded",
             )
-
-
-def _context_length(lm: "LoadedModel") -> int | None:
-    conf = getattr(lm.model, "config", None)
-    for c in (getattr(conf, "text_config", None), conf):
-        n = getattr(c, "max_position_embeddings", None) if c is not None else None
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
 
 
 async def _watch_disconnect(request: Any, job: Job) -> None:

