@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import (
+    TYPE_CHECKING,
     Annotated,
+    Any,
 )
 
 import typer
@@ -40,6 +45,10 @@ from ._options import (
     model_flags,
 )
 from .errors import FacellmError
+
+if TYPE_CHECKING:
+    from .config import AskConfig
+    from .infer.ask import AskResult
 
 app = typer.Typer(
     name="facellm",
@@ -121,19 +130,29 @@ def ask(
             "--draw", help="With --faces: write the photo with numbered boxes and answers (a folder for many)."
         ),
     ] = None,
+    base_url: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Answer a question about face images. One image streams its answer; several print one line each."""
+    """Answer a question about face images. One image streams its answer; several print one line each.
+
+    With --base-url, a model served by an OpenAI-compatible endpoint answers (--model names it).
+    """
     from .config import AskConfig, resolve_config
-    from .infer.ask import ask_many, ask_stream, resolve_inputs
+    from .infer.ask import resolve_inputs
 
     if len(inputs) < 2:
         raise typer.BadParameter(
             "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
         )
+    if api_key_env and not base_url:
+        raise typer.BadParameter("--api-key-env names the key of an endpoint: give --base-url too")
     *image_args, question = inputs
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
+    # With --base-url, --model names the served model; local-model flags are kept so the config rejects them.
+    flags = model_flags(
+        None if base_url else model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads
+    )
     flags.update(
         {
             "generation.max_new_tokens": max_new_tokens,
@@ -143,6 +162,8 @@ def ask(
             "faces": faces,
         }
     )
+    if base_url:
+        flags.update({"endpoint.base_url": base_url, "endpoint.model": model, "endpoint.api_key_env": api_key_env})
     cfg = resolve_config(AskConfig, config, flags, set_)
     if draw is not None and not cfg.faces:
         raise typer.BadParameter("--draw needs --faces (it draws the face boxes)")
@@ -154,27 +175,45 @@ def ask(
         check_available()  # the install hint before a model loads
         _ask_faces(_load(cfg.model), cfg, images, question, stdin_bytes, json_out, draw)
         return
-    lm = _load(cfg.model)
+    stream, many = _answerers(cfg, images, question, stdin_bytes)
     if len(images) == 1 and not json_out:
-        for piece in ask_stream(lm, cfg, images[0], question, stdin_bytes):
+        for piece in stream():
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
     failed = []
-    for r in ask_many(lm, cfg, images, question, stdin_bytes):
+    for r in many():
         if r.error:
             failed.append(r.image)
             err_console().print(f"[red]error:[/red] {r.error} (skipped)")
-            if json_out:
-                print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
-            continue
         if json_out:
             print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
-        else:
+        elif not r.error:
             print(f"{r.image}\t{' '.join((r.answer or '').split())}", flush=True)
     if failed:
         raise FacellmError(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
+
+
+def _answerers(
+    cfg: AskConfig, images: list[str], question: str, stdin_bytes: bytes | None
+) -> tuple[Callable[[], Iterator[str]], Callable[[], Iterator[AskResult]]]:
+    """(stream the one image's answer, answer every image): from the endpoint, or a model loaded here."""
+    if cfg.endpoint is not None:
+        from .endpoint.ask import ask_remote_many, ask_remote_stream
+
+        key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url)
+        return (
+            lambda: ask_remote_stream(cfg, key, images[0], question, stdin_bytes),
+            lambda: ask_remote_many(cfg, key, images, question, stdin_bytes),
+        )
+    from .infer.ask import ask_many, ask_stream
+
+    lm = _load(cfg.model)
+    return (
+        lambda: ask_stream(lm, cfg, images[0], question, stdin_bytes),
+        lambda: ask_many(lm, cfg, images, question, stdin_bytes),
+    )
 
 
 def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
@@ -405,10 +444,9 @@ def evaluate(
         return
     from .eval.runner import evaluate as run_eval
 
-    flags = (
-        {}
-        if base_url
-        else model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
+    # With --base-url, --model names the served model; local-model flags are kept so the config rejects them.
+    flags = model_flags(
+        None if base_url else model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads
     )
     if base_url:
         flags.update(
@@ -547,20 +585,21 @@ def annotate(
         "images": list(images) if images else None,
         "labels": labels,
         "out": out,
-        "base_url": base_url,
-        "model": model,
-        "api_key_env": api_key_env,
+        "endpoint.base_url": base_url,
+        "endpoint.model": model,
+        "endpoint.api_key_env": api_key_env,
         "provider": provider,
         "mode": mode,
         "prompts": prompts,
-        "concurrency": concurrency,
-        "rpm": rpm,
-        "max_retries": max_retries,
+        "endpoint.concurrency": concurrency,
+        "endpoint.rpm": rpm,
+        "endpoint.max_retries": max_retries,
         "batch": batch,
         "faces": faces,
     }
     cfg = resolve_config(AnnotateConfig, config, flags, set_)
-    api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
+    ep = cfg.endpoint
+    api_key = None if cfg.provider == "template" or dry_run else _api_key(ep.api_key_env, ep.base_url)
     console = err_console()
     with AnnotateProgress(console, "annotate") as bar:
         summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
@@ -588,7 +627,7 @@ def _api_key(env_name: str | None, base_url: str | None = None, *, serving: bool
     error, never a request without a key or an open server. Unnamed, clients read
     OPENAI_API_KEY, which local endpoints may go without; ``serve`` runs without auth.
     """
-    from .annotate.client import is_local_endpoint
+    from .endpoint.messages import is_local_endpoint
     from .errors import ConfigError
 
     if env_name is None:
@@ -837,13 +876,14 @@ def quickstart(
         "faces": faces,
         "epochs": epochs,
         "seed": seed,
-        "base_url": base_url,
-        "api_key_env": api_key_env,
+        "endpoint.base_url": base_url,
+        "endpoint.api_key_env": api_key_env,
         "force": force,
         "threads": threads,
     }
     cfg = resolve_config(QuickstartConfig, config, flags, set_)
-    api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None
+    endpoint = cfg.annotate_endpoint
+    api_key = _api_key(endpoint.api_key_env, endpoint.base_url) if endpoint else None
     quiet_libraries()
     from ._progress import ProgressBar
 
@@ -1071,6 +1111,29 @@ def faces_crop(
         raise FacellmError(f"{len(report.problems)} image(s) could not be read")
 
 
+@contextmanager
+def _deprecation_notes() -> Iterator[None]:
+    """Print each config deprecation (an old key or flag that still works) once, as one line on stderr."""
+    from rich.markup import escape
+
+    from .errors import ConfigDeprecationWarning
+
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigDeprecationWarning)
+        default = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, ConfigDeprecationWarning):
+                default(message, category, *args, **kwargs)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                err_console().print(f"[yellow]deprecated:[/yellow] {escape(str(message))}")
+
+        warnings.showwarning = show
+        yield
+
+
 def expand_compare(argv: list[str]) -> list[str]:
     """``evaluate --compare A B C`` -> ``--compare A --compare B --compare C``.
 
@@ -1104,7 +1167,8 @@ def run(argv: list[str] | None = None) -> int:
     shows tracebacks for known errors too.
     """
     try:
-        app(args=expand_compare(sys.argv[1:] if argv is None else argv), prog_name="facellm")
+        with _deprecation_notes():
+            app(args=expand_compare(sys.argv[1:] if argv is None else argv), prog_name="facellm")
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
