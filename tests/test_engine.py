@@ -104,3 +104,10 @@ def test_save_processor_copies_the_source_checkpoints_video_config(tiny_internvl
     lm = load_model_and_processor(ModelConfig(model=str(src), device="cpu"))
     save_processor(lm.processor, tmp_path / "out", source=str(src))
     assert json.loads((tmp_path / "out" / "video_preprocessor_config.json").read_text())["num_frames"] == 7
+
+
+def test_engine_with_an_endpoint_is_refused(cli, tmp_path: Path) -> None:  # noqa: ANN001
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"id": "q", "question": "?", "options": ["a", "b"], "answer": "A"}\n')
+    r = cli("evaluate", "--data", data, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--engine", "vllm")
+    assert r.code != 0 and "--engine" in r.err and "--base-url" in r.err
