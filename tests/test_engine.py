@@ -111,3 +111,34 @@ def test_engine_with_an_endpoint_is_refused(cli, tmp_path: Path) -> None:  # noq
     data.write_text('{"id": "q", "question": "?", "options": ["a", "b"], "answer": "A"}\n')
     r = cli("evaluate", "--data", data, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--engine", "vllm")
     assert r.code != 0 and "--engine" in r.err and "--base-url" in r.err
+
+
+def test_generate_and_likelihood_scoring_leave_the_tokenizer_alone(tiny_internvl: Path) -> None:
+    """Scoring pads on the right and generation on the left, each per call: the tokenizer's own padding
+    side never changes, and generating after scoring gives the same answers as before it."""
+    from PIL import Image
+
+    from facellm_cli.config import GenerationConfig
+    from facellm_cli.infer.engine import TransformersEngine
+    from facellm_cli.infer.generate import Prompt
+    from facellm_cli.models.loader import load_model_and_processor
+
+    lm = load_model_and_processor(ModelConfig(model=str(tiny_internvl), device="cpu", dtype="float32"))
+    engine = TransformersEngine(lm)
+    lm.tokenizer.padding_side = "right"  # as many checkpoints ship it; generation must still pad on the left
+    side = lm.tokenizer.padding_side
+    img = Image.new("RGB", (32, 32), (120, 80, 60))
+    # Prompts of different lengths, so the batch really pads.
+    prompts = [Prompt(images=[img], text="A or B?"), Prompt(images=[img], text="Which one of these is it: A, B or C?")]
+    gen = GenerationConfig(max_new_tokens=4, temperature=0.0)
+    first = [g.text for g in engine.generate(prompts, gen)]
+    assert lm.tokenizer.padding_side == side
+    scores = engine.score_letters(prompts, [2, 3])
+    assert lm.tokenizer.padding_side == side
+    assert [len(s) for s in scores] == [2, 3]
+    # Scoring one prompt alone or in the padded batch gives the same scores (right padding, last real token).
+    alone = engine.score_letters(prompts[:1], [2])
+    assert alone[0] == pytest.approx(scores[0], abs=1e-4)
+    again = [g.text for g in engine.generate(prompts, gen)]
+    assert again == first
+    assert lm.tokenizer.padding_side == side

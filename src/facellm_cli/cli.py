@@ -274,7 +274,7 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
         engine = load_engine(model_cfg)
     loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
-    threads = loaded.extras.get("threads") if loaded is not None else None
+    threads = loaded.threads if loaded is not None else None
     if threads is not None and threads.note:
         err_console().print(f"[yellow]note:[/yellow] {threads.note}")
     return engine

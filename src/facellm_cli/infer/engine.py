@@ -123,22 +123,14 @@ class TransformersEngine:
         """
         import torch
 
-        from .generate import render_prompt
+        from .generate import encode, render_prompt
 
         lm = self.lm
         if self._letter_ids is None:
             self._letter_ids = letter_token_ids(lm.tokenizer)
         texts = [render_prompt(lm, p) for p in prompts]
         images = [img for p in prompts for img in p.images]
-        tok = lm.tokenizer
-        side = getattr(tok, "padding_side", "left")
-        tok.padding_side = "right"
-        try:
-            enc = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        enc.pop("token_type_ids", None)
-        enc = enc.to(lm.device)
+        enc = encode(lm, texts, images, padding_side="right")
         last = enc["attention_mask"].sum(dim=1) - 1
         with torch.inference_mode():
             logits = _last_logits(lm.model, enc, last)

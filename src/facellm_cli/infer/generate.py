@@ -60,17 +60,22 @@ def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
     return lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
-def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> Any:
-    """Tokenize texts (left-padded) with their images, on the model's device."""
-    tok = lm.tokenizer
-    if getattr(tok, "padding_side", "left") != "left":
-        tok.padding_side = "left"
-    batch = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image], *, padding_side: str = "left") -> Any:
+    """Tokenize texts with their images, on the model's device.
+
+    Generation pads on the left (new tokens follow each prompt directly); likelihood scoring pads on the
+    right. The side is passed per call, so the tokenizer's own ``padding_side`` is never changed.
+    """
+    with lm.tokenizer_lock:
+        batch = lm.processor(
+            text=texts, images=images or None, return_tensors="pt", padding=True, padding_side=padding_side
+        )
     batch.pop("token_type_ids", None)
     return batch.to(lm.device)
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end an answer: the generation config's and the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(lm.model.generation_config, "eos_token_id", None)
     for value in (gen_eos, lm.tokenizer.eos_token_id):
@@ -145,7 +150,7 @@ def generate_batch(
         out = lm.model.generate(**batch, **_generate_kwargs(lm, cfg), **extra)
     prompt_len = batch["input_ids"].shape[1]
     new = out[:, prompt_len:]
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     pad = lm.tokenizer.pad_token_id
     results = []
     for row, mask in zip(new.tolist(), batch["attention_mask"].tolist(), strict=True):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
-from ..infer.generate import Prompt, _eos_ids, generate_batch
+from ..infer.generate import Prompt, eos_ids, generate_batch
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -162,7 +162,7 @@ class RowControl:
 
     def __init__(self, lm: LoadedModel, jobs: Sequence[Job]) -> None:
         self.tokenizer = lm.tokenizer
-        self.eos = _eos_ids(lm)
+        self.eos = eos_ids(lm)
         pad = lm.tokenizer.pad_token_id
         self.stop_ids = set(self.eos) | ({pad} if pad is not None else set())
         self.rows = [_Row(j) for j in jobs]

@@ -655,7 +655,7 @@ def finetune(
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
-    threads = lm.extras.get("threads")
+    threads = lm.threads
     if threads is not None and threads.note:
         say(threads.note)
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
