@@ -17,7 +17,7 @@ from facellm_cli.schema import LETTERS, MCQuestion, format_mcq_prompt
 SPLITS = ("train", "val", "test")
 
 
-def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):  # noqa: ANN201
+def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):
     cfg = resolve_config(
         DatasetConfig,
         None,
@@ -354,7 +354,7 @@ def test_config_validation() -> None:
 # ---- CLI ----
 
 
-def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
+def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:
     jsonl, records = corpus
     res = cli(
         "build-dataset",
@@ -385,7 +385,7 @@ def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
     assert res.code == 0 and "filtered: refusal 1" in res.err
 
 
-def test_cli_help(cli) -> None:  # noqa: ANN001
+def test_cli_help(cli) -> None:
     res = cli("build-dataset", "--help")
     assert res.code == 0 and "--merge-aspects" in res.out and "--skip-invalid" in res.out
 

@@ -17,7 +17,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here; the missing-extra error cannot happen")
-def test_engine_vllm_without_vllm_names_both_install_lines(cli, tiny_internvl: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_engine_vllm_without_vllm_names_both_install_lines(cli, tiny_internvl: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     img = tmp_path / "face.png"
@@ -30,7 +30,7 @@ def test_engine_vllm_without_vllm_names_both_install_lines(cli, tiny_internvl: P
     assert r.code == 1 and "evaluation set not found" in r.err  # the set is checked before any engine loads
 
 
-def test_engine_is_a_checked_choice(cli, tiny_internvl: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_engine_is_a_checked_choice(cli, tiny_internvl: Path, tmp_path: Path) -> None:
     r = cli("ask", "--model", tiny_internvl, "--engine", "tensorrt", tmp_path / "x.png", "q")
     assert r.code != 0 and "engine" in r.err
     with pytest.raises(ValueError, match="merge_adapter: engine vllm applies the adapter as LoRA"):
@@ -106,7 +106,7 @@ def test_save_processor_copies_the_source_checkpoints_video_config(tiny_internvl
     assert json.loads((tmp_path / "out" / "video_preprocessor_config.json").read_text())["num_frames"] == 7
 
 
-def test_engine_with_an_endpoint_is_refused(cli, tmp_path: Path) -> None:  # noqa: ANN001
+def test_engine_with_an_endpoint_is_refused(cli, tmp_path: Path) -> None:
     data = tmp_path / "set.jsonl"
     data.write_text('{"id": "q", "question": "?", "options": ["a", "b"], "answer": "A"}\n')
     r = cli("evaluate", "--data", data, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--engine", "vllm")

@@ -27,7 +27,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     return folder, face_rows(folder, 4)
 
 
-def _lm(path: Path):  # noqa: ANN202
+def _lm(path: Path):
     from facellm_cli.models.loader import load_model_and_processor
 
     return load_model_and_processor(ModelConfig(model=str(path), device="cpu"))

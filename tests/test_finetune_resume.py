@@ -158,7 +158,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     assert "weight(s) missing" in msg and "--overwrite" in msg
 
 
-def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:
     folder = tmp_path / "faces"
     data = write_jsonl(folder / "train.jsonl", describe_records(face_rows(folder, 4)))
     out = tmp_path / "run"

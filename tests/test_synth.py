@@ -82,7 +82,7 @@ def test_mouth_curve_shows_the_expression() -> None:
     assert abs(corners - centre) <= 1
 
 
-def test_refuses_non_empty_folder_and_cli(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_refuses_non_empty_folder_and_cli(tmp_path: Path, cli) -> None:
     out = tmp_path / "faces"
     r = cli("dev", "synth-faces", out, "--n", "3", "--seed", "1", "--size", "64")
     assert r.code == 0, r.err

@@ -16,7 +16,7 @@ from facellm_cli.errors import ConfigError, DataError
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _build(tmp: Path, out: str = "data/ds", **kw: Any):  # noqa: ANN202
+def _build(tmp: Path, out: str = "data/ds", **kw: Any):
     from facellm_cli.data.build import build_dataset
 
     jsonl, _ = make_corpus(tmp)
@@ -360,7 +360,7 @@ def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
     class Clock(ThroughputWatch):
         now = 0.0
 
-        def update(self, done: float, now: float | None = None):  # noqa: ANN201
+        def update(self, done: float, now: float | None = None):
             Clock.now += 1
             return super().update(done, Clock.now)
 
@@ -409,7 +409,7 @@ def test_new_stages_and_remote_work_do_not_warn() -> None:
     class Clock(ThroughputWatch):
         now = 0.0
 
-        def update(self, done: float, now: float | None = None):  # noqa: ANN201
+        def update(self, done: float, now: float | None = None):
             Clock.now += 1
             return super().update(done, Clock.now)
 

@@ -62,7 +62,7 @@ dev_app = typer.Typer(help="Developer tools: throwaway models and data for testi
 app.add_typer(dev_app, name="dev")
 
 
-def err_console():  # noqa: ANN201 - rich is imported lazily
+def err_console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -216,7 +216,7 @@ def _answerers(
     )
 
 
-def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
+def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:
     from rich.markup import escape
 
     from .faces import draw_path, save_drawing
@@ -267,7 +267,7 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
         )
 
 
-def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
+def _load(model_cfg):
     quiet_libraries()
     from .infer.engine import load_engine
 
@@ -903,7 +903,7 @@ def quickstart(
     _print_quickstart(result)
 
 
-def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, imported lazily
+def _print_quickstart(result) -> None:
     from rich.console import Console
     from rich.table import Table
 

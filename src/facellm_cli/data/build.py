@@ -256,7 +256,7 @@ class _Scan:
                 self.rec_src.append(si)
                 self.rec_loc.append(loc)
 
-    def find_duplicates(self, sources: list[Source]):  # noqa: ANN201 - numpy array
+    def find_duplicates(self, sources: list[Source]):
         """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
         import numpy as np
 

@@ -421,7 +421,7 @@ def default_workers(n: int) -> int:
     return max(1, min(8, cpus, n // 2000))
 
 
-def _gather(results, idx, values, keys, cache, progress, label, total) -> None:  # noqa: ANN001
+def _gather(results, idx, values, keys, cache, progress, label, total) -> None:
     done = len(values)
     for chunk_idx, sigs in zip(idx, results, strict=True):
         rows = []

@@ -253,7 +253,7 @@ def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model
     return ModelLoadError(f"{what} {name} is corrupt or incomplete ({_first_line(err)}); re-download it")
 
 
-def _image_only_class(cls: type) -> type:
+def image_only_class(cls: type) -> type:
     """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
 
     @classmethod  # type: ignore[misc]
@@ -317,7 +317,7 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
             "install a torch/torchvision pair that import together, or pass --trust-remote-code for custom code"
         )
     try:
-        proc = _image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
+        proc = image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
     except OSError as e:
         raise _load_error(cfg, source, kwargs, e) from None
     return proc, True

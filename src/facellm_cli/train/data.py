@@ -183,11 +183,3 @@ def to_chat_messages(sample: Sample) -> list[dict[str, Any]]:
                 parts.append({"type": "text", "text": text})
         out.append({"role": m["role"], "content": parts})
     return out
-
-
-def write_messages_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """Write records in build-dataset's messages JSONL format (used by tests and the learning recipe)."""
-    from ..io import atomic_write_text
-
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return atomic_write_text(Path(path), text)
