@@ -482,7 +482,7 @@ def evaluate(
 
     console = err_console()
     with ProgressBar(console, "evaluate", unit="questions", cpu_bound=cfg.endpoint is None) as bar:
-        outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
+        outcome = run_eval(cfg, api_key=api_key, reporter=bar)
     meta = outcome.results["meta"]
     scored = f"{meta['set_name']}" + (f" (split {meta['split']})" if meta.get("split") else "")
     console.print(
