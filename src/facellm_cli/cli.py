@@ -766,8 +766,7 @@ def finetune(
             resume=resume_from or ("latest" if resume else None),
             overwrite=overwrite,
             source=str(config) if config else None,
-            log=lambda m: bar.print(m, markup=False),
-            progress=bar,
+            reporter=bar,
         )
     mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
     losses = [
@@ -810,7 +809,7 @@ def finetune_merge(
             max_shard_size=max_shard_size,
             dtype=dtype or "auto",
             overwrite=overwrite,
-            progress=bar,
+            reporter=bar,
         )
     err_console().print(
         f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB"
@@ -842,7 +841,7 @@ def synth_faces_cmd(
 
     with ProgressBar(err_console(), "synth-faces", unit="faces", transient=True) as bar:
         res = synth_faces(
-            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), progress=bar
+            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), reporter=bar
         )
     err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
     if json_out:
@@ -888,15 +887,8 @@ def quickstart(
     from ._progress import ProgressBar
 
     console = err_console()
-    with ProgressBar(console, "quickstart") as bar:
-
-        def on_stage(name: str) -> None:
-            bar.print(f"[bold]>>[/bold] {name}")
-            bar.stage(name)
-
-        result = run_quickstart(
-            cfg, api_key=api_key, on_stage=on_stage, log=lambda msg: bar.print(f"   {msg}"), progress=bar
-        )
+    with ProgressBar(console, "quickstart", headers=True, log_prefix="   ") as bar:
+        result = run_quickstart(cfg, api_key=api_key, reporter=bar)
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
