@@ -142,3 +142,24 @@ def test_generate_and_likelihood_scoring_leave_the_tokenizer_alone(tiny_internvl
     again = [g.text for g in engine.generate(prompts, gen)]
     assert again == first
     assert lm.tokenizer.padding_side == side
+
+
+def test_streamed_answer_is_the_batch_answer(tiny_qwen2_vl: Path) -> None:
+    """ask streams through the same per-row control as serve's batches: the pieces add up to the answer
+    generate_batch gives, and closing the stream early ends the generation thread."""
+    from PIL import Image
+
+    from facellm_cli.config import GenerationConfig
+    from facellm_cli.infer.generate import Prompt, generate_batch, stream_generate
+    from facellm_cli.models.loader import load_model_and_processor
+
+    lm = load_model_and_processor(ModelConfig(model=str(tiny_qwen2_vl), device="cpu", dtype="float32"))
+    prompt = Prompt(images=[Image.new("RGB", (32, 32), (90, 140, 200))], text="describe the face")
+    gen = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    whole = generate_batch(lm, [prompt], gen)[0]
+    pieces = list(stream_generate(lm, prompt, gen))
+    assert whole.completion_tokens > 0
+    assert "".join(pieces).strip() == whole.text
+    stream = stream_generate(lm, prompt, gen)
+    next(stream, None)
+    stream.close()  # joins the worker: it stopped at the next token

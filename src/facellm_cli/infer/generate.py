@@ -171,26 +171,52 @@ def generate_batch(
     return results
 
 
-def stream_generate(lm: LoadedModel, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
-    """Yield text pieces as they are generated (one prompt). Generation runs in a worker thread."""
-    import torch
-    from transformers import TextIteratorStreamer
+class _StreamRow:
+    """The single row of :func:`stream_generate`: its text goes to a queue read by the caller's thread."""
 
-    batch = encode(lm, [render_prompt(lm, prompt)], list(prompt.images))
-    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stream = True
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, max_tokens: int) -> None:
+        import queue
+
+        self.max_tokens = max_tokens
+        self.pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set()
+
+    def emit(self, text: str) -> None:
+        self.pieces.put(text)
+
+
+def stream_generate(lm: LoadedModel, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
+    """Yield text pieces as they are generated (one prompt), through the same per-row control as ``serve``.
+
+    Generation runs in a worker thread; closing the iterator early stops it at the next token."""
+    from .rows import RowControl
+
+    row = _StreamRow(cfg.max_new_tokens)
+    control = RowControl(lm, [row])
     error: list[BaseException] = []
 
     def work() -> None:
         try:
-            with torch.inference_mode():
-                lm.model.generate(**batch, **_generate_kwargs(lm, cfg), streamer=streamer)
+            generate_batch(lm, [prompt], cfg, stopping_criteria=control)
+            control.finish()
         except BaseException as e:  # surfaced in the caller's thread below
             error.append(e)
-            streamer.end()
+        finally:
+            row.pieces.put(None)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield from (piece for piece in streamer if piece)
-    thread.join()
+    try:
+        while (piece := row.pieces.get()) is not None:
+            yield piece
+    finally:
+        row.cancelled.set()
+        thread.join()
     if error:
         raise error[0]
