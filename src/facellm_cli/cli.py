@@ -992,7 +992,7 @@ def data_overlap(
     from ._progress import ProgressBar
 
     with ProgressBar(err_console(), "hashing", unit="images", transient=True) as bar:
-        result = overlap(cfg, progress=lambda _label, done, total: bar(done, total))
+        result = overlap(cfg, reporter=bar)
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -1091,7 +1091,7 @@ def faces_crop(
     cfg = resolve_config(FaceCropConfig, config, flags, set_)
     console = err_console()
     with ProgressBar(console, "cropping faces", unit="photos", transient=True) as bar:
-        report = crop_files(images, out, cfg, on_progress=bar)
+        report = crop_files(images, out, cfg, reporter=bar)
     for name in report.no_face:
         console.print(f"no face found: {escape(name)}")
     for problem in report.problems:
