@@ -194,9 +194,9 @@ class ProgressBar:
             self.watch.samples.clear()  # a new stage has its own pace
         self.task = self.progress.add_task(label, total=total, rate="", **self._fields)
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **status: Any) -> None:
         self._done += n
-        self(self._done, self._total)
+        self(self._done, self._total, **status)
 
     def log(self, msg: str) -> None:
         self.print(f"{self.log_prefix}{msg}", markup=False, highlight=False)

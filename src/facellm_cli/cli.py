@@ -602,7 +602,7 @@ def annotate(
     api_key = None if cfg.provider == "template" or dry_run else _api_key(ep.api_key_env, ep.base_url)
     console = err_console()
     with AnnotateProgress(console, "annotate") as bar:
-        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
+        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, reporter=bar)
     for line in summary_lines(summary):
         console.print(line, markup=False)
     print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)

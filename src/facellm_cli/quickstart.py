@@ -188,17 +188,7 @@ def _annotate(cfg: QuickstartConfig, out: Path, faces: Any, api_key: str | None,
         aspects=["expression"] if endpoint is None else ["expression_emotion"],
         **({"endpoint": endpoint} if endpoint is not None else {}),
     )
-    counted = -1
-
-    def count(state: Any) -> None:  # annotate's live counters, as reporter counts
-        nonlocal counted
-        if counted < 0:
-            reporter.stage("annotating", state.total)
-            counted = 0
-        reporter.advance(state.done - counted)
-        counted = state.done
-
-    summary = annotate(ann_cfg, api_key=api_key, on_progress=count)
+    summary = annotate(ann_cfg, api_key=api_key, reporter=reporter)
     if summary.failed:
         raise FacellmError(f"annotate: {summary.failed} item(s) failed; see {summary.failures}")
     return ann_path

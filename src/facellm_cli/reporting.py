@@ -15,8 +15,11 @@ class Reporter(Protocol):
     def stage(self, name: str, total: int | None = None) -> None:
         """Start a stage of ``total`` items (None: unknown); its count starts at 0."""
 
-    def advance(self, n: int = 1) -> None:
-        """``n`` more items of the current stage are done (0 just starts its clock)."""
+    def advance(self, n: int = 1, **status: object) -> None:
+        """``n`` more items of the current stage are done (0 just starts its clock or refreshes ``status``).
+
+        ``status``: live counters a display may show beside the count (annotate's failed, in_flight, tokens).
+        """
 
     def log(self, msg: str) -> None:
         """A note for the person running the command (a plain line, no markup)."""
@@ -28,7 +31,7 @@ class SilentReporter:
     def stage(self, name: str, total: int | None = None) -> None:
         pass
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **status: object) -> None:
         pass
 
     def log(self, msg: str) -> None:
@@ -52,8 +55,8 @@ class Within:
     def stage(self, name: str, total: int | None = None) -> None:
         self.outer.stage(self.name, total)
 
-    def advance(self, n: int = 1) -> None:
-        self.outer.advance(n)
+    def advance(self, n: int = 1, **status: object) -> None:
+        self.outer.advance(n, **status)
 
     def log(self, msg: str) -> None:
         self.outer.log(msg)

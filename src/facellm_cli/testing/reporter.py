@@ -20,7 +20,7 @@ class RecordingReporter:
         self.calls.append(("stage", name, total))
         self.done = 0
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **status: object) -> None:
         self.calls.append(("advance", n))
         self.done += n
         if self.stop_at is not None and self.done >= self.stop_at:
