@@ -343,8 +343,10 @@ def build_dataset(
     cfg = resolve_config(DatasetConfig, config, flags, set_)
     if cfg.exclude_overlap_with and cfg.overlap_cache is None:
         cfg.overlap_cache = str(_overlap_cache())
-    with err_console().status("building dataset ...") as status:
-        report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
+    from ._progress import ProgressBar
+
+    with ProgressBar(err_console(), "build-dataset", transient=True) as bar:
+        report = run_build(cfg, reporter=bar)
     if json_out:
         print(json.dumps(report.to_json(), ensure_ascii=False))
     console = err_console()

@@ -27,13 +27,13 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
+from ..reporting import SILENT, Reporter
 from ..schema import format_mcq_prompt
 from .manifest import MANIFEST_NAME, write_manifest
 from .mcq import build_mcq
@@ -56,7 +56,6 @@ OUTPUT_NAMES = (
 # Label columns with more distinct values than this (ids, file names) get a count, not a balance table.
 MAX_BALANCE_VALUES = 50
 
-ProgressFn = Callable[[str, int], None]
 
 
 @dataclass
@@ -190,15 +189,15 @@ class _Scan:
         return merged
 
     # -- the pass --
-    def run(self, sources: list[Source], progress: ProgressFn | None) -> None:
+    def run(self, sources: list[Source], reporter: Reporter) -> None:
         cfg = self.cfg
         patterns = cfg.refusal_patterns
         max_bytes = int(cfg.max_image_mb * 1e6)
         for si, src in enumerate(sources):
             for loc, where, item in src.scan():
                 self.records_read += 1
-                if progress and self.records_read % 2000 == 0:
-                    progress("scan", self.records_read)
+                if self.records_read % 2000 == 0:
+                    reporter.advance(2000)
                 if isinstance(item, Problem):
                     self.reject(item.reason, item.message)
                     continue
@@ -371,7 +370,7 @@ def _finalize(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> BuildReport:
+def build_dataset(cfg: DatasetConfig, reporter: Reporter = SILENT) -> BuildReport:
     """Build the dataset described by ``cfg`` into ``cfg.out``; raise DataError naming invalid records."""
     import numpy as np
 
@@ -388,7 +387,9 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
     sources = open_sources(cfg.inputs, root)
     try:
         scan = _Scan(cfg, root, label_table)
-        scan.run(sources, progress)
+        reporter.stage("reading records")
+        scan.run(sources, reporter)
+        reporter.advance(scan.records_read % 2000)
         keep = scan.find_duplicates(sources)
         overlap_stats = _drop_benchmark_overlap(scan, keep, root, cfg) if cfg.exclude_overlap_with else None
         if scan.n_problems and not cfg.skip_invalid:
@@ -462,6 +463,7 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
             acc = _Accumulator()
             group: list[int] = []
             done = 0
+            reporter.stage("writing images", len(kept_images))
 
             def flush(group: list[int]) -> None:
                 rel = scan.image_names[int(k_img[group[0]])]
@@ -517,13 +519,14 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
                     if cur != prev and group:
                         flush(group)
                         done += 1
-                        if progress and done % 500 == 0:
-                            progress("write", done)
+                        if done % 500 == 0:
+                            reporter.advance(500)
                         group = []
                     group.append(j)
                     prev = cur
             if group:
                 flush(group)
+            reporter.advance(len(kept_images) - done // 500 * 500)
             for s in SPLITS:
                 writers[s].close()
                 acc.conversations[s] = writers[s].conversations
