@@ -269,15 +269,11 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:
 
 def _load(model_cfg):
     quiet_libraries()
+    from ._progress import ProgressBar
     from .infer.engine import load_engine
 
-    with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
-        engine = load_engine(model_cfg)
-    loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
-    threads = loaded.threads if loaded is not None else None
-    if threads is not None and threads.note:
-        err_console().print(f"[yellow]note:[/yellow] {threads.note}")
-    return engine
+    with ProgressBar(err_console(), "loading", transient=True) as bar:
+        return load_engine(model_cfg, reporter=bar)  # its notes (the CPU thread choice) print above the bar
 
 
 # ---- build-dataset ----
