@@ -126,6 +126,9 @@ def test_generate_and_likelihood_scoring_leave_the_tokenizer_alone(tiny_internvl
     lm = load_model_and_processor(ModelConfig(model=str(tiny_internvl), device="cpu", dtype="float32"))
     engine = TransformersEngine(lm)
     lm.tokenizer.padding_side = "right"  # as many checkpoints ship it; generation must still pad on the left
+    # A tokenizer saved without padding_side: InternVL's processor then pads on its own default side (left)
+    # whatever the tokenizer attribute says, so only a per-call padding_side reaches it.
+    lm.tokenizer.init_kwargs.pop("padding_side", None)
     side = lm.tokenizer.padding_side
     img = Image.new("RGB", (32, 32), (120, 80, 60))
     # Prompts of different lengths, so the batch really pads.
