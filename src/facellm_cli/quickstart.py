@@ -103,21 +103,12 @@ def quickstart(cfg: QuickstartConfig, *, api_key: str | None = None, reporter: R
     from .data.build import build_dataset
     from .eval.report import write_compare_chart
     from .eval.runner import evaluate
-    from .models.loader import load_model_and_processor, require_model_extras
+    from .models.loader import load_model_and_processor
     from .synth import EXPRESSIONS, default_workers, synth_faces
     from .train.finetune import finetune
     from .train.recipes import quickstart_tiny_config
 
-    require_model_extras("quickstart")
-    from .runtime import configure_threads
-
-    threads = configure_threads(cfg.threads)  # once for every stage that follows
-    if threads.note:
-        reporter.log(threads.note)
-    out = Path(cfg.out).expanduser()
-    _prepare_out(out, cfg.force)
-    dump_config(cfg, out / "config.yaml")
-    atomic_write_json(out / MARKER, {"kind": "facellm quickstart", "seed": cfg.seed})
+    out = _start(cfg, reporter)
     stage = _Stages(reporter)
     with stage("synthesize faces") as sub:
         faces = synth_faces(
@@ -171,6 +162,22 @@ def quickstart(cfg: QuickstartConfig, *, api_key: str | None = None, reporter: R
     )
     atomic_write_json(out / "quickstart-results.json", result.to_json())
     return result
+
+
+def _start(cfg: QuickstartConfig, reporter: Reporter) -> Path:
+    """Check the extras, choose the CPU threads once for every stage, and claim the output folder."""
+    from .models.loader import require_model_extras
+    from .runtime import configure_threads
+
+    require_model_extras("quickstart")
+    threads = configure_threads(cfg.threads)
+    if threads.note:
+        reporter.log(threads.note)
+    out = Path(cfg.out).expanduser()
+    _prepare_out(out, cfg.force)
+    dump_config(cfg, out / "config.yaml")
+    atomic_write_json(out / MARKER, {"kind": "facellm quickstart", "seed": cfg.seed})
+    return out
 
 
 def _annotate(cfg: QuickstartConfig, out: Path, faces: Any, api_key: str | None, reporter: Reporter) -> Path:
