@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+import warnings
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -36,10 +37,38 @@ KNOWN_SUBFOLDERS = {
 }
 
 
+class FacellmDeprecationWarning(FutureWarning):
+    """An old key or flag name was used; the CLI prints it as one ``note:`` line on stderr."""
+
+
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
+    """Base for every config: unknown keys are errors, assignments are validated.
+
+    ``renamed`` maps an old key to its new name: the old one keeps working for one
+    release, with a FacellmDeprecationWarning.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not cls.renamed or not isinstance(data, dict) or not any(old in data for old in cls.renamed):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"{old}: renamed to {new}; give only {new}")
+            warnings.warn(
+                f"config key {old} is deprecated and will be removed in the next release; use {new}",
+                FacellmDeprecationWarning,
+                stacklevel=2,
+            )
+            data[new] = data.pop(old)
+        return data
 
 
 class ModelConfig(StrictModel):
@@ -258,6 +287,8 @@ def _split_csv(value: Any) -> Any:
 class DatasetConfig(StrictModel):
     """``facellm build-dataset``: annotate JSONL / paper folders -> validated, split training sets."""
 
+    renamed: ClassVar[dict[str, str]] = {"force": "overwrite"}
+
     inputs: list[str] = Field(
         default_factory=list,
         description="Annotate JSONL files, or folders in the paper's layout ({id}/question_i.txt + answer_i.txt).",
@@ -265,7 +296,7 @@ class DatasetConfig(StrictModel):
     image_root: str | None = Field(
         None, description="Folder the record image paths are relative to; output image paths are relative to it too."
     )
-    out: str | None = Field(None, description="Output folder (must be empty or new unless force is set).")
+    out: str | None = Field(None, description="Output folder (must be empty or new unless overwrite is set).")
     labels: str | None = Field(
         None, description="CSV of image labels (an image column plus attribute columns), used where records lack them."
     )
@@ -301,7 +332,7 @@ class DatasetConfig(StrictModel):
         None, description="Label column to stratify the split by (default: the first mcq label, if any)."
     )
     skip_invalid: bool = Field(False, description="Drop invalid records and count them by reason instead of failing.")
-    force: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
+    overwrite: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted image, in pixels (width x height).")
     max_image_mb: float = Field(50.0, gt=0, description="Largest accepted image file, in MB.")
     check_sha256: bool = Field(
@@ -472,7 +503,17 @@ class EvalConfig(StrictModel):
         "keeps its share.",
     )
     sample_seed: int = Field(0, description="Seed of the --limit sample (same seed, same questions).")
-    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
+    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories (a, b or a,b).")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_from_flags(cls, v: Any) -> Any:
+        """``--tasks a,b --tasks c`` and a YAML list mean the same."""
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and all(isinstance(t, str) for t in v):
+            return [t.strip() for item in v for t in item.split(",") if t.strip()]
+        return v
     with_task_description: bool = Field(
         False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
     )
@@ -543,6 +584,13 @@ class ModelPrice(StrictModel):
 class AnnotateConfig(StrictModel):
     """``facellm annotate``: question-answer pairs about face images from a VLM endpoint or from labels."""
 
+    renamed: ClassVar[dict[str, str]] = {
+        "label_image_column": "labels_image_column",
+        "timeout": "timeout_s",
+        "image_max_side": "max_image_side",
+        "refusal_phrases": "refusal_patterns",
+    }
+
     images: list[str] = Field(
         default_factory=list, description="Image files, folders or globs (may be empty when labels list the images)."
     )
@@ -552,7 +600,7 @@ class AnnotateConfig(StrictModel):
         description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
         "columns.",
     )
-    label_image_column: str | None = Field(
+    labels_image_column: str | None = Field(
         None,
         description="Column of the labels file holding the image path (auto: file, image, image_path, path, filename).",
     )
@@ -600,7 +648,7 @@ class AnnotateConfig(StrictModel):
     max_reasks: int = Field(
         2, ge=0, le=20, description="Re-asks per item after a refusal, an empty or a malformed answer."
     )
-    timeout: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
     backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
     backoff_max: float = Field(
         30.0,
@@ -618,9 +666,9 @@ class AnnotateConfig(StrictModel):
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature (None: the endpoint's default)."
     )
-    image_max_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
+    max_image_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
     image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
-    refusal_phrases: list[str] = Field(
+    refusal_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
         description="Answers containing one of these phrases (case-insensitive) are refusals: re-asked, never stored.",
     )
@@ -813,14 +861,14 @@ class TrainSettings(StrictModel):
 class FinetuneConfig(StrictModel):
     """``facellm finetune``: LoRA / QLoRA / full fine-tuning of an image-text-to-text model."""
 
+    renamed: ClassVar[dict[str, str]] = {"output_dir": "out"}
+
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to fine-tune.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base + LoRA) or full.")
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Training data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (lora and qlora).")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
-    output_dir: str | None = Field(
-        None, description="Folder for the adapter or weights, checkpoints, config and plots."
-    )
+    out: str | None = Field(None, description="Folder for the adapter or weights, checkpoints, config and plots.")
 
     @model_validator(mode="after")
     def _qlora_is_4bit(self) -> FinetuneConfig:
@@ -833,8 +881,8 @@ class FinetuneConfig(StrictModel):
         problems = []
         if not self.data.train:
             problems.append("data.train: no training file given (set data.train or pass --data)")
-        if not self.output_dir:
-            problems.append("output_dir: no output folder given (set output_dir or pass --out)")
+        if not self.out:
+            problems.append("out: no output folder given (set out or pass --out)")
         if self.method == "qlora" and self.model.quantization == "8bit":
             problems.append(
                 "model.quantization: qlora loads the base in 4bit; remove quantization: 8bit or use method: lora"
@@ -868,7 +916,11 @@ class FinetuneConfig(StrictModel):
 class QuickstartConfig(StrictModel):
     """``facellm quickstart``: the whole FaceLLM loop offline on synthetic faces and a tiny model."""
 
-    out: str = Field("facellm-quickstart", description="Folder for every artefact (must be new or empty unless force).")
+    renamed: ClassVar[dict[str, str]] = {"force": "overwrite"}
+
+    out: str = Field(
+        "facellm-quickstart", description="Folder for every artefact (must be new or empty unless overwrite)."
+    )
     faces: int = Field(4000, ge=30, description="Synthetic faces to draw (split 80/10/10 into train/val/test).")
     image_size: int = Field(64, ge=32, description="Side of the drawn faces and of the tiny model's input, in pixels.")
     seed: int = Field(0, description="Seed for faces, splits, model weights and training.")
@@ -881,7 +933,7 @@ class QuickstartConfig(StrictModel):
         None,
         description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
     )
-    force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    overwrite: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
     threads: int | None = Field(
         None,
         gt=0,

@@ -151,7 +151,7 @@ def write_round(
                 continue
             w = by_sha[sha]
             try:
-                image = encode_image(w.item.path, cfg.image_max_side, cfg.image_detail)
+                image = encode_image(w.item.path, cfg.max_image_side, cfg.image_detail)
             except ImageError as e:
                 left_out.add(sha)
                 problems.skip(str(e))
@@ -202,7 +202,7 @@ def run_batch(
 
     bdir = batch_dir_for(cfg, out)
     state_path = bdir / "state.json"
-    client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, max_retries=cfg.max_retries, timeout=cfg.timeout)
+    client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, max_retries=cfg.max_retries, timeout=cfg.timeout_s)
     aspects_by_key = {a.key: a for a in plan.prompt_set.aspects}
     reasons: dict[tuple[str, str], str] = {}
     entries_seen: dict[tuple[str, str], dict[str, Any]] = {}
@@ -425,7 +425,7 @@ def _merge(
             if (entry["sha"], k) in done_ok:
                 continue
             value = answers.get(k)
-            problem = classify_answer(value, cfg.refusal_phrases, cfg.min_answer_chars)
+            problem = classify_answer(value, cfg.refusal_patterns, cfg.min_answer_chars)
             if problem is not None:
                 summary.rejected[problem] = summary.rejected.get(problem, 0) + 1
                 reasons[(entry["sha"], k)] = f"{problem} answer"

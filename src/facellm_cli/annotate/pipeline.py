@@ -375,12 +375,12 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
 
         manifest = crop_files(cfg.images, Path(cfg.faces_dir or f"{out}.faces"), cfg.face_crop).manifest
         cfg = cfg.model_copy(
-            update={"images": [], "labels": str(manifest), "label_image_column": None, "image_root": None}
+            update={"images": [], "labels": str(manifest), "labels_image_column": None, "image_root": None}
         )
     inputs = collect_inputs(
         cfg.images,
         cfg.labels,
-        image_column=cfg.label_image_column,
+        image_column=cfg.labels_image_column,
         ignore=cfg.label_ignore,
         image_root=cfg.image_root,
         label_values=prompt_set.label_values,
@@ -505,8 +505,8 @@ def _estimate(cfg: AnnotateConfig, plan: Plan, summary: AnnotateSummary, problem
             summary.items_pending -= len(w.pending)
             continue
         width, height = img.size
-        if cfg.image_max_side and max(width, height) > cfg.image_max_side:
-            width, height = fit_within(img, cfg.image_max_side).size
+        if cfg.max_image_side and max(width, height) > cfg.max_image_side:
+            width, height = fit_within(img, cfg.max_image_side).size
         tokens = image_tokens(width, height, cfg.image_detail)
         if cfg.mode == "per-aspect":
             for a in w.pending:
@@ -599,7 +599,7 @@ class _ImageCache:
         fut = self._tasks.get(w.sha)
         if fut is None:
             fut = asyncio.ensure_future(
-                asyncio.to_thread(encode_image, w.item.path, self.cfg.image_max_side, self.cfg.image_detail)
+                asyncio.to_thread(encode_image, w.item.path, self.cfg.max_image_side, self.cfg.image_detail)
             )
             self._tasks[w.sha] = fut
         return await asyncio.shield(fut)
@@ -715,7 +715,7 @@ class _LiveRun:
                 problem = (
                     "malformed"
                     if result.malformed
-                    else classify_answer(result.text, self.cfg.refusal_phrases, self.cfg.min_answer_chars)
+                    else classify_answer(result.text, self.cfg.refusal_patterns, self.cfg.min_answer_chars)
                 )
                 if problem is None:
                     self._write(
@@ -787,7 +787,7 @@ class _LiveRun:
                 still = []
                 for a in remaining:
                     value = parsed.get(a.key)
-                    problem = classify_answer(value, self.cfg.refusal_phrases, self.cfg.min_answer_chars)
+                    problem = classify_answer(value, self.cfg.refusal_patterns, self.cfg.min_answer_chars)
                     if problem is None:
                         answers[a.key] = (value or "").strip()
                     else:
@@ -830,7 +830,7 @@ async def _run_live(
         concurrency=cfg.concurrency,
         rpm=cfg.rpm,
         max_retries=cfg.max_retries,
-        timeout=cfg.timeout,
+        timeout=cfg.timeout_s,
         backoff_base=cfg.backoff_base,
         backoff_max=cfg.backoff_max,
         max_tokens=cfg.max_tokens,

@@ -204,9 +204,9 @@ def preflight(
             eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format, key="data.eval")
         except DataError as e:
             problems.append(f"data.eval: {e}")
-    out = Path(cfg.output_dir or ".")
+    out = Path(cfg.out or ".")
     checkpoint = None
-    if cfg.output_dir:
+    if cfg.out:
         if resume:
             checkpoint = find_checkpoint(out, resume)
             if checkpoint is None:
@@ -228,12 +228,12 @@ def preflight(
                     )
         elif out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
             problems.append(
-                f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
+                f"out: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
             )
         existing = next((p for p in (out, *out.parents) if p.exists()), None)
         if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
             problems.append(
-                f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out"
+                f"out: cannot write to {existing} (read-only or no permission); choose another --out"
             )
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
