@@ -157,8 +157,8 @@ def opt(
         decls = (old,)
         kwargs["hidden"] = True
     choices = _choices(field.annotation)
-    if choices and "metavar" not in kwargs:
-        kwargs["metavar"] = "|".join(choices)
+    if choices and not all(c in help_text for c in choices):
+        help_text = f"{help_text} One of: {', '.join(choices)}."
     info = typer.Option(
         *decls,
         help=kwargs.pop("help", help_text),
@@ -188,9 +188,7 @@ def given_flags(cls: type[BaseModel]) -> dict[str, Any]:
     return {path: value for path, (_, value) in given.items()}
 
 
-def resolve(
-    cls: type[C], config: str | Path | None, sets: list[str] | None, flags: dict[str, Any] | None = None
-) -> C:
+def resolve(cls: type[C], config: str | Path | None, sets: list[str] | None, flags: dict[str, Any] | None = None) -> C:
     """defaults < ``--config`` YAML < the flags given (``given_flags`` unless passed) < ``--set``."""
     return resolve_config(cls, config, given_flags(cls) if flags is None else flags, sets)
 

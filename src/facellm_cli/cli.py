@@ -201,7 +201,9 @@ def evaluate(
     data_dir: E("data_dir") = None,
     data: E("data") = None,
     image_root: E("image_root") = None,
-    model: E("model.model", "-m", help="Hub id or local model folder; with --base-url, the model name it serves.") = None,
+    model: E(
+        "model.model", "-m", help="Hub id or local model folder; with --base-url, the model name it serves."
+    ) = None,
     subfolder: E("model.subfolder") = None,
     adapter: E("model.adapter") = None,
     quantization: E("model.quantization", "-q") = None,

@@ -9,8 +9,8 @@ next to its outputs with :func:`dump_config`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
@@ -490,7 +490,8 @@ class EvalConfig(StrictModel):
     endpoint: EvalEndpointConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
     mode: Literal["generate", "likelihood"] = Field(
         "generate",
-        description="generate: answer then parse; likelihood: pick the option letter the model scores highest.",
+        description="generate (default: answer, then parse the letter) | likelihood (pick the option letter the "
+        "model scores highest; best for small or base models).",
     )
     generation: EvalGenerationConfig = Field(
         default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
