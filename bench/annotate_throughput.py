@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, render_aspect  # noqa: E402
-from facellm_cli.config import AnnotateConfig  # noqa: E402
+from facellm_cli.config import EndpointConfig  # noqa: E402
 from fake_openai import FakeOpenAI  # noqa: E402
 
 AGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.3, help="server latency per request (s)")
     args = ap.parse_args()
     n_aspects = len(FAIRFACEGPT_V1.aspects)
-    default_concurrency = AnnotateConfig.model_fields["concurrency"].default
+    default_concurrency = EndpointConfig.model_fields["concurrency"].default
     total = args.images * n_aspects
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

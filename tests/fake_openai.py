@@ -1,7 +1,7 @@
 """A real, scriptable OpenAI-compatible HTTP server for tests and benchmarks (stdlib only).
 
 It listens on 127.0.0.1 at a free port and implements what facellm's clients
-call: ``POST /v1/chat/completions``, ``POST /v1/files``, ``GET /v1/files/{id}``,
+call: ``POST /v1/chat/completions`` (``stream: true`` answers as server-sent events), ``POST /v1/files``, ``GET /v1/files/{id}``,
 ``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches/{id}``
 and ``GET /v1/models``. Tests drive the real ``openai`` SDK against it, so
 nothing inside the SDK is patched.
@@ -128,6 +128,25 @@ def _image_count(body: dict[str, Any]) -> int:
         if isinstance(content, list):
             n += sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
     return n
+
+
+def _sse(completion: dict[str, Any]) -> bytes:
+    """A completion as the server-sent events of ``stream: true``: one chunk per word, then ``[DONE]``."""
+    text = completion["choices"][0]["message"]["content"]
+    pieces = re.findall(r"\S+\s*|\s+", text) or [""]
+    events = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        chunk = {
+            "id": completion["id"],
+            "object": "chat.completion.chunk",
+            "created": completion["created"],
+            "model": completion["model"],
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if last else None}],
+        }
+        events.append(f"data: {json.dumps(chunk)}\n\n")
+    events.append("data: [DONE]\n\n")
+    return "".join(events).encode("utf-8")
 
 
 class FakeOpenAI:
@@ -521,7 +540,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(behaviour.status, raw=behaviour.body or b"", content_type=behaviour.content_type)
             return
         entry.outcome = "200"
-        self._send(200, fake.chat_completion(body, behaviour))
+        completion = fake.chat_completion(body, behaviour)
+        if body.get("stream"):
+            self._send(200, raw=_sse(completion), content_type="text/event-stream")
+            return
+        self._send(200, completion)
 
     def _upload(self, raw: bytes) -> None:
         ctype = self.headers.get("Content-Type", "")

@@ -610,7 +610,7 @@ def test_bad_inputs_give_one_line_errors(cli, faces: Path, monkeypatch: pytest.M
         ),
         (
             ["annotate", "faces", "--base-url", "127.0.0.1:8000/v1"],
-            "error: base_url: '127.0.0.1:8000/v1' must start with http:// or https://",
+            "error: endpoint.base_url: '127.0.0.1:8000/v1' must start with http:// or https://",
         ),
         (
             [
@@ -853,7 +853,7 @@ def test_shipped_examples_load() -> None:
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     cfg = resolve_config(AnnotateConfig, examples / "annotate_fairface.yaml")
-    assert cfg.labels and cfg.model == "gpt-4o-2024-11-20" and cfg.mode == "per-aspect"
+    assert cfg.labels and cfg.endpoint.model == "gpt-4o-2024-11-20" and cfg.mode == "per-aspect"
     ps = load_prompt_set(str(examples / "annotate_prompts.yaml"))
     assert ps.version and len(ps.aspects) >= 2
     with pytest.raises(ConfigError, match="concurency: unknown key"):

@@ -24,7 +24,6 @@ from facellm_cli.config import (
     DatasetConfig,
     EvalConfig,
     FaceCropConfig,
-    FacellmDeprecationWarning,
     FinetuneConfig,
     OverlapConfig,
     QuickstartConfig,
@@ -32,7 +31,7 @@ from facellm_cli.config import (
     StrictModel,
     resolve_config,
 )
-from facellm_cli.errors import ConfigError
+from facellm_cli.errors import ConfigDeprecationWarning
 
 
 class _RenamedGeneration(StrictModel):
@@ -84,7 +83,7 @@ HELP_CASES = [
     (("ask",), "--quantization", AskConfig, "model.quantization"),
     (("evaluate",), "--limit", EvalConfig, "limit"),
     (("evaluate",), "--concurrency", EvalConfig, "endpoint.concurrency"),
-    (("annotate",), "--concurrency", AnnotateConfig, "concurrency"),
+    (("annotate",), "--concurrency", AnnotateConfig, "endpoint.concurrency"),
     (("serve",), "--max-wait-ms", ServeConfig, "max_wait_ms"),
     (("build-dataset",), "--group-key", DatasetConfig, "group_key"),
     (("finetune",), "--max-steps", FinetuneConfig, "train.max_steps"),
@@ -159,18 +158,16 @@ def test_old_config_keys_still_load_with_a_warning() -> None:
         (FinetuneConfig, {"output_dir": "runs/x"}, "out", "runs/x"),
         (DatasetConfig, {"inputs": ["a"], "image_root": "r", "out": "o", "force": True}, "overwrite", True),
         (QuickstartConfig, {"force": True}, "overwrite", True),
-        (AnnotateConfig, {"labels": "l.csv", "timeout": 5}, "timeout_s", 5.0),
-        (AnnotateConfig, {"labels": "l.csv", "image_max_side": 512}, "max_image_side", 512),
         (AnnotateConfig, {"labels": "l.csv", "refusal_phrases": ["nope"]}, "refusal_patterns", ["nope"]),
         (AnnotateConfig, {"labels": "l.csv", "label_image_column": "img"}, "labels_image_column", "img"),
     ]
     for cls, data, new, value in cases:
         old = next(k for k in data if k in cls.renamed)
-        with pytest.warns(FacellmDeprecationWarning, match=f"config key {old} is deprecated .*; use {new}"):
+        with pytest.warns(ConfigDeprecationWarning, match=f"^{old}: renamed to {new} \\(the old key works until"):
             cfg = cls.model_validate(data)
         assert getattr(cfg, new) == value
-    with pytest.raises(ConfigError, match="output_dir: renamed to out; give only out"):
-        resolve_config(FinetuneConfig, None, {"output_dir": "a", "out": "b"})
+    with pytest.warns(ConfigDeprecationWarning):  # both given: the new name (a flag, or a newer file) wins
+        assert resolve_config(FinetuneConfig, None, {"output_dir": "a", "out": "b"}).out == "b"
 
 
 def test_old_config_key_prints_one_note(tmp_path: Path, cli) -> None:  # noqa: ANN001
@@ -178,8 +175,8 @@ def test_old_config_key_prints_one_note(tmp_path: Path, cli) -> None:  # noqa: A
     yml.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "model": {"model": str(tmp_path)}}))
     r = cli("finetune", "--config", yml)
     assert r.code == 1 and "data.train: no training file given" in r.err
-    notes = [ln for ln in r.err.splitlines() if ln.startswith("note:")]
-    assert notes == ["note: config key output_dir is deprecated and will be removed in the next release; use out"]
+    notes = [ln for ln in r.err.splitlines() if ln.startswith("deprecated:")]
+    assert notes == ["deprecated: output_dir: renamed to out (the old key works until the next release)"]
 
 
 def test_old_flag_works_and_prints_one_note(tmp_path: Path, cli) -> None:  # noqa: ANN001
@@ -189,15 +186,15 @@ def test_old_flag_works_and_prints_one_note(tmp_path: Path, cli) -> None:  # noq
     (out / "train.json").write_text("[]")  # an earlier run's output
     base = ("build-dataset", jsonl, "--image-root", tmp_path / "faces", "--out", out)
     r = cli(*base)
-    assert r.code == 1 and "pass --overwrite" in r.err and "note:" not in r.err
+    assert r.code == 1 and "pass --overwrite" in r.err and "deprecated:" not in r.err
     r = cli(*base, "--force")
     assert r.code == 0, r.err
-    assert [ln for ln in r.err.splitlines() if ln.startswith("note:")] == [
-        "note: --force is deprecated and will be removed in the next release; use --overwrite"
+    assert [ln for ln in r.err.splitlines() if ln.startswith("deprecated:")] == [
+        "deprecated: --force: renamed to --overwrite (the old flag works until the next release)"
     ]
     assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is True
     r = cli(*base, "--overwrite")
-    assert r.code == 0 and "note:" not in r.err
+    assert r.code == 0 and "deprecated:" not in r.err
 
 
 def test_tiny_model_old_force_flag(tmp_path: Path, cli) -> None:  # noqa: ANN001
@@ -211,7 +208,7 @@ def test_tiny_model_old_force_flag(tmp_path: Path, cli) -> None:  # noqa: ANN001
     r = cli("dev", "tiny-model", out, "--force")
     assert r.code == 0, r.err
     assert (out / "model.safetensors").is_file()
-    assert r.err.count("note: --force is deprecated") == 1
+    assert r.err.count("deprecated: --force: renamed to --overwrite") == 1
 
 
 def test_flags_in_error_hints_exist() -> None:

@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import FacellmDeprecationWarning, resolve_config
+from .config import resolve_config
+from .errors import ConfigDeprecationWarning
 
 try:  # typer >= 0.20 runs on its own copy of click
     from typer._click.globals import get_current_context
@@ -117,7 +118,7 @@ def _recorder(cls: type[BaseModel], path: str, note: str | None) -> Any:
         if value is None or (isinstance(value, (list, tuple)) and not value):
             return value  # not given: the config file or the default decides
         if note:
-            warnings.warn(note, FacellmDeprecationWarning, stacklevel=1)
+            warnings.warn(note, ConfigDeprecationWarning, stacklevel=1)
         given = list(value) if isinstance(value, (list, tuple)) else value
         ctx.meta.setdefault(_GIVEN, {})[path] = (cls, str(given) if isinstance(given, Path) else given)
         return value
@@ -153,7 +154,7 @@ def opt(
     note = None
     if old is not None:
         new = decls[0].split("/")[0]
-        note = f"{old.split('/')[0]} is deprecated and will be removed in the next release; use {new}"
+        note = f"{old.split('/')[0]}: renamed to {new} (the old flag works until the next release)"
         decls = (old,)
         kwargs["hidden"] = True
     choices = _choices(field.annotation)
@@ -199,8 +200,8 @@ def renamed_flag(old: str, new: str) -> Any:
     def note(value: bool) -> bool:
         if value:
             warnings.warn(
-                f"{old} is deprecated and will be removed in the next release; use {new}",
-                FacellmDeprecationWarning,
+                f"{old}: renamed to {new} (the old flag works until the next release)",
+                ConfigDeprecationWarning,
                 stacklevel=1,
             )
         return value

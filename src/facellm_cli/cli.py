@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,14 +31,13 @@ from .config import (
     EvalConfig,
     FaceCropConfig,
     FaceDetectConfig,
-    FacellmDeprecationWarning,
     FinetuneConfig,
     ModelConfig,
     OverlapConfig,
     QuickstartConfig,
     ServeConfig,
 )
-from .errors import FacellmError
+from .errors import ConfigDeprecationWarning, FacellmError
 
 app = typer.Typer(
     name="facellm",
@@ -105,7 +106,9 @@ def ask(
         list[str],
         typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question."),
     ],
-    model: A("model.model", "-m") = None,
+    model: A(
+        "model.model", "-m", help="Hub id or local model folder; with --base-url, the model name it serves."
+    ) = None,
     subfolder: A("model.subfolder") = None,
     adapter: A("model.adapter") = None,
     quantization: A("model.quantization", "-q") = None,
@@ -118,6 +121,8 @@ def ask(
     batch_size: A("batch_size", "-b") = None,
     json_out: JsonOpt = False,
     faces: A("faces") = None,
+    base_url: A("endpoint.base_url") = None,
+    api_key_env: A("endpoint.api_key_env") = None,
     draw: Annotated[
         Path | None,
         typer.Option(
@@ -127,16 +132,21 @@ def ask(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Answer a question about face images. One image streams its answer; several print one line each."""
+    """Answer a question about face images. One image streams its answer; several print one line each.
+
+    With --base-url, a model served by an OpenAI-compatible endpoint answers (--model names it).
+    """
     from . import _render
-    from .infer.ask import ask_many, ask_stream, resolve_inputs
+    from .infer.ask import resolve_inputs
 
     if len(inputs) < 2:
         raise typer.BadParameter(
             "give at least one image and a question: facellm ask face.jpg 'what expression is this?'"
         )
+    if api_key_env and not base_url:
+        raise typer.BadParameter("--api-key-env names the key of an endpoint: give --base-url too")
     *image_args, question = inputs
-    cfg = resolve(AskConfig, config, set_)
+    cfg = resolve(AskConfig, config, set_, _endpoint_flags(given_flags(AskConfig)))
     if draw is not None and not cfg.faces:
         raise typer.BadParameter("--draw needs --faces (it draws the face boxes)")
     images = resolve_inputs(image_args)
@@ -148,10 +158,33 @@ def ask(
 
         check_available()  # the install hint before a model loads
         _render.ask_faces(_load(cfg.model), cfg, images, question, stdin_bytes, json_out, draw)
-    elif len(images) == 1 and not json_out:
-        _render.stream(ask_stream(_load(cfg.model), cfg, images[0], question, stdin_bytes))
+        return
+    stream, many = _answerers(cfg, images, question, stdin_bytes)
+    if len(images) == 1 and not json_out:
+        _render.stream(stream())
     else:
-        _render.ask_results(ask_many(_load(cfg.model), cfg, images, question, stdin_bytes), json_out, len(images))
+        _render.ask_results(many(), json_out, len(images))
+
+
+def _answerers(
+    cfg: AskConfig, images: list[str], question: str, stdin_bytes: bytes | None
+) -> tuple[Callable[[], Iterator[str]], Callable[[], Iterator[Any]]]:
+    """(stream the one image's answer, answer every image): from the endpoint, or a model loaded here."""
+    if cfg.endpoint is not None:
+        from .endpoint.ask import ask_remote_many, ask_remote_stream
+
+        key = _api_key(cfg.endpoint.api_key_env, cfg.endpoint.base_url)
+        return (
+            lambda: ask_remote_stream(cfg, key, images[0], question, stdin_bytes),
+            lambda: ask_remote_many(cfg, key, images, question, stdin_bytes),
+        )
+    from .infer.ask import ask_many, ask_stream
+
+    lm = _load(cfg.model)
+    return (
+        lambda: ask_stream(lm, cfg, images[0], question, stdin_bytes),
+        lambda: ask_many(lm, cfg, images, question, stdin_bytes),
+    )
 
 
 # ---- build-dataset ----
@@ -257,12 +290,11 @@ def evaluate(
 
 
 def _endpoint_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    """With --base-url, --model names the endpoint's model and the local-model flags do not apply."""
-    if "endpoint.base_url" not in flags:
+    """With --base-url, --model names the served model; local-model flags are kept so the config rejects them."""
+    if "endpoint.base_url" not in flags or "model.model" not in flags:
         return flags
-    routed = {k: v for k, v in flags.items() if not k.startswith("model.")}
-    if "model.model" in flags:
-        routed["endpoint.model"] = flags["model.model"]
+    routed = dict(flags)
+    routed["endpoint.model"] = routed.pop("model.model")
     return routed
 
 
@@ -275,15 +307,15 @@ def annotate(
     images: N("images", argument=True) = None,
     labels: N("labels", "-l") = None,
     out: N("out", "-o") = None,
-    base_url: N("base_url") = None,
-    model: N("model", "-m") = None,
-    api_key_env: N("api_key_env") = None,
+    base_url: N("endpoint.base_url") = None,
+    model: N("endpoint.model", "-m") = None,
+    api_key_env: N("endpoint.api_key_env") = None,
     provider: N("provider") = None,
     mode: N("mode") = None,
     prompts: N("prompts") = None,
-    concurrency: N("concurrency") = None,
-    rpm: N("rpm") = None,
-    max_retries: N("max_retries") = None,
+    concurrency: N("endpoint.concurrency") = None,
+    rpm: N("endpoint.rpm") = None,
+    max_retries: N("endpoint.max_retries") = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; send nothing.")
     ] = False,
@@ -299,7 +331,8 @@ def annotate(
     from .annotate.progress import AnnotateProgress
 
     cfg = resolve(AnnotateConfig, config, set_)
-    api_key = None if cfg.provider == "template" or dry_run else _api_key(cfg.api_key_env, cfg.base_url)
+    ep = cfg.endpoint
+    api_key = None if cfg.provider == "template" or dry_run else _api_key(ep.api_key_env, ep.base_url)
     with AnnotateProgress(err_console(), "annotate") as bar:
         summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
     annotate_summary(summary, json_out)
@@ -312,7 +345,7 @@ def _api_key(env_name: str | None, base_url: str | None = None, *, serving: bool
     error, never a request without a key or an open server. Unnamed, clients read
     OPENAI_API_KEY, which local endpoints may go without; ``serve`` runs without auth.
     """
-    from .annotate.client import is_local_endpoint
+    from .endpoint.messages import is_local_endpoint
     from .errors import ConfigError
 
     if env_name is None:
@@ -504,8 +537,8 @@ def quickstart(
     faces: Q("faces") = None,
     epochs: Q("epochs") = None,
     seed: Q("seed") = None,
-    base_url: Q("base_url") = None,
-    api_key_env: Q("api_key_env") = None,
+    base_url: Q("endpoint.base_url") = None,
+    api_key_env: Q("endpoint.api_key_env") = None,
     overwrite: Q("overwrite") = None,
     force: Q("overwrite", old="--force") = None,
     threads: Q("threads", min=1) = None,
@@ -519,7 +552,8 @@ def quickstart(
     from .quickstart import quickstart as run_quickstart
 
     cfg = resolve(QuickstartConfig, config, set_)
-    api_key = _api_key(cfg.api_key_env, cfg.base_url) if cfg.base_url else None
+    endpoint = cfg.annotate_endpoint
+    api_key = _api_key(endpoint.api_key_env, endpoint.base_url) if endpoint else None
     quiet_libraries()
     with ProgressBar(err_console(), "quickstart") as bar:
 
@@ -677,21 +711,25 @@ def expand_compare(argv: list[str]) -> list[str]:
     return out
 
 
-def _notes_once() -> None:
-    """Deprecation notes (old flag or key names) print as one yellow line each, once per run."""
-    seen: set[str] = set()
-    show = warnings.showwarning
+@contextmanager
+def _deprecation_notes() -> Iterator[None]:
+    """Print each deprecation (an old key or flag that still works) once, as one line on stderr."""
+    from rich.markup import escape
 
-    def note(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
-        if not issubclass(category, FacellmDeprecationWarning):
-            return show(message, category, filename, lineno, file, line)
-        if str(message) not in seen:
-            seen.add(str(message))
-            err_console().print(f"[yellow]note:[/yellow] {message}", markup=True, highlight=False)
-        return None
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigDeprecationWarning)
+        default = warnings.showwarning
 
-    warnings.simplefilter("always", FacellmDeprecationWarning)
-    warnings.showwarning = note
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, ConfigDeprecationWarning):
+                default(message, category, *args, **kwargs)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                err_console().print(f"[yellow]deprecated:[/yellow] {escape(str(message))}")
+
+        warnings.showwarning = show
+        yield
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -702,8 +740,7 @@ def run(argv: list[str] | None = None) -> int:
     shows tracebacks for known errors too.
     """
     try:
-        with warnings.catch_warnings():
-            _notes_once()
+        with _deprecation_notes():
             app(args=expand_compare(sys.argv[1:] if argv is None else argv), prog_name="facellm")
     except SystemExit as e:
         code = e.code

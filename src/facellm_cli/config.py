@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigDeprecationWarning, ConfigError
 from .refusals import DEFAULT_REFUSAL_PATTERNS
 
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"
@@ -37,15 +37,12 @@ KNOWN_SUBFOLDERS = {
 }
 
 
-class FacellmDeprecationWarning(FutureWarning):
-    """An old key or flag name was used; the CLI prints it as one ``note:`` line on stderr."""
-
-
 class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated.
 
-    ``renamed`` maps an old key to its new name: the old one keeps working for one
-    release, with a FacellmDeprecationWarning.
+    ``renamed`` maps an old key to its new (possibly nested, dotted) place: for one release
+    the old key keeps working, with a one-line ConfigDeprecationWarning. A key given in both
+    places keeps the new one (it came from a flag or a newer file).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -60,14 +57,20 @@ class StrictModel(BaseModel):
         for old, new in cls.renamed.items():
             if old not in data:
                 continue
-            if new in data:
-                raise ValueError(f"{old}: renamed to {new}; give only {new}")
+            value = data.pop(old)
+            *sections, key = new.split(".")
+            target = data
+            for section in sections:
+                nested = target.get(section)
+                nested = nested.model_dump(exclude_unset=True) if isinstance(nested, BaseModel) else dict(nested or {})
+                target[section] = nested
+                target = nested
+            target.setdefault(key, value)
             warnings.warn(
-                f"config key {old} is deprecated and will be removed in the next release; use {new}",
-                FacellmDeprecationWarning,
+                f"{old}: renamed to {new} (the old key works until the next release)",
+                ConfigDeprecationWarning,
                 stacklevel=2,
             )
-            data[new] = data.pop(old)
         return data
 
 
@@ -145,6 +148,78 @@ class FaceCropConfig(FaceDetectConfig):
     align: bool = Field(True, description="Rotate so the eye line is level.")
 
 
+# ---- endpoints (annotate, evaluate, ask --base-url, quickstart) ----
+
+
+class EndpointConfig(StrictModel):
+    """An OpenAI-compatible chat endpoint: where it is, which model, and how hard to push it."""
+
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: api.openai.com)."
+    )
+    model: str = Field(
+        "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
+    )
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the API key (the key itself is never stored); it must be set "
+        "when named. Default: OPENAI_API_KEY, which a local endpoint may go without.",
+    )
+    concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
+    rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
+    max_retries: int = Field(
+        6, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and connection errors."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
+    backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
+    backoff_max: float = Field(
+        30.0,
+        ge=0,
+        description="Largest backoff delay in seconds (a server's Retry-After is honoured even when longer).",
+    )
+    max_image_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+
+class RemoteModelConfig(EndpointConfig):
+    """A model served by an endpoint, used instead of a local one (GPT-4o, vLLM, ``facellm serve``)."""
+
+    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")  # type: ignore[assignment]
+    model: str = Field(None, validate_default=True, description="Model name the endpoint serves.")  # type: ignore[assignment]
+    concurrency: int = Field(8, gt=0, le=2048, description="Requests in flight at once.")
+    max_retries: int = Field(
+        4, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and dropped connections."
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_named(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("name the model the endpoint serves (--model NAME; GET <base_url>/models lists them)")
+        return v
+
+
+# The local-model options that mean nothing when an endpoint answers (rejected, not silently dropped).
+LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device", "threads")
+
+
+def local_options_with_endpoint(model: ModelConfig) -> str | None:
+    """The problem line when local-model options were set (to other than their defaults) with an endpoint, else None."""
+    fields = type(model).model_fields
+    given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set and getattr(model, k) != fields[k].default]
+    if not given:
+        return None
+    flags = ", ".join("--" + k for k in given)
+    return f"model.{given[0]}: {flags} set up a local model, but the endpoint (--base-url) answers; drop {flags} or --base-url"
+
+
 class AskConfig(StrictModel):
     """``facellm ask``: answer a question about one or more images."""
 
@@ -155,6 +230,22 @@ class AskConfig(StrictModel):
     face_crop: FaceCropConfig = Field(
         default_factory=FaceCropConfig, description="Detection and chip settings used with faces."
     )
+    endpoint: RemoteModelConfig | None = Field(
+        None, description="Ask a model served by an OpenAI-compatible endpoint instead of loading one."
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_checks(self) -> AskConfig:
+        problems = []
+        if self.endpoint is not None:
+            local = local_options_with_endpoint(self.model)
+            if local:
+                problems.append(local)
+            if self.faces:
+                problems.append("faces: --faces runs the detector next to a local model; drop --base-url for it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -163,13 +254,13 @@ C = TypeVar("C", bound=BaseModel)
 def _format_validation_error(err: ValidationError, source: str | None) -> ConfigError:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the command's --help)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        problems.append(f"{loc}: {msg}")
+        problems.append(f"{loc}: {msg}" if e["loc"] else msg)  # model validators name their keys themselves
     return ConfigError(problems, source)
 
 
@@ -443,22 +534,6 @@ class OverlapConfig(StrictModel):
 # ---- evaluate ----
 
 
-class EvalEndpointConfig(StrictModel):
-    """An OpenAI-compatible server to evaluate instead of a local model (GPT-4o, vLLM, ``facellm serve``)."""
-
-    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
-    model: str = Field(description="Model name the endpoint serves.")
-    api_key_env: str | None = Field(
-        None,
-        description="Environment variable holding the API key (never stored); it must be set when named. "
-        "Default: OPENAI_API_KEY, which a local endpoint may go without.",
-    )
-    concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
-    max_retries: int = Field(4, ge=0, description="Retries per question on 429, 5xx, timeouts and dropped connections.")
-    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
-    max_image_side: int | None = Field(1024, gt=0, description="Downscale images so the longer side is at most this.")
-
-
 class EvalGenerationConfig(GenerationConfig):
     """Decoding for generate mode: the benchmark asks for a letter, so answers are short by default."""
 
@@ -487,7 +562,7 @@ class EvalConfig(StrictModel):
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Local model to evaluate (ignored with endpoint)."
     )
-    endpoint: EvalEndpointConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
+    endpoint: RemoteModelConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
     mode: Literal["generate", "likelihood"] = Field(
         "generate",
         description="generate (default: answer, then parse the letter) | likelihood (pick the option letter the "
@@ -553,6 +628,8 @@ class EvalConfig(StrictModel):
             problems.append("split: --split only applies to --data (a build-dataset folder)")
         if self.endpoint is not None and self.mode == "likelihood":
             problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
+        if self.endpoint is not None and (local := local_options_with_endpoint(self.model)):
+            problems.append(local)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -582,13 +659,27 @@ class ModelPrice(StrictModel):
     output: float = Field(ge=0, description="USD per 1M completion tokens.")
 
 
+# Keys annotate configs had before the endpoint settings were nested (old -> endpoint.<new>).
+ANNOTATE_ENDPOINT_KEYS = {
+    "base_url": "endpoint.base_url",
+    "model": "endpoint.model",
+    "api_key_env": "endpoint.api_key_env",
+    "concurrency": "endpoint.concurrency",
+    "rpm": "endpoint.rpm",
+    "max_retries": "endpoint.max_retries",
+    "timeout": "endpoint.timeout_s",
+    "backoff_base": "endpoint.backoff_base",
+    "backoff_max": "endpoint.backoff_max",
+    "image_max_side": "endpoint.max_image_side",
+}
+
+
 class AnnotateConfig(StrictModel):
     """``facellm annotate``: question-answer pairs about face images from a VLM endpoint or from labels."""
 
     renamed: ClassVar[dict[str, str]] = {
+        **ANNOTATE_ENDPOINT_KEYS,
         "label_image_column": "labels_image_column",
-        "timeout": "timeout_s",
-        "image_max_side": "max_image_side",
         "refusal_phrases": "refusal_patterns",
     }
 
@@ -629,32 +720,11 @@ class AnnotateConfig(StrictModel):
     )
     prompts: str = Field("fairfacegpt-v1", description="Built-in prompt set name or a YAML prompt-set file.")
     aspects: list[str] | None = Field(None, description="Subset of the prompt set's aspect keys (default: all).")
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: api.openai.com)."
-    )
-    model: str = Field(
-        "gpt-4o-2024-11-20", description="Model name sent to the endpoint (the paper used gpt-4o-2024-11-20)."
-    )
-    api_key_env: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding the API key (the key itself is never stored); it must be set "
-        "when named. Default: OPENAI_API_KEY, which a local endpoint may go without.",
-    )
-    concurrency: int = Field(64, gt=0, le=2048, description="Most requests in flight at once.")
-    rpm: int | None = Field(None, gt=0, description="Optional cap on requests started per minute.")
-    max_retries: int = Field(
-        6, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and connection errors."
+    endpoint: EndpointConfig = Field(
+        default_factory=EndpointConfig, description="The OpenAI-compatible endpoint asked (provider openai)."
     )
     max_reasks: int = Field(
         2, ge=0, le=20, description="Re-asks per item after a refusal, an empty or a malformed answer."
-    )
-    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request times out (then it is retried).")
-    backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
-    backoff_max: float = Field(
-        30.0,
-        ge=0,
-        description="Largest backoff delay in seconds (a server's Retry-After is honoured even when longer).",
     )
     structured_output: Literal["auto", "json_schema", "text"] = Field(
         "auto",
@@ -667,7 +737,6 @@ class AnnotateConfig(StrictModel):
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature (None: the endpoint's default)."
     )
-    max_image_side: int | None = Field(1024, gt=0, description="Images larger than this are downscaled before sending.")
     image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
     refusal_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
@@ -694,7 +763,7 @@ class AnnotateConfig(StrictModel):
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
 
-    # Field validators (not one model validator) so each error names its key: "base_url: ...".
+    # Field validators (not one model validator) so each error names its key: "labels: ...".
     @field_validator("labels")
     @classmethod
     def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
@@ -707,13 +776,6 @@ class AnnotateConfig(StrictModel):
     def _faces_need_photos(cls, v: bool, info: ValidationInfo) -> bool:
         if v and info.data.get("labels"):
             raise ValueError("faces crops photos given as images; labels describe whole images (drop one of them)")
-        return v
-
-    @field_validator("base_url")
-    @classmethod
-    def _url_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"'{v}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
         return v
 
     @field_validator("aspects")
@@ -917,7 +979,12 @@ class FinetuneConfig(StrictModel):
 class QuickstartConfig(StrictModel):
     """``facellm quickstart``: the whole FaceLLM loop offline on synthetic faces and a tiny model."""
 
-    renamed: ClassVar[dict[str, str]] = {"force": "overwrite"}
+    renamed: ClassVar[dict[str, str]] = {
+        "base_url": "endpoint.base_url",
+        "annotate_model": "endpoint.model",
+        "api_key_env": "endpoint.api_key_env",
+        "force": "overwrite",
+    }
 
     out: str = Field(
         "facellm-quickstart", description="Folder for every artefact (must be new or empty unless overwrite)."
@@ -926,13 +993,10 @@ class QuickstartConfig(StrictModel):
     image_size: int = Field(64, ge=32, description="Side of the drawn faces and of the tiny model's input, in pixels.")
     seed: int = Field(0, description="Seed for faces, splits, model weights and training.")
     epochs: float = Field(4.5, gt=0, description="Training epochs over the train split.")
-    base_url: str | None = Field(
-        None, description="Annotate with this OpenAI-compatible endpoint instead of the offline template provider."
-    )
-    annotate_model: str = Field("gpt-4o-2024-11-20", description="Model name for --base-url annotation.")
-    api_key_env: str | None = Field(
+    endpoint: EndpointConfig | None = Field(
         None,
-        description="Environment variable with the endpoint's key (default: OPENAI_API_KEY; must be set when named).",
+        description="Annotate with this OpenAI-compatible endpoint (its base_url must be set) instead of the offline "
+        "template provider.",
     )
     overwrite: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
     threads: int | None = Field(
@@ -940,3 +1004,8 @@ class QuickstartConfig(StrictModel):
         gt=0,
         description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
     )
+
+    @property
+    def annotate_endpoint(self) -> EndpointConfig | None:
+        """The endpoint annotate asks, or None for the offline template provider."""
+        return self.endpoint if self.endpoint is not None and self.endpoint.base_url else None

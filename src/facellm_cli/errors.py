@@ -63,3 +63,7 @@ class DataError(FacellmError):
 
 class OutputExistsError(FacellmError):
     """An output would overwrite earlier work."""
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key or flag that still works but has a new name; the CLI prints it as one line."""

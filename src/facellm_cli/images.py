@@ -13,6 +13,7 @@ import io
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,3 +167,36 @@ def encode_data_uri(img: PILImage.Image, fmt: str = "PNG") -> str:
     img.save(buf, format=fmt)
     mime = "jpeg" if fmt.upper() in ("JPG", "JPEG") else fmt.lower()
     return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class EncodedImage:
+    """An image ready for an OpenAI-style ``image_url`` part, with the size the endpoint sees."""
+
+    data_uri: str
+    width: int
+    height: int
+
+
+def encode_for_request(
+    source: str | os.PathLike[str] | bytes, max_side: int | None = None, *, name: str | None = None
+) -> EncodedImage:
+    """Validate (decode) an image, then send its own JPEG/PNG bytes when they fit, else a downscaled JPEG.
+
+    Sending the file's own bytes keeps the exact pixels the labels were made for and
+    costs no re-encoding; only oversized or exotic formats are re-encoded. The one
+    encoder behind annotate, evaluate and ``ask --base-url``.
+    """
+    import base64
+
+    img = open_image(source, name=name)
+    w, h = img.size
+    fits = not max_side or max(w, h) <= max_side
+    raw = b""
+    if fits:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    mime = "jpeg" if raw.startswith(b"\xff\xd8\xff") else "png" if raw.startswith(b"\x89PNG") else None
+    if mime is not None:
+        return EncodedImage(f"data:image/{mime};base64," + base64.b64encode(raw).decode("ascii"), w, h)
+    img = fit_within(img, max_side)
+    return EncodedImage(encode_data_uri(img, "JPEG"), img.width, img.height)

@@ -130,20 +130,17 @@ def quickstart(
     )
     done()
 
-    done = stage("annotate" if cfg.base_url is None else f"annotate ({cfg.base_url})")
+    endpoint = cfg.annotate_endpoint
+    done = stage("annotate" if endpoint is None else f"annotate ({endpoint.base_url})")
     ann_path = out / "annotations.jsonl"
     ann_cfg = AnnotateConfig(
         images=[str(faces.out_dir)],
         labels=str(faces.labels_csv),
         image_root=str(faces.out_dir),
         out=str(ann_path),
-        provider="template" if cfg.base_url is None else "openai",
-        aspects=["expression"] if cfg.base_url is None else ["expression_emotion"],
-        **(
-            {"base_url": cfg.base_url, "model": cfg.annotate_model, "api_key_env": cfg.api_key_env}
-            if cfg.base_url
-            else {}
-        ),
+        provider="template" if endpoint is None else "openai",
+        aspects=["expression"] if endpoint is None else ["expression_emotion"],
+        **({"endpoint": endpoint} if endpoint is not None else {}),
     )
     summary = annotate(
         ann_cfg, api_key=api_key, on_progress=(lambda st: progress(st.done, st.total)) if progress else None

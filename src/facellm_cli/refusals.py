@@ -75,3 +75,12 @@ def is_refusal(text: str, patterns: Iterable[str] | None = None) -> bool:
         return False  # an explicitly empty list disables detection
     norm = _normalise(text)
     return any(p in norm for p in pats)
+
+
+def classify_answer(text: str | None, phrases: list[str], min_chars: int = 2) -> str | None:
+    """None for a usable answer, else 'empty' or 'refusal' (annotate re-asks both)."""
+    if text is None or len(text.strip()) < min_chars:
+        return "empty"
+    if is_refusal(text, phrases):
+        return "refusal"
+    return None

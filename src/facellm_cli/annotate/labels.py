@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from ..faces import face_ref
@@ -106,41 +107,49 @@ def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
     rows: list[tuple[int, dict[str, object]]] = []
     try:
         with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=True)
-            header: list[str] = []
-            prev_end = 0  # last physical line of the previous record; the next one starts after it
-            try:
-                while not header:
-                    header = next(reader)
-                    prev_end = reader.line_num
-                for row in reader:
-                    line, end = prev_end + 1, reader.line_num
-                    prev_end = end
-                    if not row:  # blank line
-                        continue
-                    if end > line and any("\n" in c or "\r" in c for c in row):
-                        problems.append(
-                            f"{p} line {line}: a quoted cell runs on to line {end}, merging rows "
-                            '(a stray " in the file?); fix the quoting (not a valid CSV)'
-                        )
-                        continue
-                    if len(row) != len(header):
-                        what = "few" if len(row) < len(header) else "many"
-                        problems.append(
-                            f"{p} line {line}: {len(row)} cells but the header has {len(header)} "
-                            f"({', '.join(header)}); too {what} cells in that row"
-                        )
-                        continue
-                    rows.append((line, dict(zip(header, row, strict=True))))
-            except StopIteration:
-                raise DataError(f"{p} is empty (a CSV needs a header row such as file,age,gender,race)") from None
-            except csv.Error as e:
-                problems.append(f"{p} line {prev_end + 1}: not a valid CSV ({e}); check the quoting from that line on")
+            _collect_csv(csv.reader(f, strict=True), p, rows, problems)
     except UnicodeDecodeError as e:
         raise DataError(f"{p} is not UTF-8 text ({e}); save it as UTF-8 CSV") from None
     if problems:
         raise DataError(_listed(problems))
     return rows
+
+
+def _collect_csv(reader: Any, p: Path, rows: list[tuple[int, dict[str, object]]], problems: list[str]) -> None:
+    header: list[str] = []
+    prev_end = 0  # last physical line of the previous record; the next one starts after it
+    try:
+        while not header:
+            header = next(reader)
+            prev_end = reader.line_num
+        for row in reader:
+            line, prev_end = prev_end + 1, reader.line_num
+            if not row:  # blank line
+                continue
+            problem = _csv_row_problem(p, header, row, line, prev_end)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                rows.append((line, dict(zip(header, row, strict=True))))
+    except StopIteration:
+        raise DataError(f"{p} is empty (a CSV needs a header row such as file,age,gender,race)") from None
+    except csv.Error as e:
+        problems.append(f"{p} line {prev_end + 1}: not a valid CSV ({e}); check the quoting from that line on")
+
+
+def _csv_row_problem(p: Path, header: list[str], row: list[str], line: int, end: int) -> str | None:
+    if end > line and any("\n" in c or "\r" in c for c in row):
+        return (
+            f"{p} line {line}: a quoted cell runs on to line {end}, merging rows "
+            '(a stray " in the file?); fix the quoting (not a valid CSV)'
+        )
+    if len(row) != len(header):
+        what = "few" if len(row) < len(header) else "many"
+        return (
+            f"{p} line {line}: {len(row)} cells but the header has {len(header)} "
+            f"({', '.join(header)}); too {what} cells in that row"
+        )
+    return None
 
 
 MAX_LISTED = 100
@@ -226,7 +235,6 @@ class ImageItem:
 class Inputs:
     items: list[ImageItem]
     problems: Problems
-    unlabelled: int = 0
 
 
 def _stored_name(path: Path, image_root: Path | None) -> str:
@@ -262,27 +270,38 @@ def collect_inputs(
     if table is not None:
         check_label_values(table, label_values or {})
         problems.extend(table.problems)
-
     if not images:
         assert table is not None  # the config requires images or labels
-        base = root or table.source.parent
-        items: list[ImageItem] = []
-        seen: set[Path] = set()
-        for row in table.rows:
-            path = base / row.image
-            if path in seen:
-                problems.append(f"duplicate label row for {row.image}: {table.source} line {row.line} (first one kept)")
-                continue
-            seen.add(path)
-            if not path.is_file():
-                problems.skip(f"image not found: {path} (listed in {table.source.name} line {row.line})")
-                continue
-            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels, face=row.face))
-        return Inputs(items=items, problems=problems)
+        return Inputs(items=_items_from_table(table, root, problems), problems=problems)
+    paths = _image_paths(images, problems)
+    items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
+    if table is not None:
+        _join_labels(items, table, root, images, problems)
+    return Inputs(items=items, problems=problems)
 
-    found = find_images(images)
+
+def _items_from_table(table: LabelTable, root: Path | None, problems: Problems) -> list[ImageItem]:
+    """Without image arguments the label rows are the images (resolved against the root, else the file's folder)."""
+    base = root or table.source.parent
+    items: list[ImageItem] = []
+    seen: set[Path] = set()
+    for row in table.rows:
+        path = base / row.image
+        if path in seen:
+            problems.append(f"duplicate label row for {row.image}: {table.source} line {row.line} (first one kept)")
+        elif not path.is_file():
+            seen.add(path)
+            problems.skip(f"image not found: {path} (listed in {table.source.name} line {row.line})")
+        else:
+            seen.add(path)
+            items.append(ImageItem(path=path, name=_stored_name(path, root), labels=row.labels, face=row.face))
+    return items
+
+
+def _image_paths(images: list[str], problems: Problems) -> list[Path]:
+    """Image files found in the arguments; what cannot be an image is skipped (and counted)."""
     paths: list[Path] = []
-    for p in found:
+    for p in find_images(images):
         if str(p) == "-":
             problems.skip("'-' (stdin) is not supported by annotate: give image files or folders")
         elif not p.exists():
@@ -291,43 +310,55 @@ def collect_inputs(
             problems.skip(f"not an image file name: {p} (expected .jpg, .png, .webp, ...)")
         elif p.is_file():
             paths.append(p)
-    items = [ImageItem(path=p, name=_stored_name(p, root), labels={}) for p in paths]
-    if table is None:
-        return Inputs(items=items, problems=problems, unlabelled=len(items))
+    return paths
 
-    by_resolved = {p.resolve(): i for i, p in enumerate(paths)}
-    by_name: dict[str, list[int]] = {}
-    for i, p in enumerate(paths):
-        by_name.setdefault(p.name, []).append(i)
-    bases = [b for b in [root, table.source.parent, *[Path(a) for a in images if Path(a).is_dir()]] if b is not None]
-    asked_dirs = [Path(a).resolve() for a in images if Path(a).is_dir()]
+
+class _ImageIndex:
+    """The images by resolved path and by file name, to find the one a label row names in O(1)."""
+
+    def __init__(self, items: list[ImageItem]) -> None:
+        self.paths = [it.path.resolve() for it in items]
+        self.by_resolved = {p: i for i, p in enumerate(self.paths)}
+        self.by_name: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            self.by_name.setdefault(it.path.name, []).append(i)
+
+    def find(self, image: str, bases: list[Path]) -> int | None:
+        """By path under one of ``bases``, else by a unique matching path tail."""
+        for base in bases:
+            idx = self.by_resolved.get((base / image).resolve())
+            if idx is not None:
+                return idx
+        # Fall back to the path's tail: "train/1.jpg" is fairface/train/1.jpg, never fairface/val/1.jpg.
+        tail = Path(image).parts
+        same = [i for i in self.by_name.get(Path(image).name, []) if self.paths[i].parts[-len(tail) :] == tail]
+        return same[0] if len(same) == 1 else None
+
+
+def _join_labels(
+    items: list[ImageItem], table: LabelTable, root: Path | None, images: list[str], problems: Problems
+) -> None:
+    """Give each image its label row; rows for images not asked for are not problems."""
+    asked_dirs = [Path(a) for a in images if Path(a).is_dir()]
+    bases = [b for b in [root, table.source.parent, *asked_dirs] if b is not None]
+    resolved_dirs = [d.resolve() for d in asked_dirs]
+    index = _ImageIndex(items)
     matched: set[int] = set()
     for row in table.rows:
-        idx = None
-        for base in bases:
-            idx = by_resolved.get((base / row.image).resolve())
-            if idx is not None:
-                break
-        if idx is None:
-            # Fall back to the path's tail: "train/1.jpg" is fairface/train/1.jpg, never fairface/val/1.jpg.
-            tail = Path(row.image).parts
-            same = [i for i in by_name.get(Path(row.image).name, []) if paths[i].resolve().parts[-len(tail) :] == tail]
-            idx = same[0] if len(same) == 1 else None
+        idx = index.find(row.image, bases)
         if idx is None:
             # Missing from a folder being annotated: a problem. Elsewhere: an image not asked for
             # (a few images, or one folder, annotated with the full labels file), not a problem.
-            if _lands_in(row.image, [b for b in (root, table.source.parent) if b is not None], asked_dirs):
+            if _lands_in(row.image, [b for b in (root, table.source.parent) if b is not None], resolved_dirs):
                 problems.append(f"label row without an image: {row.image} ({table.source.name} line {row.line})")
-            continue
-        if idx in matched:
+        elif idx in matched:
             problems.append(
                 f"duplicate label row for {row.image}: {table.source.name} line {row.line} (first one kept)"
             )
-            continue
-        matched.add(idx)
-        items[idx].labels = row.labels
-        items[idx].face = row.face
-    return Inputs(items=items, problems=problems, unlabelled=len(items) - len(matched))
+        else:
+            matched.add(idx)
+            items[idx].labels = row.labels
+            items[idx].face = row.face
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -1,6 +1,6 @@
 """Rendering for ``facellm annotate``: a rich progress bar on stderr and the summary lines.
 
-Kept apart from ``pipeline`` so the library stays print-free; the CLI passes
+Kept apart from the run so the library stays print-free; the CLI passes
 :meth:`AnnotateProgress.update` as the pipeline's ``on_progress`` callback.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._progress import ProgressBar
-from .pipeline import AnnotateSummary, ProgressState
+from .run import AnnotateSummary, ProgressState
 
 
 class AnnotateProgress(ProgressBar):

@@ -20,6 +20,7 @@ and unknown ``{placeholders}`` are errors).
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -282,3 +283,26 @@ def grouped_json_schema(aspects: list[AspectTemplate]) -> dict[str, object]:
             },
         },
     }
+
+
+def parse_grouped(text: str | None, keys: list[str]) -> dict[str, str | None]:
+    """JSON object (bare, or fenced/embedded in text) -> {key: answer or None}. Raises ValueError when malformed."""
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    if text is None:
+        raise ValueError("no content")
+    s = text.strip()
+    start, end = s.find("{"), s.rfind("}")
+    if start == -1 or end <= start:
+        raise ValueError("no JSON object in the answer")
+    data = json.loads(s[start : end + 1])
+    if not isinstance(data, dict):
+        raise ValueError("answer is not a JSON object")
+    model = create_model(  # type: ignore[call-overload]
+        "GroupedAnswers", __config__=ConfigDict(extra="ignore"), **{k: (str | None, None) for k in keys}
+    )
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"answer does not match the schema ({e.error_count()} problems)") from None
+    return {k: getattr(parsed, k) for k in keys}

@@ -7,8 +7,9 @@ Three ways to answer, one prediction format:
 * ``likelihood`` — one forward pass per batch; the option whose letter token
   ("A" or " A") the model scores highest after the prompt is the answer, so
   nothing needs parsing;
-* endpoint — any OpenAI-compatible server, a bounded number of requests in
-  flight, retries with backoff on 429/5xx/timeouts.
+* endpoint — any OpenAI-compatible server through the shared
+  :class:`facellm_cli.endpoint.client.ChatClient` (bounded concurrency, retries
+  on 429/5xx/timeouts honouring Retry-After).
 
 Every answered question is appended to ``predictions.jsonl`` at once, so an
 interrupted run resumes where it stopped; the lines carry a fingerprint of the
@@ -21,16 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import EvalConfig, config_to_dict, dump_config
 from ..errors import ConfigError, EndpointError, OutputExistsError
-from ..images import encode_data_uri, fit_within, open_image
+from ..images import open_image
 from ..io import JsonlAppender, atomic_write_json, read_jsonl
 from ..schema import LETTERS, MCQuestion, format_mcq_prompt
 from .facexbench import CATEGORY_NAMES, check_images_exist, find_benchmark_dir, load_facexbench
@@ -239,94 +238,70 @@ def _last_logits(model: Any, enc: Any, last: Any) -> Any:
 
 
 class EndpointBackend:
-    """Answers from an OpenAI-compatible chat endpoint, ``concurrency`` requests in flight."""
+    """Answers from an OpenAI-compatible chat endpoint through the shared :class:`ChatClient`.
 
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+    ``concurrency`` questions in flight; 429/5xx/timeouts are retried by the client
+    (honouring Retry-After); a malformed answer is asked again up to ``max_retries`` times.
+    """
 
     def __init__(self, cfg: EvalConfig, api_key: str | None) -> None:
-        from openai import OpenAI
+        from ..endpoint.client import ChatClient
 
         assert cfg.endpoint is not None
         self.cfg = cfg
         self.ep = cfg.endpoint
-        self.calls = 0
-        self.client = OpenAI(
-            base_url=self.ep.base_url, api_key=api_key or "EMPTY", timeout=self.ep.timeout_s, max_retries=0
-        )
+        gen = cfg.generation
+        self.client = ChatClient(self.ep, api_key, max_tokens=gen.max_new_tokens, temperature=gen.temperature)
+
+    @property
+    def calls(self) -> int:
+        """HTTP requests made, retries included."""
+        return self.client.stats.requests
 
     def messages(self, q: MCQuestion) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": encode_data_uri(fit_within(img, self.ep.max_image_side))}}
-            for img in _open_all(q)
-        ]
-        content.append(
-            {"type": "text", "text": format_mcq_prompt(q, with_task_description=self.cfg.with_task_description)}
+        from ..endpoint.messages import chat_messages
+        from ..images import encode_for_request
+
+        images = [encode_for_request(p, self.ep.max_image_side).data_uri for p in q.images]
+        text = format_mcq_prompt(q, with_task_description=self.cfg.with_task_description)
+        return chat_messages(self.cfg.generation.system, text, images, images_first=True)
+
+    def _failed(self, q: MCQuestion, e: Any) -> EndpointError:
+        from ..endpoint.client import RETRY_STATUS
+
+        base = self.ep.base_url
+        if e.attempts == 1 and e.status is not None and e.status < 500 and e.status not in RETRY_STATUS:
+            return EndpointError(f"endpoint {base} refused question {q.id}: {e}")
+        return EndpointError(
+            f"endpoint {base} failed question {q.id} after {e.attempts} attempts ({e.reason}); "
+            "answers so far are saved; rerun the same command to resume"
         )
-        msgs: list[dict[str, Any]] = []
-        if self.cfg.generation.system:
-            msgs.append({"role": "system", "content": self.cfg.generation.system})
-        msgs.append({"role": "user", "content": content})
-        return msgs
 
-    def ask(self, q: MCQuestion) -> Answer:
-        import openai
+    async def ask(self, q: MCQuestion) -> Answer:
+        import asyncio
 
-        msgs = self.messages(q)
-        gen = self.cfg.generation
-        last_err = ""
-        for attempt in range(self.ep.max_retries + 1):
-            if attempt:
-                time.sleep(min(8.0, 0.25 * 2**attempt))
-            self.calls += 1
+        from ..endpoint.client import RequestFailed
+
+        msgs = await asyncio.to_thread(self.messages, q)
+        malformed = ""
+        for _ in range(self.ep.max_retries + 1):
             try:
-                r = self.client.chat.completions.create(
-                    model=self.ep.model,
-                    messages=msgs,
-                    max_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature,  # type: ignore[arg-type]
-                )
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                last_err = f"{type(e).__name__}: {e}"
-                continue
-            except openai.APIStatusError as e:
-                last_err = f"HTTP {e.status_code}: {str(e)[:200]}"
-                if e.status_code in self.RETRY_STATUS:
-                    continue
-                raise EndpointError(f"endpoint {self.ep.base_url} refused question {q.id}: {last_err}") from None
-            try:
-                return Answer(raw=r.choices[0].message.content or "")
-            except (AttributeError, IndexError, TypeError):
-                last_err = "malformed response (no choices[0].message.content)"
-                continue
+                result = await self.client.chat(msgs)
+            except RequestFailed as e:
+                raise self._failed(q, e) from None
+            if result.malformed is None:
+                return Answer(raw=result.text or "")
+            malformed = result.malformed
         raise EndpointError(
             f"endpoint {self.ep.base_url} failed question {q.id} after {self.ep.max_retries + 1} attempts "
-            f"({last_err}); "
-            "answers so far are saved; rerun the same command to resume"
+            f"(malformed response: {malformed}); answers so far are saved; rerun the same command to resume"
         )
 
     def run(self, questions: Sequence[MCQuestion]) -> Iterator[tuple[MCQuestion, Answer]]:
         """Yield (question, answer) as they complete, never more than ``concurrency`` in flight."""
-        it = iter(questions)
-        with ThreadPoolExecutor(max_workers=self.ep.concurrency) as pool:
-            pending: dict[Future[Answer], MCQuestion] = {}
-            for q in it:
-                pending[pool.submit(self.ask, q)] = q
-                if len(pending) >= self.ep.concurrency:
-                    break
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    q = pending.pop(fut)
-                    try:
-                        ans = fut.result()
-                    except BaseException:
-                        for f in pending:
-                            f.cancel()
-                        raise
-                    yield q, ans
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending[pool.submit(self.ask, nxt)] = nxt
+        from ..endpoint.client import as_completed, iterate_sync
+
+        return iterate_sync(self.client, as_completed(questions, self.ask, self.ep.concurrency))
 
 
 # ---------------------------------------------------------------- run
