@@ -96,6 +96,9 @@ def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     return lm
 
 
+# With --base-url, --model names the served model (_endpoint_flags moves it to endpoint.model).
+MODEL_OR_SERVED = "Hub id or local model folder; with --base-url, the model name the endpoint serves."
+
 # ---- ask ----
 A = Options(AskConfig)
 
@@ -106,9 +109,7 @@ def ask(
         list[str],
         typer.Argument(help="IMAGE... QUESTION: image files, folders, globs or - (stdin), then the question."),
     ],
-    model: A(
-        "model.model", "-m", help="Hub id or local model folder; with --base-url, the model name it serves."
-    ) = None,
+    model: A("model.model", "-m", help=MODEL_OR_SERVED) = None,
     subfolder: A("model.subfolder") = None,
     adapter: A("model.adapter") = None,
     quantization: A("model.quantization", "-q") = None,
@@ -234,9 +235,7 @@ def evaluate(
     data_dir: E("data_dir") = None,
     data: E("data") = None,
     image_root: E("image_root") = None,
-    model: E(
-        "model.model", "-m", help="Hub id or local model folder; with --base-url, the model name it serves."
-    ) = None,
+    model: E("model.model", "-m", help=MODEL_OR_SERVED) = None,
     subfolder: E("model.subfolder") = None,
     adapter: E("model.adapter") = None,
     quantization: E("model.quantization", "-q") = None,
