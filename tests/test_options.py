@@ -211,10 +211,29 @@ def test_tiny_model_old_force_flag(tmp_path: Path, cli) -> None:  # noqa: ANN001
     assert r.err.count("deprecated: --force: renamed to --overwrite") == 1
 
 
-def test_flags_in_error_hints_exist() -> None:
-    """Hints name flags that exist (or --set keys that do): no --attn-implementation, --trust-remote-code."""
-    src = (Path(__file__).parents[1] / "src/facellm_cli/models/loader.py").read_text()
-    assert "--attn-implementation" not in src and "--trust-remote-code" not in src
-    assert "--set model.attn_implementation=" in src and "--set model.trust_remote_code=true" in src
+def _all_flags(group: Any) -> set[str]:
+    flags = {"--help"}
+    for cmd in getattr(group, "commands", {}).values():
+        for param in cmd.params:
+            flags.update(getattr(param, "opts", []), getattr(param, "secondary_opts", []))
+        flags |= _all_flags(cmd)
+    return flags
+
+
+def test_flags_named_in_library_messages_exist() -> None:
+    """A hint like 'use --attn-implementation eager' must name a flag some command has (or a --set key)."""
+    import re
+
+    root = get_command(app)
+    known = _all_flags(root) | {o for p in root.params for o in p.opts}
+    other_tools = {"--include", "--local-dir"}  # huggingface-cli download, in the offline-weights hint
+    unknown = {}
+    for path in (Path(__file__).parents[1] / "src/facellm_cli").rglob("*.py"):
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", path.read_text(encoding="utf-8")):
+            if flag not in known and flag not in other_tools:
+                unknown.setdefault(flag, path.name)
+    assert unknown == {}
+    loader = (Path(__file__).parents[1] / "src/facellm_cli/models/loader.py").read_text(encoding="utf-8")
+    assert "--set model.attn_implementation=" in loader and "--set model.trust_remote_code=true" in loader
     config_field(AskConfig, "model.attn_implementation")
     config_field(AskConfig, "model.trust_remote_code")
