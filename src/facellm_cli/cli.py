@@ -86,14 +86,15 @@ def _root(
 
 def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     quiet_libraries()
-    from .models.loader import load_model_and_processor
+    from .infer.engine import load_engine
 
-    with err_console().status(f"loading {model_cfg.model} ..."):
-        lm = load_model_and_processor(model_cfg)
-    threads = lm.extras.get("threads")
+    with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
+        engine = load_engine(model_cfg)
+    loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
+    threads = loaded.extras.get("threads") if loaded is not None else None
     if threads is not None and threads.note:
         err_console().print(f"[yellow]note:[/yellow] {threads.note}")
-    return lm
+    return engine
 
 
 # With --base-url, --model names the served model (_endpoint_flags moves it to endpoint.model).
@@ -115,6 +116,7 @@ def ask(
     quantization: A("model.quantization", "-q") = None,
     device: A("model.device") = None,
     dtype: A("model.dtype") = None,
+    engine: A("model.engine") = None,
     threads: A("model.threads", min=1) = None,
     max_new_tokens: A("generation.max_new_tokens") = None,
     temperature: A("generation.temperature") = None,
@@ -241,6 +243,7 @@ def evaluate(
     quantization: E("model.quantization", "-q") = None,
     device: E("model.device") = None,
     dtype: E("model.dtype") = None,
+    engine: E("model.engine") = None,
     threads: E("model.threads", min=1) = None,
     base_url: E("endpoint.base_url") = None,
     api_key_env: E("endpoint.api_key_env") = None,
@@ -380,6 +383,7 @@ def serve(
     quantization: S("model.quantization", "-q") = None,
     device: S("model.device") = None,
     dtype: S("model.dtype") = None,
+    engine: S("model.engine") = None,
     threads: S("model.threads", min=1) = None,
     host: S("host") = None,
     port: S("port", "-p") = None,

@@ -82,7 +82,13 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
 
 
 def context_length(lm: LoadedModel) -> int | None:
-    """Positions the language model was built for (``max_position_embeddings``), or None when not recorded."""
+    """Positions the language model was built for (``max_position_embeddings``), or None when not recorded.
+
+    An engine may be given too: the vLLM engine's context is its ``max_model_len``."""
+    fixed = getattr(lm, "context_length", None)
+    if isinstance(fixed, int):
+        return fixed
+    lm = getattr(lm, "lm", lm)  # the transformers engine's loaded model
     conf = getattr(lm.model, "config", None)
     for c in (getattr(conf, "text_config", None), conf):
         n = getattr(c, "max_position_embeddings", None) if c is not None else None
