@@ -92,9 +92,9 @@ def test_read_only_output_folder_is_refused_before_the_model_loads(
     config = _config(tmp_path / "run.yaml", tiny_internvl, face_data, small_disk.where / "run")
     r = cli("finetune", "--config", config)
     assert r.code == 1
-    assert (
-        f"out: cannot write to {small_disk.where} (read-only or no permission); choose another --out"
-    ) in " ".join(r.err.split())
+    assert (f"out: cannot write to {small_disk.where} (read-only or no permission); choose another --out") in " ".join(
+        r.err.split()
+    )
 
 
 def test_write_failures_are_named_with_their_cause_and_the_way_on(tmp_path: Path) -> None:

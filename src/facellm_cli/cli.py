@@ -84,7 +84,7 @@ def _root(
     """FaceLLM as a tool (paper: arXiv 2507.10300)."""
 
 
-def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
+def _load(model_cfg):  # torch types are imported lazily
     quiet_libraries()
     from ._progress import ProgressBar
     from .infer.engine import load_engine

@@ -659,7 +659,9 @@ class EvalConfig(StrictModel):
         "keeps its share.",
     )
     sample_seed: int = Field(0, description="Seed of the --limit sample (same seed, same questions).")
-    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories (a, b or a,b).")
+    tasks: list[str] | None = Field(
+        None, description="Only these tasks (file stems), sub-tasks or categories (a, b or a,b)."
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -670,6 +672,7 @@ class EvalConfig(StrictModel):
         if isinstance(v, list) and all(isinstance(t, str) for t in v):
             return [t.strip() for item in v for t in item.split(",") if t.strip()]
         return v
+
     with_task_description: bool = Field(
         False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
     )
@@ -843,7 +846,6 @@ class AnnotateConfig(StrictModel):
         200_000_000, gt=0, le=200 * 1024 * 1024, description="Largest batch file in bytes (API limit 200 MB)."
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
-
 
     @field_validator("aspects")
     @classmethod

@@ -58,7 +58,6 @@ OUTPUT_NAMES = (
 MAX_BALANCE_VALUES = 50
 
 
-
 @dataclass
 class BuildReport:
     """What build-dataset did: returned to the CLI, also the basis of ``--json``."""
