@@ -6,16 +6,19 @@ Kept apart from the run so the library stays print-free; the CLI passes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .._progress import ProgressBar
 from .run import AnnotateSummary, ProgressState
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class AnnotateProgress(ProgressBar):
     """The shared bar plus failed / in flight / tokens, fed from the pipeline's ProgressState."""
 
-    def __init__(self, console: Any, description: str) -> None:
+    def __init__(self, console: Console, description: str) -> None:
         super().__init__(
             console,
             description,

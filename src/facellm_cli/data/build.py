@@ -559,8 +559,8 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
             shutil.rmtree(staging, ignore_errors=True)
             raise
     finally:
-        for s in sources:
-            s.close()
+        for source in sources:
+            source.close()
 
     return BuildReport(
         out_dir=str(out.resolve()),

@@ -404,10 +404,11 @@ def signatures_from(values: Sequence[bytes | str], paths: Sequence[str], hashed:
 
     good = [i for i, v in enumerate(values) if isinstance(v, bytes)]
     unreadable = {paths[i]: str(v) for i, v in enumerate(values) if not isinstance(v, bytes)}
-    raw = np.frombuffer(b"".join(values[i] for i in good), dtype=np.uint8).reshape(len(good), _SIG_BYTES)  # type: ignore[misc]
+    blob = b"".join(v for v in values if isinstance(v, bytes))  # the values at `good`, in order
+    raw = np.frombuffer(blob, dtype=np.uint8).reshape(len(good), _SIG_BYTES)
     words = np.ascontiguousarray(raw[:, :16]).view(">u8").astype(np.uint64).reshape(len(good), 2)
     chroma = raw[:, 16:].astype(np.int16)
-    gray = (np.abs(chroma - 128) <= GRAY_CHROMA).all(axis=1)
+    gray = np.asarray((np.abs(chroma - 128) <= GRAY_CHROMA).all(axis=1))  # (numpy types all(axis) as bool | array)
     return Signatures([paths[i] for i in good], words, chroma, gray, unreadable, hashed=hashed)
 
 

@@ -321,7 +321,7 @@ def iterate_sync(client: ChatClient, pieces: AsyncIterator[T]) -> Iterator[T]:
     try:
         while True:
             try:
-                yield loop.run_until_complete(pieces.__anext__())  # type: ignore[attr-defined]
+                yield loop.run_until_complete(pieces.__anext__())
             except StopAsyncIteration:
                 return
     finally:

@@ -37,6 +37,8 @@ from .scoring import parse_answer
 from .sets import load_jsonl_set
 
 if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
     from ..models.loader import LoadedModel
 
 PREDICTIONS = "predictions.jsonl"
@@ -129,7 +131,7 @@ class Answer:
     scores: list[float] | None = None
 
 
-def _open_all(q: MCQuestion) -> list[Any]:
+def _open_all(q: MCQuestion) -> list[PILImage.Image]:
     return [open_image(p) for p in q.images]
 
 
@@ -349,8 +351,10 @@ def read_cached(path: Path, fingerprint: str, spec: dict[str, Any]) -> dict[str,
 
 def prediction_record(q: MCQuestion, ans: Answer, fingerprint: str, spec: dict[str, Any]) -> dict[str, Any]:
     """The line written to predictions.jsonl for one answered question."""
+    letter: str | None
     if ans.scores is not None:
-        best = max(range(len(ans.scores)), key=lambda i: ans.scores[i])  # type: ignore[index]
+        scores = ans.scores
+        best = max(range(len(scores)), key=lambda i: scores[i])
         letter, how = LETTERS[best], "likelihood"
     else:
         parsed = parse_answer(ans.raw, q.options)
@@ -449,14 +453,15 @@ def evaluate(
     if todo:
         with JsonlAppender(pred_path) as sink:
             if cfg.endpoint is not None:
-                backend: EndpointBackend | LocalBackend = EndpointBackend(cfg, api_key)
-                for q, ans in backend.run(todo):
+                remote = EndpointBackend(cfg, api_key)
+                for q, ans in remote.run(todo):
                     rec = prediction_record(q, ans, fp, spec)
                     sink.write(rec)
                     cached[q.id] = rec
                     done += 1
                     if progress:
                         progress(done, total)
+                calls = remote.calls
             else:
                 if lm is None:
                     lm = load_model() if load_model else _load(cfg)
@@ -469,7 +474,7 @@ def evaluate(
                     done += len(batch)
                     if progress:
                         progress(done, total)
-            calls = backend.calls
+                calls = backend.calls
     records = [rescore(cached[q.id]) for q in questions]
     meta = {
         "model": spec.get("model"),

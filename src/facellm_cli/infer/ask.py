@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
@@ -61,7 +61,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-def _open(path: str, stdin_bytes: bytes | None) -> object:
+def _open(path: str, stdin_bytes: bytes | None) -> PILImage.Image:
     if path == "-":
         return open_image(stdin_bytes or b"", name="<stdin>")
     return open_image(path)
@@ -73,7 +73,7 @@ def ask_stream(
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
     check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
-    yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)  # type: ignore[list-item]
+    yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)
 
 
 def ask_many(
@@ -81,13 +81,13 @@ def ask_many(
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
     check_max_new_tokens(lm, cfg.generation)
-    pending: list[tuple[str, object]] = []
+    pending: list[tuple[str, PILImage.Image]] = []
 
     def flush() -> Iterator[AskResult]:
         if not pending:
             return
         t0 = time.perf_counter()
-        prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]  # type: ignore[list-item]
+        prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]
         gens = generate_batch(lm, prompts, cfg.generation)
         per = (time.perf_counter() - t0) / len(pending)
         for (path, _), g in zip(pending, gens, strict=True):
@@ -121,7 +121,7 @@ def detect_photo(path: str, cfg: AskConfig, stdin_bytes: bytes | None = None) ->
     """Open a photo and find its faces (raises ImageError for an unreadable photo)."""
     from ..faces import detect_config
 
-    img: Any = _open(path, stdin_bytes)
+    img = _open(path, stdin_bytes)
     return img, detect_config(img, cfg.face_crop, name=path).faces
 
 

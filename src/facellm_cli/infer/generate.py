@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
@@ -57,7 +57,8 @@ def build_messages(prompt: Prompt) -> list[dict[str, Any]]:
 
 
 def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
-    return lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
+    text = lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return cast(str, text)  # tokenize=False renders text (the tokenizer's signature also covers token ids)
 
 
 def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> Any:
@@ -153,7 +154,7 @@ def generate_batch(
                 finish = "stop"
                 break
             n += 1
-        text = lm.tokenizer.decode(row[:n], skip_special_tokens=True)
+        text = cast(str, lm.tokenizer.decode(row[:n], skip_special_tokens=True))  # one id list: one string
         results.append(
             Generation(text=text.strip(), prompt_tokens=int(sum(mask)), completion_tokens=n, finish_reason=finish)
         )

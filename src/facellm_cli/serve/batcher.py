@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import GenerationConfig
 from ..infer.generate import Prompt, _eos_ids, generate_batch
@@ -197,7 +197,7 @@ class RowControl:
             if len(row.ids) >= job.params.max_tokens:
                 row.done, row.reason = True, "length"
             return
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        row.text = cast(str, self.tokenizer.decode(row.ids, skip_special_tokens=True))  # one id list: one string
         cut = min((i for i in (row.text.find(s) for s in job.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             row.text = row.text[:cut]
@@ -210,7 +210,7 @@ class RowControl:
         """After generate returns: decode rows that were not decoded step by step, end rows still open."""
         for row in self.rows:
             if not (row.job.stream or row.job.params.stop) and row.reason != "cancelled":
-                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+                row.text = cast(str, self.tokenizer.decode(row.ids, skip_special_tokens=True))
             if not row.done:  # generate stopped on its own length limit before our criterion ended the row
                 row.done = True
                 self._emit(row)

@@ -13,6 +13,7 @@ this assumption is an error, not silently wrong labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,7 @@ class ConversationEncoder:
         extra = {k: v for k, v in batch.items() if k != "input_ids" and k not in seq}
         truncated = False
         if len(ids) > self.max_length:
-            image_pos = (
+            image_pos: torch.Tensor | list[int] = (
                 torch.nonzero(torch.isin(ids, torch.tensor(sorted(self.image_token_ids)))).flatten()
                 if self.image_token_ids
                 else []
@@ -174,7 +175,7 @@ class Collator:
 
     pad_token_id: int
     dropped: list[Dropped] = field(default_factory=list)
-    on_drop: Any = None  # called with each Dropped (for logging)
+    on_drop: Callable[[Dropped], None] | None = None  # called with each Dropped (for logging)
 
     def __call__(self, items: list[Encoded | Dropped]) -> dict[str, Any]:
         import torch

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
-from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
+from .collate import Collator, ConversationDataset, ConversationEncoder, Dropped, image_token_ids
 from .data import Sample, read_samples
 
 Log = Callable[[str], None]
@@ -667,13 +667,12 @@ def finetune(
         lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
     )
     drops: list[str] = []
-    collator = Collator(
-        pad_id,
-        on_drop=lambda d: (
-            drops.append(d.id),
-            say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}"),
-        ),
-    )
+
+    def on_drop(d: Dropped) -> None:
+        drops.append(d.id)
+        say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
+
+    collator = Collator(pad_id, on_drop=on_drop)
     train_ds = ConversationDataset(plan.train, encoder, cache=cfg.data.cache_encoded)
     eval_ds = ConversationDataset(plan.eval, encoder, cache=cfg.data.cache_encoded) if plan.eval else None
     bf16, fp16 = _precision(cfg, lm.device)

@@ -253,8 +253,9 @@ async def _work(live: _Live, run: Run) -> None:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+            exc = t.exception()
+            if exc is not None:
+                raise exc
     finally:
         for t in tasks:
             t.cancel()
