@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from .config import (
     AnnotateConfig,
@@ -44,6 +44,18 @@ class StageTime:
     seconds: float
 
 
+class AskExample(TypedDict):
+    """The held-out face the quickstart asks about at the end, and what the fine-tuned model said."""
+
+    image: str
+    question: str
+    command: str  # the same question as a command that runs as printed
+    answer: str | None
+    picked: str | None  # the option the answer names, if any
+    truth: str
+    correct: bool
+
+
 @dataclass
 class QuickstartResult:
     out_dir: str
@@ -53,7 +65,7 @@ class QuickstartResult:
     accuracy_after: float
     chance: float
     test_questions: int
-    ask: dict[str, Any]
+    ask: AskExample
     stages: list[StageTime] = field(default_factory=list)
     artefacts: dict[str, str] = field(default_factory=dict)
 

@@ -37,7 +37,9 @@ from .scoring import parse_answer
 from .sets import load_jsonl_set
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image as PILImage
+    from transformers import BatchFeature, PreTrainedTokenizerBase
 
     from ..models.loader import LoadedModel
 
@@ -135,7 +137,7 @@ def _open_all(q: MCQuestion) -> list[PILImage.Image]:
     return [open_image(p) for p in q.images]
 
 
-def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[list[int]]:
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) -> list[list[int]]:
     """Token ids that start an answer with each letter: "A" and " A" where each is a single token.
 
     A chat model's answer may begin with the bare letter or, after some
@@ -226,11 +228,12 @@ class LocalBackend:
         return out
 
 
-def _last_logits(model: Any, enc: Any, last: Any) -> Any:
+def _last_logits(model: torch.nn.Module, enc: BatchFeature, last: torch.Tensor) -> torch.Tensor:
     """Logits at position ``last[b]`` of each row, through the decoder and LM head only at those positions."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel: score through its base model
+    base = get_base_model() if get_base_model is not None else model
     inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     rows = torch.arange(last.shape[0], device=last.device)
     if inner is not None and head is not None:

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
+    from transformers import BatchFeature
 
     from ..models.loader import LoadedModel
 
@@ -61,7 +62,7 @@ def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
     return cast(str, text)  # tokenize=False renders text (the tokenizer's signature also covers token ids)
 
 
-def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> Any:
+def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> BatchFeature:
     """Tokenize texts (left-padded) with their images, on the model's device."""
     tok = lm.tokenizer
     if getattr(tok, "padding_side", "left") != "left":
