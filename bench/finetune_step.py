@@ -79,7 +79,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from facellm_cli.config import FinetuneConfig
     from facellm_cli.models.loader import load_model_and_processor
-    from facellm_cli.train.finetune import _make_trainer_class, prepare_model
+    from facellm_cli.train.finetune import _checkpointing_args, _make_trainer_class, prepare_model
 
     cfg = FinetuneConfig.model_validate(
         {
@@ -142,8 +142,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         use_cpu=not cuda,
         seed=0,
         dataloader_num_workers=0,
-        activation_checkpointing=args.grad_ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.grad_ckpt else None,
+        **_checkpointing_args(TrainingArguments, args.grad_ckpt),  # the argument's name differs before 5.20
     )
     data = [item] * (args.batch * (args.warmup + args.steps))
     cls = _make_trainer_class() if args.variant == "ours" else Trainer

@@ -10,6 +10,7 @@ import yaml
 
 from facellm_cli.config import FinetuneConfig, resolve_config
 from facellm_cli.errors import ConfigError
+from facellm_cli.models.processor_files import has_video_config
 from finetune_helpers import describe_records, face_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     ):
         assert (out / name).exists(), name
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert has_video_config(out)  # a complete processor, as the base checkpoint has (vLLM needs it)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert any("eval_loss" in m for m in metrics)
@@ -241,7 +243,7 @@ def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     info = json.loads(r.out)
     shards = sorted(merged.glob("model-*.safetensors"))
     assert len(shards) >= 2 and (merged / "model.safetensors.index.json").is_file()
-    assert "processor_config.json" in info["files"]
+    assert "processor_config.json" in info["files"] and has_video_config(merged)
     a = load_model_and_processor(ModelConfig(model=str(merged), device="cpu"))
     b = load_model_and_processor(ModelConfig(model=str(tiny_internvl), adapter=str(run), device="cpu"))
     ids = torch.tensor([[5, 6, 7, 8, 9]])

@@ -19,6 +19,10 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or l
 SubfolderOpt = Annotated[str | None, typer.Option("--subfolder", help="Folder inside the checkpoint with config.json.")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="PEFT adapter folder (e.g. a finetune output).")]
 QuantOpt = Annotated[str | None, typer.Option("--quantization", "-q", help="none | 8bit | 4bit (bitsandbytes).")]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option("--engine", help="transformers (default) | vllm (pip install 'facellm[vllm]'; see README)."),
+]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 ThreadsOpt = Annotated[
@@ -47,6 +51,7 @@ def model_flags(
     device: str | None = None,
     dtype: str | None = None,
     prefix: str = "model",
+    engine: str | None = None,
     threads: int | None = None,
 ) -> dict[str, object]:
     """Dotted-key flag overrides for a ModelConfig nested at ``prefix``."""
@@ -57,6 +62,7 @@ def model_flags(
         "quantization": quantization,
         "device": device,
         "dtype": dtype,
+        "engine": engine,
         "threads": threads,
     }
     return {f"{prefix}.{k}": v for k, v in values.items()}

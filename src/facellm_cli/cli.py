@@ -31,6 +31,7 @@ from ._options import (
     DeviceOpt,
     DtypeOpt,
     EndpointOpt,
+    EngineOpt,
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
@@ -112,6 +113,7 @@ def ask(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     threads: ThreadsOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     temperature: TemperatureOpt = None,
@@ -148,7 +150,9 @@ def ask(
         raise typer.BadParameter("--api-key-env names the key of an endpoint: give --base-url too")
     *image_args, question = inputs
     # With --base-url, --model names the served model; local-model flags are kept so the config rejects them.
-    flags = model_flags(None if base_url else model, subfolder, adapter, quantization, device, dtype, threads=threads)
+    flags = model_flags(
+        None if base_url else model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads
+    )
     flags.update(
         {
             "generation.max_new_tokens": max_new_tokens,
@@ -265,14 +269,15 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
 
 def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
     quiet_libraries()
-    from .models.loader import load_model_and_processor
+    from .infer.engine import load_engine
 
-    with err_console().status(f"loading {model_cfg.model} ..."):
-        lm = load_model_and_processor(model_cfg)
-    threads = lm.extras.get("threads")
+    with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
+        engine = load_engine(model_cfg)
+    loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
+    threads = loaded.extras.get("threads") if loaded is not None else None
     if threads is not None and threads.note:
         err_console().print(f"[yellow]note:[/yellow] {threads.note}")
-    return lm
+    return engine
 
 
 # ---- build-dataset ----
@@ -382,6 +387,7 @@ def evaluate(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     threads: ThreadsOpt = None,
     base_url: EndpointOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -439,7 +445,9 @@ def evaluate(
     from .eval.runner import evaluate as run_eval
 
     # With --base-url, --model names the served model; local-model flags are kept so the config rejects them.
-    flags = model_flags(None if base_url else model, subfolder, adapter, quantization, device, dtype, threads=threads)
+    flags = model_flags(
+        None if base_url else model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads
+    )
     if base_url:
         flags.update(
             {
@@ -652,6 +660,7 @@ def serve(
     quantization: QuantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = None,
     threads: ThreadsOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (default 8000; 0 = any free).")] = None,
@@ -676,7 +685,7 @@ def serve(
     from .config import ServeConfig, resolve_config
     from .serve.app import require_serve_extras, serve_forever
 
-    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, threads=threads)
+    flags = model_flags(model, subfolder, adapter, quantization, device, dtype, engine=engine, threads=threads)
     flags.update(
         {
             "host": host,

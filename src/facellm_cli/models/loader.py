@@ -291,12 +291,29 @@ def _processor_class_name(source: str, kwargs: dict[str, Any], model_type: str) 
     return PROCESSOR_MAPPING_NAMES.get(model_type)
 
 
+def _lacks_video_config(source: str, kwargs: dict[str, Any], model_type: str) -> bool:
+    """A local checkpoint saved image-only (by facellm before it wrote complete processors): loading its
+    processor class with torchvision would fail with "Can't load video processor", so it is built image-only."""
+    from .processor_files import has_video_config
+
+    root = Path(source) / kwargs.get("subfolder", "")
+    if not root.is_dir() or has_video_config(root):
+        return False
+    name = _processor_class_name(source, kwargs, model_type) or ""
+    import transformers
+
+    lacks = hasattr(transformers, name.removesuffix("Processor") + "VideoProcessor")
+    if lacks:
+        log.warning("%s has no video_preprocessor_config.json; loading its processor image-only", root)
+    return lacks
+
+
 def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_type: str) -> tuple[Processor, bool]:
     """Load the checkpoint's processor; image-only when torchvision is missing. Returns (processor, image_only)."""
     import transformers
     from transformers import AutoProcessor
 
-    if torchvision_available() or cfg.trust_remote_code:
+    if cfg.trust_remote_code or (torchvision_available() and not _lacks_video_config(source, kwargs, model_type)):
         try:
             return AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs), False
         except OSError as e:

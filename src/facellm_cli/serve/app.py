@@ -32,6 +32,10 @@ from .messages import ImageLimits, extract_json, to_prompt
 from .protocol import ChatCompletionRequest, ProtocolError, chunk, completion, decode_request, error_body
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    from ..infer.engine import Engine
     from ..models.loader import LoadedModel
 
 log = logging.getLogger("facellm.serve")
@@ -46,7 +50,7 @@ def require_serve_extras() -> None:
             raise MissingDependencyError("facellm serve", "serve", mod)
 
 
-def served_name(cfg: ServeConfig, lm: "LoadedModel") -> str:
+def served_name(cfg: ServeConfig, lm: "LoadedModel | Engine") -> str:
     return cfg.served_model_name or lm.name
 
 
@@ -134,7 +138,7 @@ def _log_request(fields: dict[str, Any]) -> None:
     log.log(level, "request", extra={"fields": fields})
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: "Request", limit: int) -> bytes:
     """The body, or 413 past ``limit``. The rest of an oversized body is drained (up to a cap) so the
     client reads our 413 instead of a reset connection."""
     chunks: list[bytes] = []
@@ -214,14 +218,14 @@ class _PromptCheck:
     (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
     """
 
-    def __init__(self, lm: "LoadedModel") -> None:
+    def __init__(self, lm: Any, context: int | None = None) -> None:
         import copy
         import threading
 
         self.lm = lm
         from ..infer.generate import context_length
 
-        self.context = context_length(lm)
+        self.context = context or context_length(lm)
         self.tokenizer = copy.deepcopy(lm.tokenizer) if self.context else None
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
         self.lock = threading.Lock()
@@ -252,7 +256,7 @@ class _PromptCheck:
             )
 
 
-async def _watch_disconnect(request: Any, job: Job) -> None:
+async def _watch_disconnect(request: "Request", job: Job) -> None:
     """Cancel the job when its client goes away (frees its place in the queue or its row)."""
     while True:
         if await request.is_disconnected():
@@ -261,16 +265,29 @@ async def _watch_disconnect(request: Any, job: Job) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None) -> Any:
-    """The FastAPI app serving ``lm``. ``api_key`` (read by the caller from ``cfg.api_key_env``) turns on auth."""
+def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> "FastAPI":
+    """The FastAPI app serving ``lm`` (a loaded model or an engine: ``transformers`` requests share the
+    dynamic batcher, ``vllm`` requests go to vLLM's continuous batching). ``api_key`` (read by the caller
+    from ``cfg.api_key_env``) turns on auth."""
     require_serve_extras()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    batcher = Batcher(lm, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
-    check_prompt = _PromptCheck(lm)
+    from ..infer.engine import as_engine
+
+    engine = as_engine(lm)
+    batcher: Any
+    if engine.kind == "vllm":
+        from .vllm_scheduler import VllmScheduler
+
+        batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
+        check_prompt = _PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+    else:
+        base = engine.lm  # type: ignore[attr-defined]
+        batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
+        check_prompt = _PromptCheck(base)
     ignored_seen: set[str] = set()
     name = served_name(cfg, lm)
     created = int(time.time())
@@ -413,7 +430,7 @@ def _sse_data(obj: dict[str, Any]) -> str:
 
 
 async def _sse(
-    request: Any, job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
+    request: "Request", job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
 ) -> AsyncIterator[str]:
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [usage chunk], ``data: [DONE]``."""
     created = int(time.time())
@@ -455,7 +472,9 @@ async def _sse(
             job.cancel()
 
 
-def serve_forever(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None, on_ready: Any = None) -> None:
+def serve_forever(
+    cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None, on_ready: Any = None
+) -> None:
     """Bind ``cfg.host:cfg.port`` and serve until interrupted, logging requests to stderr.
 
     ``on_ready(url)`` is called once the port is bound (with the real port when ``port`` is 0).
@@ -491,7 +510,7 @@ def serve_forever(cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = 
 
 @contextmanager
 def background_server(
-    cfg: ServeConfig, lm: "LoadedModel", *, api_key: str | None = None, start_timeout_s: float = 60.0
+    cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None, start_timeout_s: float = 60.0
 ) -> Iterator[tuple[str, Any]]:
     """Serve on 127.0.0.1 at a free port from a background thread until the block ends.
 

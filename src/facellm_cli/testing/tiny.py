@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import FacellmError
 from ..models.loader import _image_only_class, require_model_extras
+from ..models.processor_files import save_processor
 
 FAMILIES = ("internvl", "qwen2_vl")
 
@@ -258,5 +259,5 @@ def build_tiny_model(
     gen.bos_token_id = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor(processor, out)  # with video_preprocessor_config.json, as hub checkpoints have
     return out

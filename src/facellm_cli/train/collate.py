@@ -71,7 +71,9 @@ class ConversationEncoder:
         batch.pop("token_type_ids", None)
         return batch
 
-    def _prefix_ids(self, text: str, images: list[PILImage.Image], full_text: str, full_ids: torch.Tensor) -> torch.Tensor:
+    def _prefix_ids(
+        self, text: str, images: list[PILImage.Image], full_text: str, full_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Token ids of a rendered prefix (its images expanded by the processor)."""
         if text == full_text:
             return full_ids

