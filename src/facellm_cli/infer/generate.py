@@ -58,7 +58,7 @@ def build_messages(prompt: Prompt) -> list[dict[str, Any]]:
     return messages
 
 
-def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
+def render_prompt(lm: LoadedModel | Engine, prompt: Prompt) -> str:
     text = lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
     return cast(str, text)  # tokenize=False renders text (the tokenizer's signature also covers token ids)
 
