@@ -47,8 +47,12 @@ from ._options import (
 from .errors import FacellmError
 
 if TYPE_CHECKING:
-    from .config import AskConfig
+    from rich.console import Console
+
+    from .config import AskConfig, ModelConfig
     from .infer.ask import AskResult
+    from .infer.engine import Engine
+    from .quickstart import QuickstartResult
 
 app = typer.Typer(
     name="facellm",
@@ -62,7 +66,7 @@ dev_app = typer.Typer(help="Developer tools: throwaway models and data for testi
 app.add_typer(dev_app, name="dev")
 
 
-def err_console():  # noqa: ANN201 - rich is imported lazily
+def err_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -216,7 +220,15 @@ def _answerers(
     )
 
 
-def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
+def _ask_faces(
+    lm: Engine,
+    cfg: AskConfig,
+    images: list[str],
+    question: str,
+    stdin_bytes: bytes | None,
+    json_out: bool,
+    draw: Path | None,
+) -> None:
     from rich.markup import escape
 
     from .faces import draw_path, save_drawing
@@ -267,7 +279,7 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
         )
 
 
-def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
+def _load(model_cfg: ModelConfig) -> Engine:
     quiet_libraries()
     from .infer.engine import load_engine
 
@@ -903,7 +915,7 @@ def quickstart(
     _print_quickstart(result)
 
 
-def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, imported lazily
+def _print_quickstart(result: QuickstartResult) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
@@ -41,6 +41,9 @@ from .readers import Problem, RawRecord, Source, open_sources, read_labels_csv
 from .report import build_stats, render_report
 from .splits import SPLITS, assign_splits
 from .validate import IMAGE_TOKEN, NOT_ERRORS, REASONS, check_conversation, check_image, check_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONFIG_NAME = "config.yaml"
 OUTPUT_NAMES = (
@@ -256,7 +259,7 @@ class _Scan:
                 self.rec_src.append(si)
                 self.rec_loc.append(loc)
 
-    def find_duplicates(self, sources: list[Source]):  # noqa: ANN201 - numpy array
+    def find_duplicates(self, sources: list[Source]) -> np.ndarray:
         """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
         import numpy as np
 

@@ -422,10 +422,19 @@ def default_workers(n: int) -> int:
     return max(1, min(8, cpus, n // 2000))
 
 
-def _gather(results, idx, values, keys, cache, progress, label, total) -> None:  # noqa: ANN001
+def _gather(
+    results: Iterable[list[bytes | str]],
+    idx: list[list[int]],
+    values: dict[int, bytes | str],
+    keys: list[tuple[str, int, int]],
+    cache: HashCache | None,
+    progress: Progress | None,
+    label: str,
+    total: int,
+) -> None:
     done = len(values)
     for chunk_idx, sigs in zip(idx, results, strict=True):
-        rows = []
+        rows: list[tuple[tuple[str, int, int], bytes]] = []
         for i, v in zip(chunk_idx, sigs, strict=True):
             values[i] = v
             if isinstance(v, bytes):
