@@ -15,7 +15,7 @@ and get it from :func:`load_engine`; library functions that were handed a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from ..config import GenerationConfig, ModelConfig
 from ..errors import ConfigError
@@ -170,8 +170,8 @@ def _last_logits(model: torch.nn.Module, enc: BatchFeature, last: torch.Tensor) 
 def as_engine(model: LoadedModel | Engine) -> Engine:
     """An engine for ``model``: itself when it is one, else the transformers engine over the loaded model."""
     if isinstance(model, (TransformersEngine,)) or getattr(model, "kind", None) == "vllm":
-        return model  # type: ignore[return-value]
-    return TransformersEngine(model)  # type: ignore[arg-type]
+        return cast(Engine, model)
+    return TransformersEngine(cast("LoadedModel", model))
 
 
 def load_engine(cfg: ModelConfig) -> Engine:

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ServeConfig
 from ..errors import FacellmError, MissingDependencyError
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.requests import Request
 
-    from ..infer.engine import Engine
+    from ..infer.engine import Engine, TransformersEngine
+    from ..infer.vllm_engine import VllmEngine
     from ..models.loader import LoadedModel
 
 log = logging.getLogger("facellm.serve")
@@ -282,10 +283,11 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
     if engine.kind == "vllm":
         from .vllm_scheduler import VllmScheduler
 
-        batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
-        check_prompt = _PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+        vllm = cast("VllmEngine", engine)  # as_engine gives kind "vllm" only to a VllmEngine
+        batcher = VllmScheduler(vllm, cfg.max_queue)
+        check_prompt = _PromptCheck(vllm, vllm.context_length)
     else:
-        base = engine.lm  # type: ignore[attr-defined]
+        base = cast("TransformersEngine", engine).lm
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
         check_prompt = _PromptCheck(base)
     ignored_seen: set[str] = set()
