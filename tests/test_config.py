@@ -110,3 +110,53 @@ def test_dump_config_drops_secrets_and_round_trips(tmp_path: Path) -> None:
     assert data["api_key"] is None and data["name"] == "run"
     assert _WithSecret.model_validate(data).model.model == cfg.model.model
     assert not list(out.parent.glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def test_cross_field_problems_one_line_each_named_by_their_key(tmp_path: Path) -> None:
+    from facellm_cli.config import (
+        AnnotateConfig,
+        DatasetConfig,
+        EvalConfig,
+        FinetuneConfig,
+        OverlapConfig,
+        validate_config,
+    )
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(DatasetConfig, {"inputs": ["a.jsonl"], "split": "0.8,0.3,0.1"}, "d.yaml")
+    assert str(e.value).splitlines() == [
+        "image_root: required (--image-root DIR, the folder the image paths are relative to) (d.yaml)",
+        "out: required (--out DIR) (d.yaml)",
+        "split: [0.8, 0.3, 0.1] sums to 1.2, not 1 (e.g. 0.8,0.1,0.1) (d.yaml)",
+    ]
+    with pytest.raises(ConfigError) as e:  # a nested model's rule carries the nested key
+        validate_config(FinetuneConfig, {"model": {"merge_adapter": True}})
+    assert str(e.value) == "model.merge_adapter: needs an adapter folder (set adapter)"
+    # One mistake (a forgotten --benchmark), one error.
+    with pytest.raises(ConfigError) as e:
+        validate_config(EvalConfig, {"data_dir": "fxb"})
+    assert str(e.value) == "benchmark: --data-dir is only used with --benchmark facexbench"
+    with pytest.raises(ConfigError) as e:
+        validate_config(OverlapConfig, {"train": ["t"], "data_dir": "fxb"})
+    assert str(e.value) == "benchmark: --data-dir is only used with --benchmark facexbench"
+    with pytest.raises(ConfigError) as e:
+        validate_config(AnnotateConfig, {"labels": "l.csv", "faces": True, "provider": "template", "batch": True})
+    assert str(e.value).splitlines() == [
+        "faces: faces crops photos given as images; labels describe whole images (drop one of them)",
+        "batch: the template provider makes no requests (drop --batch or use --provider openai)",
+    ]
+
+
+def test_derived_defaults_come_from_the_input_and_nothing_validated_is_mutated() -> None:
+    from facellm_cli.config import DatasetConfig, FinetuneConfig
+
+    base = ModelConfig(model="./local")
+    q = FinetuneConfig(method="qlora", model=base)
+    assert q.model.quantization == "4bit" and base.quantization == "none"  # a copy, the caller's model untouched
+    assert FinetuneConfig.model_validate({"method": "qlora"}).model.quantization == "4bit"
+    with pytest.raises(ValueError, match="model.quantization: qlora loads the base in 4bit"):
+        FinetuneConfig(method="qlora", model={"quantization": "8bit"})  # a named quantization is kept, then checked
+    d = DatasetConfig(inputs=["a"], image_root="r", out="o", mcq=["age", "gender"])
+    assert (d.mcq_train, d.stratify) == (True, "age")
+    assert DatasetConfig(inputs=["a"], image_root="r", out="o").mcq_train is False
+    assert ModelConfig(model="Idiap/FaceLLM-8B").subfolder == "model"

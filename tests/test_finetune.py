@@ -143,31 +143,53 @@ def test_full_finetune_changes_lm_keeps_vision_frozen(tmp_path: Path, face_data:
     assert (tmp_path / "o" / "processor_config.json").is_file()
 
 
+def _config_errors(cli, config: Path, settings: dict) -> list[str]:  # noqa: ANN001
+    """Write ``settings`` to ``config``, run ``facellm finetune --config`` and return its error lines (exit 1)."""
+    config.write_text(yaml.safe_dump(settings))
+    r = cli("finetune", "--config", config)
+    assert r.code == 1, r.err
+    return [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+
+
 def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -> None:  # noqa: ANN001
     config = tmp_path / "bad.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "method": "full",
-                "model": {"model": str(tmp_path / "no-model"), "quantization": "8bit"},
-                "data": {"train": str(tmp_path / "none.jsonl")},
-                "train": {"eval_steps": 5},
-            }
-        )
-    )
-    r = cli("finetune", "--config", config)
-    assert r.code == 1
-    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 5, r.err
-    assert any("output_dir: no output folder given (set output_dir or pass --out)" in ln for ln in lines)
+    settings = {
+        "method": "full",
+        "model": {"model": str(tmp_path / "no-model"), "quantization": "8bit"},
+        "data": {"train": str(tmp_path / "none.jsonl")},
+        "train": {"eval_steps": 5},
+    }
+    # Settings that contradict each other: all of them, when the config is read (before any file is looked at).
+    lines = _config_errors(cli, config, settings)
+    assert len(lines) == 2, lines
     assert any("model.quantization: 8bit base weights cannot be trained with method full" in ln for ln in lines)
     assert any("train.eval_steps: set, but there is no data.eval file" in ln for ln in lines)
+    assert all(ln.endswith(f"({config})") for ln in lines)
+    # Then what needs files: every missing input at once, still before any model loads.
+    del settings["model"]["quantization"], settings["train"]
+    lines = _config_errors(cli, config, settings)
+    assert len(lines) == 3, lines
+    assert any("output_dir: no output folder given (set output_dir or pass --out)" in ln for ln in lines)
     missing = f"data.train: data file not found: {tmp_path / 'none.jsonl'} (check data.train / --data)"
     assert any(missing in ln for ln in lines)
     assert any(f"model.model: model folder not found: {tmp_path / 'no-model'}" in ln for ln in lines)
     assert all(ln.endswith(f"({config})") for ln in lines)
     r = cli("finetune", "--config", config, "--set", "train.lora_rank=3")
     assert r.code == 1 and "train.lora_rank: unknown key" in r.err
+
+
+def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa: ANN001
+    """device cpu + precision fp16 is one mistake: one line, from the config check, not again from preflight."""
+    config = tmp_path / "fp16.yaml"
+    settings = {
+        "model": {"model": str(tmp_path / "no-model"), "device": "cpu"},
+        "data": {"train": str(tmp_path / "none.jsonl")},
+        "output_dir": str(tmp_path / "o"),
+        "train": {"precision": "fp16"},
+    }
+    assert _config_errors(cli, config, settings) == [
+        f"error: train.precision: fp16 training needs a GPU; use fp32 or bf16 on CPU ({config})"
+    ]
 
 
 def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001

@@ -20,7 +20,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,6 +34,23 @@ KNOWN_SUBFOLDERS = {
     "Idiap/FaceLLM-8B": "model",
     "Idiap/FaceLLM-38B": "model",
 }
+
+
+class Problems(ValueError):
+    """Cross-field problems of one config, each a (dotted key, message) pair: one error line each.
+
+    Raised by ``model_validator(mode="after")`` checks; :func:`_format_validation_error` prefixes each key with
+    where the model sits (``model.merge_adapter: ...`` inside a FinetuneConfig).
+    """
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self.items = items
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in items))
+
+
+def _raise_problems(items: list[tuple[str, str]]) -> None:
+    if items:
+        raise Problems(items)
 
 
 class StrictModel(BaseModel):
@@ -103,25 +119,36 @@ class ModelConfig(StrictModel):
         description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
     )
 
+    # Derived defaults are filled in before validation, on a copy of the input: a validated model is never mutated
+    # (an after-validator returning a copy is ignored when the model is built with ``ModelConfig(...)``).
+    @model_validator(mode="before")
+    @classmethod
+    def _known_subfolder(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("subfolder") is None:
+            model = data.get("model", DEFAULT_MODEL)
+            if isinstance(model, str) and model in KNOWN_SUBFOLDERS:
+                return {**data, "subfolder": KNOWN_SUBFOLDERS[model]}
+        return data
+
     @model_validator(mode="after")
-    def _defaults_and_checks(self) -> ModelConfig:
-        if self.subfolder is None and self.model in KNOWN_SUBFOLDERS:
-            object.__setattr__(self, "subfolder", KNOWN_SUBFOLDERS[self.model])
-        problems = []
+    def _checks(self) -> ModelConfig:
+        problems: list[tuple[str, str]] = []
         if self.merge_adapter and not self.adapter:
-            problems.append("merge_adapter: needs an adapter folder (set adapter)")
+            problems.append(("merge_adapter", "needs an adapter folder (set adapter)"))
         if self.merge_adapter and self.quantization != "none":
-            problems.append("merge_adapter: cannot merge into a quantized model (set quantization: none)")
+            problems.append(("merge_adapter", "cannot merge into a quantized model (set quantization: none)"))
         if self.merge_adapter and self.engine == "vllm":
             problems.append(
-                "merge_adapter: engine vllm applies the adapter as LoRA; drop merge_adapter "
-                "(or merge with 'facellm finetune merge' and pass the merged folder as the model)"
+                (
+                    "merge_adapter",
+                    "engine vllm applies the adapter as LoRA; drop merge_adapter "
+                    "(or merge with 'facellm finetune merge' and pass the merged folder as the model)",
+                )
             )
         dev = self.device
         if not (dev in {"auto", "cpu", "cuda", "mps"} or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            problems.append(f"device: '{dev}' is not one of auto, cpu, cuda, cuda:N, mps")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.append(("device", f"'{dev}' is not one of auto, cpu, cuda, cuda:N, mps"))
+        _raise_problems(problems)
         return self
 
 
@@ -215,14 +242,20 @@ class RemoteModelConfig(EndpointConfig):
 LOCAL_MODEL_ONLY = ("subfolder", "adapter", "quantization", "dtype", "device", "threads", "engine")
 
 
-def local_options_with_endpoint(model: ModelConfig) -> str | None:
-    """The problem line when local-model options were set (to other than their defaults) with an endpoint, else None."""
+def local_options_with_endpoint(model: ModelConfig) -> tuple[str, str] | None:
+    """The problem (key, message) when local-model options were set (to other than their defaults) with an endpoint,
+    else None."""
     fields = type(model).model_fields
-    given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set and getattr(model, k) != fields[k].default]
+    # A released checkpoint's subfolder is filled in from its name, not given: not a local option someone set.
+    defaults = {k: fields[k].default for k in LOCAL_MODEL_ONLY} | {"subfolder": KNOWN_SUBFOLDERS.get(model.model)}
+    given = [k for k in LOCAL_MODEL_ONLY if k in model.model_fields_set and getattr(model, k) != defaults[k]]
     if not given:
         return None
     flags = ", ".join("--" + k for k in given)
-    return f"model.{given[0]}: {flags} set up a local model, but the endpoint (--base-url) answers; drop {flags} or --base-url"
+    return (
+        f"model.{given[0]}",
+        f"{flags} set up a local model, but the endpoint (--base-url) answers; drop {flags} or --base-url",
+    )
 
 
 def move_deprecated_keys(data: Any, moves: dict[str, str], into: str) -> Any:
@@ -264,15 +297,14 @@ class AskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _endpoint_checks(self) -> AskConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.endpoint is not None:
             local = local_options_with_endpoint(self.model)
             if local:
                 problems.append(local)
             if self.faces:
-                problems.append("faces: --faces runs the detector next to a local model; drop --base-url for it")
-        if problems:
-            raise ValueError("; ".join(problems))
+                problems.append(("faces", "--faces runs the detector next to a local model; drop --base-url for it"))
+        _raise_problems(problems)
         return self
 
 
@@ -280,8 +312,13 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def _format_validation_error(err: ValidationError, source: str | None) -> ConfigError:
-    problems = []
+    problems: list[str] = []
     for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, Problems):
+            base = [str(p) for p in e["loc"]]
+            problems.extend(f"{'.'.join([*base, key])}: {msg}" for key, msg in cause.items)
+            continue
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -473,40 +510,44 @@ class DatasetConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _lists_from_flags(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            for key in ("split", "mcq", "exclude_overlap_with"):
-                if key in data:
-                    data[key] = _split_csv(data[key])
-            if isinstance(data.get("inputs"), str):
-                data["inputs"] = [data["inputs"]]
+        """Comma lists from flags become lists; mcq_train and stratify get their mcq-derived defaults."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in ("split", "mcq", "exclude_overlap_with"):
+            if key in data:
+                data[key] = _split_csv(data[key])
+        if isinstance(data.get("inputs"), str):
+            data["inputs"] = [data["inputs"]]
+        mcq = data.get("mcq")
+        if data.get("mcq_train") is None:
+            data["mcq_train"] = bool(mcq)
+        if data.get("stratify") is None and isinstance(mcq, list) and mcq and isinstance(mcq[0], str):
+            data["stratify"] = mcq[0]
         return data
 
     @model_validator(mode="after")
     def _checks(self) -> DatasetConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not self.inputs:
-            problems.append("inputs: give at least one annotate JSONL file or paper-layout folder")
+            problems.append(("inputs", "give at least one annotate JSONL file or paper-layout folder"))
         if not self.image_root:
-            problems.append("image_root: required (--image-root DIR, the folder the image paths are relative to)")
+            problems.append(("image_root", "required (--image-root DIR, the folder the image paths are relative to)"))
         if not self.out:
-            problems.append("out: required (--out DIR)")
+            problems.append(("out", "required (--out DIR)"))
         if len(self.split) != 3 or any(f < 0 for f in self.split):
-            problems.append(f"split: {self.split} must be three fractions >= 0, train,val,test (e.g. 0.8,0.1,0.1)")
+            problems.append(("split", f"{self.split} must be three fractions >= 0, train,val,test (e.g. 0.8,0.1,0.1)"))
         elif abs(sum(self.split) - 1.0) > 1e-6:
-            problems.append(f"split: {self.split} sums to {sum(self.split):g}, not 1 (e.g. 0.8,0.1,0.1)")
+            problems.append(("split", f"{self.split} sums to {sum(self.split):g}, not 1 (e.g. 0.8,0.1,0.1)"))
         elif self.split[0] <= 0:
-            problems.append(f"split: {self.split} leaves no training data (the first fraction must be > 0)")
+            problems.append(("split", f"{self.split} leaves no training data (the first fraction must be > 0)"))
         if len(set(self.mcq)) != len(self.mcq):
-            problems.append(f"mcq: {self.mcq} names a label twice")
-        if not self.qa and not (self.mcq and self.mcq_train is not False):
-            problems.append("qa: false leaves nothing to train on; add --mcq COLUMN (with its training conversations)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        if self.mcq_train is None:
-            object.__setattr__(self, "mcq_train", bool(self.mcq))
-        if self.stratify is None and self.mcq:
-            object.__setattr__(self, "stratify", self.mcq[0])
+            problems.append(("mcq", f"{self.mcq} names a label twice"))
+        if not self.qa and not (self.mcq and self.mcq_train):
+            problems.append(
+                ("qa", "false leaves nothing to train on; add --mcq COLUMN (with its training conversations)")
+            )
+        _raise_problems(problems)
         return self
 
 
@@ -541,19 +582,19 @@ class OverlapConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> OverlapConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not self.train:
-            problems.append("train: give at least one folder or file of training images")
+            problems.append(("train", "give at least one folder or file of training images"))
         if self.benchmark and not self.data_dir:
-            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout)")
+            problems.append(("data_dir", "--benchmark facexbench needs --data-dir (a FaceXBench checkout)"))
         if self.data_dir and not self.benchmark:
-            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
-        if not self.against and not self.benchmark:
+            # One mistake (a forgotten --benchmark), one error: not also "nothing to compare with".
+            problems.append(("benchmark", "--data-dir is only used with --benchmark facexbench"))
+        elif not self.against and not self.benchmark:
             problems.append(
-                "against: nothing to compare with; give --against PATH or --benchmark facexbench --data-dir DIR"
+                ("against", "nothing to compare with; give --against PATH or --benchmark facexbench --data-dir DIR")
             )
-        if problems:
-            raise ValueError("; ".join(problems))
+        _raise_problems(problems)
         return self
 
 
@@ -626,27 +667,29 @@ class EvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> EvalConfig:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.benchmark and self.data:
-            problems.append("data: give either --benchmark facexbench --data-dir DIR or --data FILE, not both")
-        if not self.benchmark and not self.data:
+            problems.append(("data", "give either --benchmark facexbench --data-dir DIR or --data FILE, not both"))
+        if self.data_dir and not self.benchmark:
+            # One mistake (a forgotten --benchmark), one error: not also "nothing to evaluate".
+            problems.append(("benchmark", "--data-dir is only used with --benchmark facexbench"))
+        elif not self.benchmark and not self.data:
             problems.append(
-                "benchmark: nothing to evaluate; give --benchmark facexbench --data-dir DIR or --data FILE.jsonl"
+                ("benchmark", "nothing to evaluate; give --benchmark facexbench --data-dir DIR or --data FILE.jsonl")
             )
         if self.benchmark and not self.data_dir:
-            problems.append("data_dir: --benchmark facexbench needs --data-dir (a FaceXBench checkout with its images)")
-        if self.data_dir and not self.benchmark:
-            problems.append("benchmark: --data-dir is only used with --benchmark facexbench")
+            problems.append(
+                ("data_dir", "--benchmark facexbench needs --data-dir (a FaceXBench checkout with its images)")
+            )
         if self.image_root and not self.data:
-            problems.append("image_root: --image-root only applies to --data sets")
+            problems.append(("image_root", "--image-root only applies to --data sets"))
         if self.split and not self.data:
-            problems.append("split: --split only applies to --data (a build-dataset folder)")
+            problems.append(("split", "--split only applies to --data (a build-dataset folder)"))
         if self.endpoint is not None and self.mode == "likelihood":
-            problems.append("mode: likelihood needs the model's logits; endpoints support mode generate only")
+            problems.append(("mode", "likelihood needs the model's logits; endpoints support mode generate only"))
         if self.endpoint is not None and (local := local_options_with_endpoint(self.model)):
             problems.append(local)
-        if problems:
-            raise ValueError("; ".join(problems))
+        _raise_problems(problems)
         return self
 
 
@@ -697,7 +740,6 @@ class AnnotateConfig(StrictModel):
     )
     labels: str | None = Field(
         None,
-        validate_default=True,
         description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
         "columns.",
     )
@@ -777,21 +819,6 @@ class AnnotateConfig(StrictModel):
     def _flat_endpoint_keys(cls, data: Any) -> Any:
         return move_deprecated_keys(data, ANNOTATE_ENDPOINT_KEYS, "endpoint")
 
-    # Field validators (not one model validator) so each error names its key: "labels: ...".
-    @field_validator("labels")
-    @classmethod
-    def _need_inputs(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if not v and not info.data.get("images"):
-            raise ValueError("give image files/folders, or a labels file that lists the images (--labels)")
-        return v
-
-    @field_validator("faces")
-    @classmethod
-    def _faces_need_photos(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("labels"):
-            raise ValueError("faces crops photos given as images; labels describe whole images (drop one of them)")
-        return v
-
     @field_validator("aspects")
     @classmethod
     def _some_aspects(cls, v: list[str] | None) -> list[str] | None:
@@ -799,12 +826,21 @@ class AnnotateConfig(StrictModel):
             raise ValueError("give at least one aspect key, or leave it unset for all")
         return v
 
-    @field_validator("batch")
-    @classmethod
-    def _batch_needs_requests(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("provider") == "template":
-            raise ValueError("the template provider makes no requests (drop --batch or use --provider openai)")
-        return v
+    @model_validator(mode="after")
+    def _checks(self) -> AnnotateConfig:
+        problems: list[tuple[str, str]] = []
+        if not self.labels and not self.images:
+            problems.append(("labels", "give image files/folders, or a labels file that lists the images (--labels)"))
+        if self.faces and self.labels:
+            problems.append(
+                ("faces", "faces crops photos given as images; labels describe whole images (drop one of them)")
+            )
+        if self.batch and self.provider == "template":
+            problems.append(
+                ("batch", "the template provider makes no requests (drop --batch or use --provider openai)")
+            )
+        _raise_problems(problems)
+        return self
 
 
 # ---- serve ----
@@ -841,7 +877,7 @@ class ServeConfig(StrictModel):
     @model_validator(mode="after")
     def _serve_checks(self) -> ServeConfig:
         if self.api_key_env is not None and not self.api_key_env.strip():
-            raise ValueError("api_key_env: give the NAME of an environment variable (not the key itself)")
+            raise Problems([("api_key_env", "give the NAME of an environment variable (not the key itself)")])
         return self
 
 
@@ -947,47 +983,71 @@ class FinetuneConfig(StrictModel):
         None, description="Folder for the adapter or weights, checkpoints, config and plots."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_is_4bit(cls, data: Any) -> Any:
+        """qlora loads the base in 4bit unless a quantization is named (filled in on a copy of the input)."""
+        if not isinstance(data, dict) or data.get("method") != "qlora":
+            return data
+        model = data.get("model")
+        if model is None:
+            return {**data, "model": {"quantization": "4bit"}}
+        if isinstance(model, dict) and model.get("quantization", "none") == "none":
+            return {**data, "model": {**model, "quantization": "4bit"}}
+        if isinstance(model, ModelConfig) and model.quantization == "none":
+            return {**data, "model": model.model_copy(update={"quantization": "4bit"})}
+        return data
+
     @model_validator(mode="after")
-    def _qlora_is_4bit(self) -> FinetuneConfig:
-        if self.method == "qlora" and self.model.quantization == "none":
-            object.__setattr__(self.model, "quantization", "4bit")
+    def _checks(self) -> FinetuneConfig:
+        """Settings that contradict each other, all of them (files and the machine are preflight's)."""
+        m, t, lora = self.model, self.train, self.lora
+        problems: list[tuple[str, str]] = []
+        if m.engine != "transformers":
+            problems.append(("model.engine", "finetune trains with transformers; remove engine: vllm"))
+        if self.method == "qlora" and m.quantization == "8bit":
+            problems.append(
+                ("model.quantization", "qlora loads the base in 4bit; remove quantization: 8bit or use method: lora")
+            )
+        if self.method != "qlora" and m.quantization != "none":
+            problems.append(
+                (
+                    "model.quantization",
+                    f"{m.quantization} base weights cannot be trained with method {self.method}; "
+                    "use method: qlora (4bit) or quantization: none",
+                )
+            )
+        if m.adapter:
+            problems.append(
+                (
+                    "model.adapter",
+                    "fine-tuning on top of an adapter is not supported; merge it first (facellm finetune merge)",
+                )
+            )
+        if self.method != "full" and not isinstance(lora.target_modules, str) and not lora.target_modules:
+            problems.append(("lora.target_modules", "empty list; use all-linear or name at least one layer"))
+        if t.eval_steps and not self.data.eval:
+            problems.append(("train.eval_steps", "set, but there is no data.eval file to evaluate on"))
+        if m.device == "cpu" and t.precision == "fp16":
+            problems.append(("train.precision", "fp16 training needs a GPU; use fp32 or bf16 on CPU"))
+        if self.method == "full" and (lora.train_embeddings or lora.train_norms or lora.modules_to_save):
+            problems.append(
+                (
+                    "lora",
+                    "train_embeddings/train_norms/modules_to_save apply to lora and qlora; "
+                    "method full trains every language-model weight already",
+                )
+            )
+        _raise_problems(problems)
         return self
 
     def problems(self) -> list[str]:
-        """Cross-field problems, all of them (checked before any file is read or model loads)."""
-        problems = []
+        """What a run still needs that a config may leave out (a saved or partial config need not name them)."""
+        problems: list[str] = []
         if not self.data.train:
             problems.append("data.train: no training file given (set data.train or pass --data)")
         if not self.output_dir:
             problems.append("output_dir: no output folder given (set output_dir or pass --out)")
-        if self.model.engine != "transformers":
-            problems.append("model.engine: finetune trains with transformers; remove engine: vllm")
-        if self.method == "qlora" and self.model.quantization == "8bit":
-            problems.append(
-                "model.quantization: qlora loads the base in 4bit; remove quantization: 8bit or use method: lora"
-            )
-        if self.method != "qlora" and self.model.quantization != "none":
-            problems.append(
-                f"model.quantization: {self.model.quantization} base weights cannot be trained with method "
-                f"{self.method}; "
-                "use method: qlora (4bit) or quantization: none"
-            )
-        if self.model.adapter:
-            problems.append(
-                "model.adapter: fine-tuning on top of an adapter is not supported; "
-                "merge it first (facellm finetune merge)"
-            )
-        if self.method != "full" and not isinstance(self.lora.target_modules, str) and not self.lora.target_modules:
-            problems.append("lora.target_modules: empty list; use all-linear or name at least one layer")
-        if self.train.eval_steps and not self.data.eval:
-            problems.append("train.eval_steps: set, but there is no data.eval file to evaluate on")
-        if self.model.device == "cpu" and self.train.precision == "fp16":
-            problems.append("train.precision: fp16 training needs a GPU; use fp32 or bf16 on CPU")
-        if self.method == "full" and (self.lora.train_embeddings or self.lora.train_norms or self.lora.modules_to_save):
-            problems.append(
-                "lora: train_embeddings/train_norms/modules_to_save apply to lora and qlora; "
-                "method full trains every language-model weight already"
-            )
         return problems
 
 

@@ -27,20 +27,20 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
-from ..schema import format_mcq_prompt
+from ..schema import SHAREGPT_TAGS, MCQuestion, TrainingRecord, format_mcq_prompt
 from .manifest import MANIFEST_NAME, write_manifest
-from .mcq import build_mcq
+from .mcq import image_questions, label_values
 from .readers import Problem, RawRecord, Source, open_sources, read_labels_csv
 from .report import build_stats, render_report
 from .splits import SPLITS, assign_splits
-from .validate import IMAGE_TOKEN, NOT_ERRORS, REASONS, check_conversation, check_image, check_text
+from .validate import NOT_ERRORS, REASONS, check_conversation, check_image, check_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,8 +114,8 @@ def _excerpt(text: str, n: int = 60) -> str:
     return repr(flat if len(flat) <= n else flat[: n - 1] + "…")
 
 
-class _Scan:
-    """Pass 1: parse, validate, index."""
+class Scan:
+    """Step 1's state: per image its labels and validity, per record five packed integers."""
 
     def __init__(self, cfg: DatasetConfig, root: Path, label_table: dict[str, dict[str, str]]) -> None:
         self.cfg = cfg
@@ -138,6 +138,8 @@ class _Scan:
         self.filtered_images: Counter[str] = Counter()
         self.problems: list[str] = []
         self.n_problems = 0
+        self.keep: Any = None  # numpy bool mask over the records: not a duplicate, not a benchmark image
+        self.overlap: dict[str, Any] | None = None  # benchmark overlap summary (exclude_overlap_with)
 
     # -- helpers --
     def reject(self, reason: str, message: str | None) -> None:
@@ -194,9 +196,6 @@ class _Scan:
 
     # -- the pass --
     def run(self, sources: list[Source], progress: ProgressFn | None) -> None:
-        cfg = self.cfg
-        patterns = cfg.refusal_patterns
-        max_bytes = int(cfg.max_image_mb * 1e6)
         for si, src in enumerate(sources):
             for loc, where, item in src.scan():
                 self.records_read += 1
@@ -204,60 +203,67 @@ class _Scan:
                     progress("scan", self.records_read)
                 if isinstance(item, Problem):
                     self.reject(item.reason, item.message)
-                    continue
-                rec: RawRecord = item
-                if rec.status != "ok":
+                elif item.status != "ok":
                     self.reject("annotate_failed", None)
-                    continue
-                reason = check_text(rec.question, rec.answer, patterns)
-                if reason:
-                    shown = rec.question if reason in ("empty_question", "image_token_in_text") else rec.answer
-                    self.reject(reason, f"{where}: {REASONS[reason]} (image {rec.image}): {_excerpt(shown)}")
-                    continue
-                rel = self.resolve_image(rec.image)
-                if rel is None:
-                    exists = os.path.exists(rec.image)
-                    found = f" (the file exists at {os.path.abspath(rec.image)})" if exists else ""
-                    self.reject(
-                        "image_outside_root",
-                        f"{where}: image {rec.image} is outside the image root {self.root}{found}; "
-                        "pass an --image-root that contains it",
-                    )
-                    continue
-                state = self.images.get(rel)
-                if state is None:
-                    state = _Image(self.labels_for(rel, rec.labels))
-                    self.images[rel] = state
-                    self._image_index[rel] = len(self.image_names)
-                    self.image_names.append(rel)
-                    bad = check_image(
-                        self.root / rel,
-                        expected_sha256=rec.image_sha256 if cfg.check_sha256 else None,
-                        max_pixels=cfg.max_pixels,
-                        max_bytes=max_bytes,
-                    )
-                    if bad:
-                        state.bad = bad[0]
-                        self.filtered_images[bad[0]] += 1
-                        hint = f"; {rec.image_hint}" if rec.image_hint else ""
-                        self.reject(bad[0], f"{where}: {bad[1]}: {self.root / rel}{hint}")
-                        continue
-                elif state.bad:
-                    self.reject(state.bad, None)  # counted; the image was reported with its first record
-                    continue
-                elif rec.labels:
-                    for k, v in rec.labels.items():
-                        if v.strip() and k not in state.labels:
-                            state.labels[sys.intern(k)] = sys.intern(v.strip())
-                aspect = self.aspects.get(rec.aspect)
-                if aspect is None:
-                    aspect = self.aspects[rec.aspect] = len(self.aspect_names)
-                    self.aspect_names.append(rec.aspect)
-                self.rec_img.append(self._image_index[rel])
-                self.rec_aspect.append(aspect)
-                self.rec_qhash.append(_question_key(rec.question))
-                self.rec_src.append(si)
-                self.rec_loc.append(loc)
+                else:
+                    self._record(si, loc, where, item)
+
+    def _record(self, si: int, loc: int, where: str, rec: RawRecord) -> None:
+        """Check one record and index it when usable."""
+        reason = check_text(rec.question, rec.answer, self.cfg.refusal_patterns)
+        if reason:
+            shown = rec.question if reason in ("empty_question", "image_token_in_text") else rec.answer
+            self.reject(reason, f"{where}: {REASONS[reason]} (image {rec.image}): {_excerpt(shown)}")
+            return
+        rel = self.resolve_image(rec.image)
+        if rel is None:
+            exists = os.path.exists(rec.image)
+            found = f" (the file exists at {os.path.abspath(rec.image)})" if exists else ""
+            self.reject(
+                "image_outside_root",
+                f"{where}: image {rec.image} is outside the image root {self.root}{found}; "
+                "pass an --image-root that contains it",
+            )
+            return
+        if not self._image_usable(rel, rec, where):
+            return
+        aspect = self.aspects.get(rec.aspect)
+        if aspect is None:
+            aspect = self.aspects[rec.aspect] = len(self.aspect_names)
+            self.aspect_names.append(rec.aspect)
+        self.rec_img.append(self._image_index[rel])
+        self.rec_aspect.append(aspect)
+        self.rec_qhash.append(_question_key(rec.question))
+        self.rec_src.append(si)
+        self.rec_loc.append(loc)
+
+    def _image_usable(self, rel: str, rec: RawRecord, where: str) -> bool:
+        """Check an image the first time a record names it (later records reuse the verdict, merge labels)."""
+        state = self.images.get(rel)
+        if state is not None:
+            if state.bad:
+                self.reject(state.bad, None)  # counted; the image was reported with its first record
+                return False
+            for k, v in rec.labels.items():
+                if v.strip() and k not in state.labels:
+                    state.labels[sys.intern(k)] = sys.intern(v.strip())
+            return True
+        state = self.images[rel] = _Image(self.labels_for(rel, rec.labels))
+        self._image_index[rel] = len(self.image_names)
+        self.image_names.append(rel)
+        bad = check_image(
+            self.root / rel,
+            expected_sha256=rec.image_sha256 if self.cfg.check_sha256 else None,
+            max_pixels=self.cfg.max_pixels,
+            max_bytes=int(self.cfg.max_image_mb * 1e6),
+        )
+        if bad:
+            state.bad = bad[0]
+            self.filtered_images[bad[0]] += 1
+            hint = f"; {rec.image_hint}" if rec.image_hint else ""
+            self.reject(bad[0], f"{where}: {bad[1]}: {self.root / rel}{hint}")
+            return False
+        return True
 
     def find_duplicates(self, sources: list[Source]) -> np.ndarray:
         """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
@@ -325,17 +331,17 @@ class _SplitWriter:
         self.conversations = 0
 
     def add(self, rid: str, pairs: list[tuple[str, str]], image: str) -> None:
-        turns: list[dict[str, str]] = []
-        for i, (q, a) in enumerate(pairs):
-            turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + q})
-            turns.append({"from": "gpt", "value": a})
-        check_conversation(turns, [image], where=f"conversation {rid}")
-        record = {"conversations": turns, "images": [image]}
-        self.sharegpt.write(("\n" if self._first else ",\n") + json.dumps(record, ensure_ascii=False))
+        record = TrainingRecord.from_pairs(rid, pairs, image)
+        sharegpt = record.to_sharegpt()
+        check_conversation(sharegpt["conversations"], [image], where=f"conversation {rid}")
+        self.sharegpt.write(("\n" if self._first else ",\n") + json.dumps(sharegpt, ensure_ascii=False))
         self._first = False
-        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
-        self.messages.write(json.dumps({"id": rid, "messages": messages, "images": [image]}, ensure_ascii=False) + "\n")
+        self.messages.write(json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n")
         self.conversations += 1
+
+    def add_mcq(self, q: MCQuestion) -> None:
+        assert self.mcq is not None
+        self.mcq.write(json.dumps(q.model_dump(mode="json"), ensure_ascii=False) + "\n")
 
     def abort(self) -> None:
         for f in (self.sharegpt, self.messages, self.mcq):
@@ -355,7 +361,7 @@ def _dataset_info(cfg: DatasetConfig) -> dict[str, Any]:
             "file_name": f"{split}.json",
             "formatting": "sharegpt",
             "columns": {"messages": "conversations", "images": "images"},
-            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
+            "tags": dict(SHAREGPT_TAGS),
         }
         for split in SPLITS
     }
@@ -374,10 +380,288 @@ def _finalize(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> BuildReport:
-    """Build the dataset described by ``cfg`` into ``cfg.out``; raise DataError naming invalid records."""
+# ---------------------------------------------------------------- step 1: scan
+
+
+def scan_records(
+    cfg: DatasetConfig,
+    root: Path,
+    sources: list[Source],
+    label_table: dict[str, dict[str, str]] | None = None,
+    progress: ProgressFn | None = None,
+) -> Scan:
+    """Read and check every record once; drop duplicates (and benchmark images when asked).
+
+    Raises DataError listing the invalid records (unless ``skip_invalid``) or when nothing usable is left.
+    """
+    scan = Scan(cfg, root, label_table or {})
+    scan.run(sources, progress)
+    scan.keep = scan.find_duplicates(sources)
+    if cfg.exclude_overlap_with:
+        scan.overlap = _drop_benchmark_overlap(scan, scan.keep, root, cfg)
+    if scan.n_problems and not cfg.skip_invalid:
+        raise _invalid_records_error(scan)
+    if not scan.keep.any():
+        raise DataError(
+            f"no usable records in {', '.join(cfg.inputs)} ({scan.records_read} read; "
+            f"filtered: {dict(sorted(scan.filtered.items())) or 'none'})"
+        )
+    return scan
+
+
+def _invalid_records_error(scan: Scan) -> DataError:
+    shown = len(scan.problems)
+    invalid = sum(n for reason, n in scan.filtered.items() if reason not in NOT_ERRORS)
+    more = f"; first {shown} problems listed" if scan.n_problems > shown else ""
+    bad_images = sum(scan.filtered_images.values())
+    # An unusable image is listed once, with its first record; its other records count too.
+    images = f" ({bad_images} unusable image(s), each listed once)" if invalid > scan.n_problems else ""
+    head = f"{invalid} invalid records{images}{more}; fix them or pass --skip-invalid to drop and count them:"
+    return DataError("\n".join([head, *scan.problems]))
+
+
+# ---------------------------------------------------------------- step 2: plan splits
+
+
+@dataclass
+class Kept:
+    """The kept records' packed fields (numpy arrays, one entry per record, scan order)."""
+
+    img: Any
+    aspect: Any
+    qhash: Any
+    src: Any
+    loc: Any
+
+
+@dataclass
+class SplitPlan:
+    """Which images are kept, the split of each, the values MCQs draw from, and the order records are written in."""
+
+    kept_images: list[str]
+    unit_of: dict[str, str]
+    split_of_unit: dict[str, str]
+    mcq_values: dict[str, list[str]]
+    records: Kept
+    order: Any  # indexes into ``records`` in canonical order (image path, aspect, question hash, input position)
+
+    def split_of(self, rel: str) -> str:
+        return self.split_of_unit[self.unit_of[rel]]
+
+    def units_per_split(self) -> Counter[str]:
+        return Counter(self.split_of_unit[u] for u in set(self.unit_of.values()))
+
+
+def plan_splits(cfg: DatasetConfig, scan: Scan) -> SplitPlan:
+    """Assign every kept image (or its group) to a split; raise ConfigError when a named label column is unusable."""
     import numpy as np
 
+    keep = scan.keep
+    kept = Kept(
+        img=np.frombuffer(scan.rec_img, dtype=np.int32)[keep],
+        aspect=np.frombuffer(scan.rec_aspect, dtype=np.int32)[keep],
+        qhash=np.frombuffer(scan.rec_qhash, dtype=np.uint64)[keep],
+        src=np.frombuffer(scan.rec_src, dtype=np.int32)[keep],
+        loc=np.frombuffer(scan.rec_loc, dtype=np.int64)[keep],
+    )
+    kept_images = sorted({scan.image_names[i] for i in np.unique(kept.img).tolist()})
+    labels = {rel: scan.images[rel].labels for rel in kept_images}
+    _check_label_columns(cfg, labels)
+    unit_of: dict[str, str] = {}
+    unit_stratum: dict[str, str] = {}
+    for rel, lab in labels.items():
+        unit = f"group:{lab[cfg.group_key]}" if cfg.group_key and lab.get(cfg.group_key) else f"image:{rel}"
+        unit_of[rel] = unit
+        unit_stratum.setdefault(unit, lab.get(cfg.stratify, "") if cfg.stratify else "")
+    return SplitPlan(
+        kept_images=kept_images,
+        unit_of=unit_of,
+        split_of_unit=assign_splits(unit_stratum, cfg.split, cfg.seed),
+        mcq_values=label_values(cfg.mcq, labels.values()),
+        records=kept,
+        order=_canonical_order(scan, kept),
+    )
+
+
+def _check_label_columns(cfg: DatasetConfig, labels: dict[str, dict[str, str]]) -> None:
+    seen: set[str] = set()
+    for lab in labels.values():
+        seen.update(lab)
+    for col in cfg.mcq:
+        _need_column(col, "--mcq", seen)
+    if cfg.group_key:
+        _need_column(cfg.group_key, "--group-key", seen)
+    if cfg.stratify:
+        _need_column(cfg.stratify, "--stratify", seen)
+
+
+def _canonical_order(scan: Scan, kept: Kept) -> Any:
+    """Record order independent of input order: image path, aspect name, question hash, then input position."""
+    import numpy as np
+
+    def ranks(names: list[str]) -> Any:
+        rank = np.empty(max(1, len(names)), dtype=np.int64)
+        rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+        return rank
+
+    name_rank, aspect_rank = ranks(scan.image_names), ranks(scan.aspect_names)
+    return np.lexsort((kept.loc, kept.src, kept.qhash, aspect_rank[kept.aspect], name_rank[kept.img]))
+
+
+# ---------------------------------------------------------------- step 3: write splits
+
+
+def write_splits(
+    cfg: DatasetConfig,
+    scan: Scan,
+    plan: SplitPlan,
+    sources: list[Source],
+    out: Path,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Write every split and its metadata into a staging folder, then move it to ``out``; (stats, file names)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.building-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    writers: dict[str, _SplitWriter] = {}
+    try:
+        for s in SPLITS:
+            writers[s] = _SplitWriter(staging, s, bool(cfg.mcq))
+        acc = _RecordWriter(cfg, scan, plan, sources, writers).run(progress)
+        stats = _write_metadata(cfg, scan, plan, acc, staging, out)
+        files = sorted(p.name for p in staging.iterdir())
+        _finalize(staging, out)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return stats, files
+
+
+def _image_groups(img: Any, order: Any) -> Iterator[list[int]]:
+    """Runs of ``order`` that share an image (``order`` sorts by image first)."""
+    group: list[int] = []
+    prev = -1
+    for chunk in range(0, len(order), 65536):  # chunks: no Python int list as long as the corpus
+        for j in order[chunk : chunk + 65536].tolist():
+            cur = int(img[j])
+            if cur != prev and group:
+                yield group
+                group = []
+            group.append(j)
+            prev = cur
+    if group:
+        yield group
+
+
+class _RecordWriter:
+    """Re-reads the kept records one image at a time and writes its conversations and questions to its split."""
+
+    def __init__(
+        self, cfg: DatasetConfig, scan: Scan, plan: SplitPlan, sources: list[Source], writers: dict[str, _SplitWriter]
+    ) -> None:
+        self.cfg, self.scan, self.plan, self.sources, self.writers = cfg, scan, plan, sources, writers
+        self.acc = _Accumulator()
+
+    def run(self, progress: ProgressFn | None) -> _Accumulator:
+        for done, group in enumerate(_image_groups(self.plan.records.img, self.plan.order), 1):
+            self.image(group)
+            if progress and done % 500 == 0:
+                progress("write", done)
+        for s in SPLITS:
+            self.writers[s].close()
+            self.acc.conversations[s] = self.writers[s].conversations
+        return self.acc
+
+    def _read(self, group: list[int]) -> list[RawRecord]:
+        k = self.plan.records
+        recs = [self.sources[int(k.src[j])].read_at(int(k.loc[j])) for j in group]
+        for j, r in zip(group, recs, strict=True):
+            if _question_key(r.question) != int(k.qhash[j]):  # the input changed between the passes
+                where = self.sources[int(k.src[j])].describe(int(k.loc[j]))
+                raise DataError(f"{where}: changed while build-dataset was reading it; run again")
+        return recs
+
+    def image(self, group: list[int]) -> None:
+        rel = self.scan.image_names[int(self.plan.records.img[group[0]])]
+        labels = self.scan.images[rel].labels
+        split = self.plan.split_of(rel)
+        recs = self._read(group)
+        pairs = [(r.question.strip(), r.answer.strip()) for r in recs]
+        self.acc.image(split, labels)
+        for r, (_, a) in zip(recs, pairs, strict=True):
+            self.acc.qa(split, r.aspect, a)
+        if self.cfg.qa:  # otherwise validated and counted, but only the multiple-choice conversations are written
+            self._conversations(self.writers[split], rel, recs, pairs)
+        self._questions(split, rel, labels)
+
+    def _conversations(self, w: _SplitWriter, rel: str, recs: list[RawRecord], pairs: list[tuple[str, str]]) -> None:
+        if self.cfg.merge_aspects:
+            w.add(rel, pairs, rel)
+            return
+        used: Counter[str] = Counter()
+        for r, pair in zip(recs, pairs, strict=True):
+            used[r.aspect] += 1
+            rid = f"{rel}#{r.aspect}" + (f"-{used[r.aspect]}" if used[r.aspect] > 1 else "")
+            w.add(rid, [pair], rel)
+
+    def _questions(self, split: str, rel: str, labels: dict[str, str]) -> None:
+        cfg = self.cfg
+        questions, missing = image_questions(
+            rel,
+            labels,
+            self.plan.mcq_values,
+            seed=cfg.seed,
+            max_options=cfg.mcq_max_options,
+            option_order=cfg.mcq_option_order,
+        )
+        self.acc.mcq_skipped.update(missing)
+        w = self.writers[split]
+        for q in questions:
+            w.add_mcq(q)
+            self.acc.mcq[split] += 1
+            if split == "train" and cfg.mcq_train:
+                w.add(q.id, [(format_mcq_prompt(q), q.answer)], rel)
+                self.acc.mcq_train += 1
+
+
+def _write_metadata(
+    cfg: DatasetConfig, scan: Scan, plan: SplitPlan, acc: _Accumulator, staging: Path, out: Path
+) -> dict[str, Any]:
+    """dataset_info.json, stats.json, report.md, the resolved config and the manifest; returns the stats."""
+    stats = build_stats(
+        cfg=cfg,
+        media_dir=str(scan.root),
+        records_read=scan.records_read,
+        filtered=scan.filtered,
+        filtered_images=scan.filtered_images,
+        acc=acc,
+        units_per_split=plan.units_per_split(),
+        group_key=cfg.group_key,
+        max_balance_values=MAX_BALANCE_VALUES,
+    )
+    _write_json(staging / "dataset_info.json", _dataset_info(cfg))
+    report_md = render_report(stats, cfg)
+    if scan.overlap is not None:
+        from .overlap import overlap_report_section
+
+        stats["benchmark_overlap"] = scan.overlap
+        report_md += overlap_report_section(scan.overlap)
+    _write_json(staging / "stats.json", stats)
+    (staging / "report.md").write_text(report_md, encoding="utf-8")
+    dump_config(cfg, staging / CONFIG_NAME)
+    write_manifest(staging, out, scan.root)
+    return stats
+
+
+# ---------------------------------------------------------------- the three steps
+
+
+def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> BuildReport:
+    """Build the dataset described by ``cfg`` into ``cfg.out``; raise DataError naming invalid records."""
     t0 = time.perf_counter()
     assert cfg.image_root and cfg.out  # guaranteed by DatasetConfig's validator
     root_given = Path(cfg.image_root).expanduser()
@@ -390,177 +674,9 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
 
     sources = open_sources(cfg.inputs, root)
     try:
-        scan = _Scan(cfg, root, label_table)
-        scan.run(sources, progress)
-        keep = scan.find_duplicates(sources)
-        overlap_stats = _drop_benchmark_overlap(scan, keep, root, cfg) if cfg.exclude_overlap_with else None
-        if scan.n_problems and not cfg.skip_invalid:
-            shown = len(scan.problems)
-            invalid = sum(n for reason, n in scan.filtered.items() if reason not in NOT_ERRORS)
-            more = f"; first {shown} problems listed" if scan.n_problems > shown else ""
-            bad_images = sum(scan.filtered_images.values())
-            # An unusable image is listed once, with its first record; its other records count too.
-            images = f" ({bad_images} unusable image(s), each listed once)" if invalid > scan.n_problems else ""
-            head = f"{invalid} invalid records{images}{more}; fix them or pass --skip-invalid to drop and count them:"
-            raise DataError("\n".join([head, *scan.problems]))
-        img = np.frombuffer(scan.rec_img, dtype=np.int32)[keep]
-        if len(img) == 0:
-            raise DataError(
-                f"no usable records in {', '.join(cfg.inputs)} ({scan.records_read} read; "
-                f"filtered: {dict(sorted(scan.filtered.items())) or 'none'})"
-            )
-
-        # ---- plan: which images, which unit, which split ----
-        kept_images = sorted({scan.image_names[i] for i in np.unique(img).tolist()})
-        seen_cols: set[str] = set()
-        for rel in kept_images:
-            seen_cols.update(scan.images[rel].labels)
-        for col in cfg.mcq:
-            _need_column(col, "--mcq", seen_cols)
-        if cfg.group_key:
-            _need_column(cfg.group_key, "--group-key", seen_cols)
-        if cfg.stratify:
-            _need_column(cfg.stratify, "--stratify", seen_cols)
-        unit_of: dict[str, str] = {}
-        unit_stratum: dict[str, str] = {}
-        for rel in kept_images:
-            labels = scan.images[rel].labels
-            unit = f"group:{labels[cfg.group_key]}" if cfg.group_key and labels.get(cfg.group_key) else f"image:{rel}"
-            unit_of[rel] = unit
-            if unit not in unit_stratum:
-                unit_stratum[unit] = labels.get(cfg.stratify, "") if cfg.stratify else ""
-        split_of_unit = assign_splits(unit_stratum, cfg.split, cfg.seed)
-        mcq_values: dict[str, list[str]] = {}
-        for col in cfg.mcq:
-            values = sorted({scan.images[rel].labels[col] for rel in kept_images if scan.images[rel].labels.get(col)})
-            if len(values) < 2:
-                raise ConfigError(
-                    f"--mcq {col}: the label has {len(values)} distinct value(s) {values}; a question needs at least 2"
-                )
-            mcq_values[col] = values
-
-        # ---- write: kept records in canonical order, one image at a time ----
-        name_rank = np.empty(len(scan.image_names), dtype=np.int64)
-        for rank, i in enumerate(sorted(range(len(scan.image_names)), key=scan.image_names.__getitem__)):
-            name_rank[i] = rank
-        aspect_rank = np.empty(max(1, len(scan.aspect_names)), dtype=np.int64)
-        for rank, a in enumerate(sorted(range(len(scan.aspect_names)), key=scan.aspect_names.__getitem__)):
-            aspect_rank[a] = rank
-        k_img = img
-        k_asp = np.frombuffer(scan.rec_aspect, dtype=np.int32)[keep]
-        k_qh = np.frombuffer(scan.rec_qhash, dtype=np.uint64)[keep]
-        k_src = np.frombuffer(scan.rec_src, dtype=np.int32)[keep]
-        k_loc = np.frombuffer(scan.rec_loc, dtype=np.int64)[keep]
-        order = np.lexsort((k_loc, k_src, k_qh, aspect_rank[k_asp], name_rank[k_img]))
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.building-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        writers: dict[str, _SplitWriter] = {}
-        try:
-            for s in SPLITS:
-                writers[s] = _SplitWriter(staging, s, bool(cfg.mcq))
-            acc = _Accumulator()
-            group: list[int] = []
-            done = 0
-
-            def flush(group: list[int]) -> None:
-                rel = scan.image_names[int(k_img[group[0]])]
-                labels = scan.images[rel].labels
-                split = split_of_unit[unit_of[rel]]
-                w = writers[split]
-                recs = [sources[int(k_src[j])].read_at(int(k_loc[j])) for j in group]
-                for j, r in zip(group, recs, strict=True):
-                    if _question_key(r.question) != int(k_qh[j]):  # the input changed between the passes
-                        where = sources[int(k_src[j])].describe(int(k_loc[j]))
-                        raise DataError(f"{where}: changed while build-dataset was reading it; run again")
-                pairs = [(r.question.strip(), r.answer.strip()) for r in recs]
-                acc.image(split, labels)
-                for r, (_, a) in zip(recs, pairs, strict=True):
-                    acc.qa(split, r.aspect, a)
-                if not cfg.qa:
-                    pass  # validated and counted above, but only the multiple-choice conversations are written
-                elif cfg.merge_aspects:
-                    w.add(rel, pairs, rel)
-                else:
-                    used: Counter[str] = Counter()
-                    for r, pair in zip(recs, pairs, strict=True):
-                        used[r.aspect] += 1
-                        rid = f"{rel}#{r.aspect}" + (f"-{used[r.aspect]}" if used[r.aspect] > 1 else "")
-                        w.add(rid, [pair], rel)
-                for col in cfg.mcq:
-                    value = labels.get(col)
-                    if not value:
-                        acc.mcq_skipped[col] += 1
-                        continue
-                    q = build_mcq(
-                        qid=f"{rel}#mcq-{col}",
-                        image=rel,
-                        label=col,
-                        true_value=value,
-                        values=mcq_values[col],
-                        seed=cfg.seed,
-                        max_options=cfg.mcq_max_options,
-                        option_order=cfg.mcq_option_order,
-                        labels=labels,
-                    )
-                    assert w.mcq is not None
-                    w.mcq.write(json.dumps(q.model_dump(mode="json"), ensure_ascii=False) + "\n")
-                    acc.mcq[split] += 1
-                    if split == "train" and cfg.mcq_train:
-                        w.add(q.id, [(format_mcq_prompt(q), q.answer)], rel)
-                        acc.mcq_train += 1
-
-            prev = -1
-            for chunk in range(0, len(order), 65536):  # chunks: no Python int list as long as the corpus
-                for j in order[chunk : chunk + 65536].tolist():
-                    cur = int(k_img[j])
-                    if cur != prev and group:
-                        flush(group)
-                        done += 1
-                        if progress and done % 500 == 0:
-                            progress("write", done)
-                        group = []
-                    group.append(j)
-                    prev = cur
-            if group:
-                flush(group)
-            for s in SPLITS:
-                writers[s].close()
-                acc.conversations[s] = writers[s].conversations
-
-            units_per_split = Counter(split_of_unit[u] for u in set(unit_of.values()))
-            stats = build_stats(
-                cfg=cfg,
-                media_dir=str(root),
-                records_read=scan.records_read,
-                filtered=scan.filtered,
-                filtered_images=scan.filtered_images,
-                acc=acc,
-                units_per_split=units_per_split,
-                group_key=cfg.group_key,
-                max_balance_values=MAX_BALANCE_VALUES,
-            )
-            _write_json(staging / "dataset_info.json", _dataset_info(cfg))
-            report_md = render_report(stats, cfg)
-            if overlap_stats is not None:
-                from .overlap import overlap_report_section
-
-                stats["benchmark_overlap"] = overlap_stats
-                report_md += overlap_report_section(overlap_stats)
-            _write_json(staging / "stats.json", stats)
-            (staging / "report.md").write_text(report_md, encoding="utf-8")
-            dump_config(cfg, staging / CONFIG_NAME)
-            write_manifest(staging, out, root)
-            files = sorted(p.name for p in staging.iterdir())
-            _finalize(staging, out)
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        scan = scan_records(cfg, root, sources, label_table, progress)
+        plan = plan_splits(cfg, scan)
+        stats, files = write_splits(cfg, scan, plan, sources, out, progress)
     finally:
         for source in sources:
             source.close()
@@ -569,8 +685,8 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
         out_dir=str(out.resolve()),
         media_dir=str(root),
         records_read=scan.records_read,
-        qa_pairs=int(len(order)),
-        images=len(kept_images),
+        qa_pairs=int(len(plan.order)),
+        images=len(plan.kept_images),
         splits=stats["splits"],
         filtered=dict(stats["filtered"]["records"]),
         files=files,
@@ -580,7 +696,7 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
     )
 
 
-def _drop_benchmark_overlap(scan: _Scan, keep: Any, root: Path, cfg: DatasetConfig) -> dict[str, Any]:
+def _drop_benchmark_overlap(scan: Scan, keep: Any, root: Path, cfg: DatasetConfig) -> dict[str, Any]:
     """Mark the records of images that match a benchmark image as filtered ("benchmark_overlap")."""
     import numpy as np
 

@@ -8,6 +8,9 @@ same questions byte for byte.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from ..errors import ConfigError
 from ..schema import LETTERS, MCQuestion
 from .splits import stable_hash
 
@@ -67,3 +70,53 @@ def build_mcq(
         category=label,
         labels=dict(labels or {}),
     )
+
+
+def label_values(columns: list[str], label_sets: Iterable[dict[str, str]]) -> dict[str, list[str]]:
+    """Per MCQ column, the sorted distinct values the kept images have: the options questions draw from.
+
+    A column with fewer than two values cannot make a question: ConfigError naming the column and its values.
+    """
+    sets = list(label_sets)
+    out: dict[str, list[str]] = {}
+    for col in columns:
+        values = sorted({labels[col] for labels in sets if labels.get(col)})
+        if len(values) < 2:
+            raise ConfigError(
+                f"--mcq {col}: the label has {len(values)} distinct value(s) {values}; a question needs at least 2"
+            )
+        out[col] = values
+    return out
+
+
+def image_questions(
+    image: str,
+    labels: dict[str, str],
+    values: dict[str, list[str]],
+    *,
+    seed: int,
+    max_options: int,
+    option_order: str,
+) -> tuple[list[MCQuestion], list[str]]:
+    """The questions about one image (one per column of ``values`` it has a label for) and the columns it lacks."""
+    questions: list[MCQuestion] = []
+    missing: list[str] = []
+    for col, col_values in values.items():
+        value = labels.get(col)
+        if not value:
+            missing.append(col)
+            continue
+        questions.append(
+            build_mcq(
+                qid=f"{image}#mcq-{col}",
+                image=image,
+                label=col,
+                true_value=value,
+                values=col_values,
+                seed=seed,
+                max_options=max_options,
+                option_order=option_order,
+                labels=labels,
+            )
+        )
+    return questions, missing

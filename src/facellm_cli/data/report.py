@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from ..schema import IMAGE_PLACEHOLDER
 from .splits import SPLITS
 from .validate import NOT_ERRORS, REASONS
 
@@ -69,23 +70,6 @@ def build_stats(
         }
         for s in SPLITS
     }
-    balance: dict[str, dict[str, Any]] = {}
-    for col in sorted(acc.label_columns):
-        values: set[str] = set()
-        for s in SPLITS:
-            values.update(acc.labels[s].get(col, {}))
-        if col == group_key or len(values) > max_balance_values:
-            balance[col] = {"distinct_values": len(values), "note": "too many values for a balance table"}
-            continue
-        per_split: dict[str, dict[str, int]] = {}
-        for s in SPLITS:
-            c = acc.labels[s].get(col, Counter())
-            row = {v: c[v] for v in sorted(values)}
-            missing = acc.images[s] - sum(c.values())
-            if missing:
-                row[MISSING] = missing
-            per_split[s] = row
-        balance[col] = per_split
     return {
         "media_dir": media_dir,
         "records_read": records_read,
@@ -106,8 +90,30 @@ def build_stats(
             "in_training_files": acc.mcq_train,
             "images_without_label": dict(sorted(acc.mcq_skipped.items())),
         },
-        "label_balance": balance,
+        "label_balance": _label_balance(acc, group_key, max_balance_values),
     }
+
+
+def _label_balance(acc: Any, group_key: str | None, max_values: int) -> dict[str, dict[str, Any]]:
+    """Per label column, images per value per split; a count only for the group column and many-valued ones."""
+    balance: dict[str, dict[str, Any]] = {}
+    for col in sorted(acc.label_columns):
+        values: set[str] = set()
+        for s in SPLITS:
+            values.update(acc.labels[s].get(col, {}))
+        if col == group_key or len(values) > max_values:
+            balance[col] = {"distinct_values": len(values), "note": "too many values for a balance table"}
+            continue
+        per_split: dict[str, dict[str, int]] = {}
+        for s in SPLITS:
+            c = acc.labels[s].get(col, Counter())
+            row = {v: c[v] for v in sorted(values)}
+            missing = acc.images[s] - sum(c.values())
+            if missing:
+                row[MISSING] = missing
+            per_split[s] = row
+        balance[col] = per_split
+    return balance
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -122,22 +128,32 @@ def _pct(n: int, total: int) -> str:
 
 def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
     """A short markdown summary of ``stats`` for people."""
-    sp = stats["splits"]
-    out = ["# facellm dataset", ""]
-    out += [
+    out = [
+        "# facellm dataset",
+        "",
         f"{stats['qa_pairs']} question-answer pairs over {stats['images']} images "
         f"({stats['records_read']} records read; seed {cfg.seed}; split {','.join(f'{r:g}' for r in cfg.split)}; "
         f"{'aspects merged per image' if cfg.merge_aspects else 'one QA pair per conversation'}).",
-        "",
-        "## Splits",
-        "",
     ]
-    out += _table(
+    sections = [_splits_section, _usage_section, _aspects_section, _lengths_section, _filtered_section]
+    if cfg.mcq:
+        sections.append(_mcq_section)
+    sections.append(_balance_section)
+    for section in sections:
+        out += ["", *section(stats, cfg)]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _splits_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
+    sp = stats["splits"]
+    return ["## Splits", ""] + _table(
         ["split", "images", "groups", "QA pairs", "conversations", "MCQs"],
         [[s, *(sp[s][k] for k in ("images", "groups", "qa_pairs", "conversations", "mcq"))] for s in SPLITS],
     )
-    out += [
-        "",
+
+
+def _usage_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
+    out = [
         "## Using it",
         "",
         "Image paths in every file are relative to the image root:",
@@ -147,47 +163,58 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
         "- LLaMA-Factory: copy or point `dataset_dir` at this folder (it has `dataset_info.json`), use "
         f"`dataset: {cfg.name}_train` and pass `media_dir: {stats['media_dir']}`.",
         "- 🤗 datasets / `facellm finetune`: `train.jsonl`, `val.jsonl`, `test.jsonl` "
-        "(`{id, messages, images}`, `<image>` placeholders in the user text).",
+        f"(`{{id, messages, images}}`, `{IMAGE_PLACEHOLDER}` placeholders in the user text).",
     ]
     if cfg.mcq:
         out.append("- `facellm evaluate`: `mcq_test.jsonl` with `--image-root " + stats["media_dir"] + "`.")
-    out += ["", "## Records per aspect", ""]
-    out += _table(
+    return out
+
+
+def _aspects_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
+    return ["## Records per aspect", ""] + _table(
         ["aspect", "total", *SPLITS],
         [[a, n, *(stats["aspects_per_split"][s].get(a, 0) for s in SPLITS)] for a, n in stats["aspects"].items()],
     )
-    out += ["", "## Answer length", ""]
+
+
+def _lengths_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
     keys = ["min", "p10", "p50", "p90", "max", "mean"]
-    rows = []
-    for unit in ("words", "chars"):
-        d = stats[f"answer_{unit}"]
-        rows.append([unit, *(d.get(k, "-") for k in keys)])
-    out += _table(["unit", *keys], rows)
-    out += ["", "## Filtered", ""]
+    rows = [[unit, *(stats[f"answer_{unit}"].get(k, "-") for k in keys)] for unit in ("words", "chars")]
+    return ["## Answer length", ""] + _table(["unit", *keys], rows)
+
+
+def _filtered_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
     filtered = stats["filtered"]["records"]
-    if filtered:
-        out += _table(
-            ["reason", "records", "images", "meaning"],
-            [
-                [r, n, stats["filtered"]["images"].get(r, ""), REASONS.get(r, r) + (" (skipped)" * (r in NOT_ERRORS))]
-                for r, n in filtered.items()
-            ],
-        )
-    else:
-        out.append("Nothing filtered.")
-    if cfg.mcq:
-        m = stats["mcq"]
-        out += ["", "## Multiple choice", ""]
-        out.append(
-            f"Labels {', '.join(m['labels'])}: "
-            + ", ".join(f"{s} {m['per_split'][s]}" for s in SPLITS)
-            + f"; {m['in_training_files']} train MCQs added to the training files."
-        )
-        if m["images_without_label"]:
-            out.append(f"Images without the label (no question): {m['images_without_label']}.")
-    out += ["", "## Label balance per split (images)", ""]
+    if not filtered:
+        return ["## Filtered", "", "Nothing filtered."]
+    return ["## Filtered", ""] + _table(
+        ["reason", "records", "images", "meaning"],
+        [
+            [r, n, stats["filtered"]["images"].get(r, ""), REASONS.get(r, r) + (" (skipped)" * (r in NOT_ERRORS))]
+            for r, n in filtered.items()
+        ],
+    )
+
+
+def _mcq_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
+    m = stats["mcq"]
+    out = [
+        "## Multiple choice",
+        "",
+        f"Labels {', '.join(m['labels'])}: "
+        + ", ".join(f"{s} {m['per_split'][s]}" for s in SPLITS)
+        + f"; {m['in_training_files']} train MCQs added to the training files.",
+    ]
+    if m["images_without_label"]:
+        out.append(f"Images without the label (no question): {m['images_without_label']}.")
+    return out
+
+
+def _balance_section(stats: dict[str, Any], cfg: DatasetConfig) -> list[str]:
+    out = ["## Label balance per split (images)", ""]
     if not stats["label_balance"]:
         out.append("No labels (give them in the records or with --labels).")
+    sp = stats["splits"]
     for col, per_split in stats["label_balance"].items():
         out += [f"### {col}", ""]
         if "distinct_values" in per_split:
@@ -199,4 +226,4 @@ def render_report(stats: dict[str, Any], cfg: DatasetConfig) -> str:
             [[v, *(_pct(per_split[s].get(v, 0), sp[s]["images"]) for s in SPLITS)] for v in values],
         )
         out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    return out

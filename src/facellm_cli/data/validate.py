@@ -18,8 +18,7 @@ from pathlib import Path
 from ..errors import DataError, ImageError
 from ..images import open_image
 from ..refusals import is_refusal
-
-IMAGE_TOKEN = "<image>"
+from ..schema import IMAGE_PLACEHOLDER
 
 # reason key -> what it means (used in report.md and error messages)
 REASONS: dict[str, str] = {
@@ -31,7 +30,7 @@ REASONS: dict[str, str] = {
     "empty_question": "question is empty",
     "empty_answer": "answer is empty",
     "refusal": "answer is a refusal",
-    "image_token_in_text": "question or answer contains the <image> placeholder",
+    "image_token_in_text": f"question or answer contains the {IMAGE_PLACEHOLDER} placeholder",
     "image_outside_root": "image path points outside the image root",
     "missing_image": "image file not found",
     "corrupt_image": "image cannot be decoded",
@@ -53,8 +52,8 @@ def check_text(question: str, answer: str, refusal_patterns: list[str] | None) -
         return "empty_answer"
     if is_refusal(answer, refusal_patterns):
         return "refusal"
-    if IMAGE_TOKEN in question or IMAGE_TOKEN in answer:
-        # A literal <image> would add a placeholder with no image behind it.
+    if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
+        # A literal placeholder would add a placeholder with no image behind it.
         return "image_token_in_text"
     return None
 
@@ -80,7 +79,7 @@ def check_image(path: Path, *, expected_sha256: str | None, max_pixels: int, max
 
 
 def check_conversation(turns: list[dict[str, str]], images: list[str], *, where: str) -> None:
-    """Raise DataError unless turns alternate human/gpt starting with human and <image> count == len(images).
+    """Raise DataError unless turns alternate human/gpt starting with human and placeholder count == len(images).
 
     Conversations are built here from validated pairs, so this guards the
     writer itself: LLaMA-Factory drops or misaligns samples that break it.
@@ -94,6 +93,6 @@ def check_conversation(turns: list[dict[str, str]], images: list[str], *, where:
             raise DataError(f"{where}: turn {i + 1} is from '{got}', expected '{expected}' (turns must alternate)")
         if not str(turn.get("value", "")).strip():
             raise DataError(f"{where}: turn {i + 1} is empty")
-    placeholders = sum(str(t["value"]).count(IMAGE_TOKEN) for t in turns)
+    placeholders = sum(str(t["value"]).count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders != len(images):
-        raise DataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders for {len(images)} images")
+        raise DataError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")

@@ -1,9 +1,10 @@
 """Reading training conversations: build-dataset's messages JSONL and ShareGPT JSON.
 
-Both formats become :class:`Sample` (an id, role/content turns whose content
-is a string with ``<image>`` placeholders, and resolved image paths). Every
-record is checked when the file is read, before any model loads, so a bad
-record stops the run at once with its id and line instead of hours later.
+Both formats are :class:`~facellm_cli.schema.TrainingRecord` on disk (the one
+definition build-dataset writes) and become :class:`Sample` here (its turns and
+resolved image paths). Every record is checked when the file is read, before
+any model loads, so a bad record stops the run at once with its id and line
+instead of hours later.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import DataError
+from pydantic import ValidationError
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+from ..errors import DataError
+from ..schema import IMAGE_PLACEHOLDER, TrainingRecord
 
 
 @dataclass
 class Sample:
-    """One training conversation. ``images`` are in placeholder order."""
+    """One training conversation, as read: a :class:`TrainingRecord` with its images resolved to paths."""
 
     id: str
     messages: list[dict[str, str]]
@@ -37,8 +37,8 @@ class Sample:
 def placeholder_mismatch_message(sample_id: str, where: str, placeholders: int, images: int) -> str:
     """The documented error for an image/placeholder count mismatch (also raised by the collator)."""
     return (
-        f"record '{sample_id}' ({where}): {placeholders} <image> placeholder(s) in its messages but "
-        f"{images} image(s) listed; every image needs exactly one <image> in the text "
+        f"record '{sample_id}' ({where}): {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in its messages but "
+        f"{images} image(s) listed; every image needs exactly one {IMAGE_PLACEHOLDER} in the text "
         "(fix the record or rebuild the dataset)"
     )
 
@@ -55,34 +55,37 @@ def detect_format(path: Path) -> Literal["messages", "sharegpt"]:
     )
 
 
-def _check(sample: Sample, root: Path, check_images: bool) -> Sample:
-    where = sample.source
-    if not sample.messages:
-        raise DataError(f"record '{sample.id}' ({where}): no messages")
-    for i, m in enumerate(sample.messages):
-        if m.get("role") not in ROLES:
-            raise DataError(
-                f"record '{sample.id}' ({where}): message {i} has role {m.get('role')!r}; use one of {', '.join(ROLES)}"
-            )
-        if not isinstance(m.get("content"), str):
-            raise DataError(
-                f"record '{sample.id}' ({where}): message {i} content must be a string with <image> placeholders"
-            )
-        if m["role"] == "system" and i != 0:
-            raise DataError(f"record '{sample.id}' ({where}): a system message may only come first")
-    if not any(m["role"] == "assistant" for m in sample.messages):
-        raise DataError(f"record '{sample.id}' ({where}): no assistant message, so nothing to learn from")
-    if sample.placeholder_count != len(sample.images):
-        raise DataError(placeholder_mismatch_message(sample.id, where, sample.placeholder_count, len(sample.images)))
+def _record_error(rec: Any, default_id: str, where: str, err: ValueError) -> DataError:
+    """A record that does not fit :class:`TrainingRecord`, named by its id and line, one problem shown."""
+    sid = str(rec.get("id", default_id)) if isinstance(rec, dict) else default_id
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        detail = f"{loc}: {first['msg']}" if loc else first["msg"]
+    else:
+        detail = str(err)
+    return DataError(f"record '{sid}' ({where}): {detail}")
+
+
+def _sample(record: TrainingRecord, where: str, root: Path, check_images: bool) -> Sample:
+    """Check what the schema cannot (turn order, placeholders, image files) and resolve the images."""
+    sid = record.id
+    roles = [m.role for m in record.messages]
+    if "system" in roles[1:]:
+        raise DataError(f"record '{sid}' ({where}): a system message may only come first")
+    if "assistant" not in roles:
+        raise DataError(f"record '{sid}' ({where}): no assistant message, so nothing to learn from")
+    if record.placeholder_count != len(record.images):
+        raise DataError(placeholder_mismatch_message(sid, where, record.placeholder_count, len(record.images)))
     resolved = []
-    for img in sample.images:
+    for img in record.images:
         p = Path(img)
         p = p if p.is_absolute() else root / p
         if check_images and not p.is_file():
-            raise DataError(f"image not found: {p} (record '{sample.id}', {where}); check data.image_root")
+            raise DataError(f"image not found: {p} (record '{sid}', {where}); check data.image_root")
         resolved.append(p)
-    sample.images = resolved
-    return sample
+    messages = [{"role": m.role, "content": m.content} for m in record.messages]
+    return Sample(sid, messages, resolved, where)
 
 
 def _read_messages(path: Path, root: Path, check_images: bool) -> list[Sample]:
@@ -91,16 +94,13 @@ def _read_messages(path: Path, root: Path, check_images: bool) -> list[Sample]:
     out = []
     for lineno, rec in read_jsonl(path):
         where = f"{path.name} line {lineno}"
-        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+        if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object with a 'messages' list (build-dataset's messages JSONL)")
-        sid = str(rec.get("id", f"line-{lineno}"))
-        images = rec.get("images") or []
-        if not isinstance(images, list):
-            raise DataError(f"record '{sid}' ({where}): 'images' must be a list of paths")
-        msgs = [dict(m) for m in rec["messages"] if isinstance(m, dict)]
-        if len(msgs) != len(rec["messages"]):
-            raise DataError(f"record '{sid}' ({where}): every message must be an object with role and content")
-        out.append(_check(Sample(sid, msgs, [Path(str(i)) for i in images], where), root, check_images))
+        try:
+            record = TrainingRecord.model_validate({"id": f"line-{lineno}", **rec})
+        except ValidationError as e:
+            raise _record_error(rec, f"line-{lineno}", where, e) from None
+        out.append(_sample(record, where, root, check_images))
     return out
 
 
@@ -114,21 +114,13 @@ def _read_sharegpt(path: Path, root: Path, check_images: bool) -> list[Sample]:
     out = []
     for n, rec in enumerate(data):
         where = f"{path.name} record {n}"
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+        if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object with a 'conversations' list")
-        sid = str(rec.get("id", f"record-{n}"))
-        msgs = []
-        if rec.get("system"):
-            msgs.append({"role": "system", "content": str(rec["system"])})
-        for turn in rec["conversations"]:
-            role = _SHAREGPT_ROLES.get(str(turn.get("from", ""))) if isinstance(turn, dict) else None
-            if role is None:
-                raise DataError(
-                    f"record '{sid}' ({where}): turn {turn!r:.80} needs 'from' in human/gpt/system and 'value'"
-                )
-            msgs.append({"role": role, "content": turn.get("value")})
-        images = rec.get("images") or []
-        out.append(_check(Sample(sid, msgs, [Path(str(i)) for i in images], where), root, check_images))
+        try:
+            record = TrainingRecord.from_sharegpt(rec, f"record-{n}")
+        except ValueError as e:
+            raise _record_error(rec, f"record-{n}", where, e) from None
+        out.append(_sample(record, where, root, check_images))
     return out
 
 
@@ -167,7 +159,7 @@ def read_samples(
 
 
 def to_chat_messages(sample: Sample) -> list[dict[str, Any]]:
-    """Turn string contents into the processor's parts, an image part at each ``<image>`` position."""
+    """Turn string contents into the processor's parts, an image part at each placeholder."""
     out = []
     for m in sample.messages:
         parts: list[dict[str, Any]] = []
@@ -183,11 +175,3 @@ def to_chat_messages(sample: Sample) -> list[dict[str, Any]]:
                 parts.append({"type": "text", "text": text})
         out.append({"role": m["role"], "content": parts})
     return out
-
-
-def write_messages_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """Write records in build-dataset's messages JSONL format (used by tests and the learning recipe)."""
-    from ..io import atomic_write_text
-
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return atomic_write_text(Path(path), text)

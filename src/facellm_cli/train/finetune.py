@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
-from .collate import Collator, ConversationDataset, ConversationEncoder, Dropped, image_token_ids
+from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
 from .data import Sample, read_samples
 
 if TYPE_CHECKING:
@@ -191,71 +191,87 @@ class Plan:
 def preflight(
     cfg: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False, source: str | None = None
 ) -> Plan:
-    """Check the config, the data and the output folder; raise one ConfigError listing every problem."""
-    import importlib.util
-
+    """Check what needs files or the machine (data, output folder, model, bitsandbytes, a GPU for fp16) and that
+    the run's inputs are named; raise one ConfigError listing every problem. Settings that contradict each other
+    were rejected when the config was validated."""
     problems = cfg.problems()
+    train, eval_ = _read_data(cfg, problems)
+    checkpoint = _check_output(cfg, resume, overwrite, problems) if cfg.output_dir else None
+    problems += _machine_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return Plan(train, eval_, Path(cfg.output_dir or "."), checkpoint)
+
+
+def _read_data(cfg: FinetuneConfig, problems: list[str]) -> tuple[list[Sample], list[Sample] | None]:
+    """Read and check the training (and eval) records; a problem is added to ``problems``."""
+    d = cfg.data
     train: list[Sample] = []
     eval_: list[Sample] | None = None
-    if cfg.data.train:
+    if d.train:
         try:
-            train = read_samples(
-                cfg.data.train, image_root=cfg.data.image_root, fmt=cfg.data.format, max_samples=cfg.data.max_samples
-            )
+            train = read_samples(d.train, image_root=d.image_root, fmt=d.format, max_samples=d.max_samples)
         except DataError as e:
             problems.append(f"data.train: {e}")
-    if cfg.data.eval:
+    if d.eval:
         try:
-            eval_ = read_samples(cfg.data.eval, image_root=cfg.data.image_root, fmt=cfg.data.format, key="data.eval")
+            eval_ = read_samples(d.eval, image_root=d.image_root, fmt=d.format, key="data.eval")
         except DataError as e:
             problems.append(f"data.eval: {e}")
+    return train, eval_
+
+
+def _check_output(cfg: FinetuneConfig, resume: str | None, overwrite: bool, problems: list[str]) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); a folder that cannot be used is added to ``problems``."""
     out = Path(cfg.output_dir or ".")
-    checkpoint = None
-    if cfg.output_dir:
-        if resume:
-            checkpoint = find_checkpoint(out, resume)
-            if checkpoint is None:
-                what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
-                problems.append(
-                    f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)"
-                )
-            elif not checkpoint_complete(checkpoint):
-                problems.append(
-                    f"resume: {checkpoint} is incomplete (no readable trainer_state.json: the run stopped while "
-                    "saving it); resume from an earlier checkpoint with --resume-from, or use --resume for the latest"
-                )
-            elif (out / CONFIG_NAME).is_file():
-                diff = _resume_differences(cfg, out / CONFIG_NAME)
-                if diff:
-                    problems.append(
-                        f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
-                        f"use the same config as in {out / CONFIG_NAME}"
-                    )
-        elif out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
+    checkpoint = _check_resume(cfg, out, resume, problems) if resume else None
+    if not resume and out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
+        problems.append(f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
+        problems.append(f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out")
+    return checkpoint
+
+
+def _check_resume(cfg: FinetuneConfig, out: Path, resume: str, problems: list[str]) -> Path | None:
+    checkpoint = find_checkpoint(out, resume)
+    if checkpoint is None:
+        what = "no complete checkpoint-N folder" if resume == "latest" else f"checkpoint '{resume}' not found"
+        problems.append(f"resume: {what} in {out}; start without --resume (add --overwrite to reuse the folder)")
+    elif not checkpoint_complete(checkpoint):
+        problems.append(
+            f"resume: {checkpoint} is incomplete (no readable trainer_state.json: the run stopped while "
+            "saving it); resume from an earlier checkpoint with --resume-from, or use --resume for the latest"
+        )
+    elif (out / CONFIG_NAME).is_file():
+        diff = _resume_differences(cfg, out / CONFIG_NAME)
+        if diff:
             problems.append(
-                f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it"
+                f"resume: settings differ from the run being resumed ({', '.join(diff)}); "
+                f"use the same config as in {out / CONFIG_NAME}"
             )
-        existing = next((p for p in (out, *out.parents) if p.exists()), None)
-        if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
-            problems.append(
-                f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out"
-            )
+    return checkpoint
+
+
+def _machine_problems(cfg: FinetuneConfig) -> list[str]:
+    """What this machine lacks for the run: the model files, bitsandbytes for qlora, a GPU for fp16."""
+    import importlib.util
+
+    from ..models.loader import resolve_source
+
+    problems = []
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs bitsandbytes (pip install 'facellm[quant]'); or use --method lora")
     try:
-        from ..models.loader import resolve_source
-
         resolve_source(cfg.model)
     except ModelLoadError as e:
         problems.append(f"model.model: {e}")
-    if cfg.train.precision == "fp16":
+    if cfg.train.precision == "fp16" and cfg.model.device != "cpu":  # device cpu: the config's own check
         import torch
 
-        if cfg.model.device == "cpu" or not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             problems.append("train.precision: fp16 mixed precision needs a GPU; use fp32 or bf16")
-    if problems:
-        raise ConfigError(problems, source)
-    return Plan(train, eval_, out, checkpoint)
+    return problems
 
 
 # ---------------------------------------------------------------- model preparation
@@ -628,32 +644,30 @@ def _translating_write_errors(out: Path) -> Iterator[None]:
         raise translated from None
 
 
-def finetune(
-    cfg: FinetuneConfig,
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    source: str | None = None,
-    log: Log | None = None,
-    progress: Progress | None = None,
-) -> FinetuneResult:
-    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
-
-    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
-    """
-    plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
-    from ..models.loader import load_model_and_processor, resolve_source
-    from ..models.processor_files import save_processor
-
-    say = log or (lambda _msg: None)
+def _prepare_output(cfg: FinetuneConfig, plan: Plan, overwrite: bool, say: Log) -> None:
+    """Main process only: create the folder, drop what a resumed or replaced run left, write the config."""
     out = plan.output_dir
-    import torch
-    from transformers import TrainingArguments, set_seed
+    with _translating_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if plan.checkpoint is not None:
+            step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
+            for torn in out.glob("checkpoint-*"):
+                if torn.is_dir() and not checkpoint_complete(torn):
+                    say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
+                    shutil.rmtree(torn)
+            _truncate_step_log(out / METRICS_NAME, step)
+            _truncate_step_log(out / SAMPLES_NAME, step)
+            say(f"resuming from {plan.checkpoint} at step {step}")
+        elif overwrite:
+            _clear_previous(out)
+        dump_config(cfg, out / CONFIG_NAME)
+    say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
 
-    from ..io import JsonlAppender
 
-    # The model loads before anything is written, so a run that cannot load it leaves no trace to refuse.
-    set_seed(cfg.train.seed)
+def _load(cfg: FinetuneConfig, say: Log) -> Any:
+    """The model, before anything is written: a run that cannot load it leaves no trace to refuse."""
+    from ..models.loader import load_model_and_processor
+
     try:
         lm = load_model_and_processor(cfg.model)
     except QuantizationError as e:
@@ -663,53 +677,26 @@ def finetune(
     threads = lm.extras.get("threads")
     if threads is not None and threads.note:
         say(threads.note)
-    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
-    # and only the main process prepares it.
-    barrier, main = _distributed(cfg.model.device)
-    barrier()
-    if main:
-        with _translating_write_errors(out):
-            out.mkdir(parents=True, exist_ok=True)
-            if plan.checkpoint is not None:
-                step = int(json.loads((plan.checkpoint / "trainer_state.json").read_text())["global_step"])
-                for torn in out.glob("checkpoint-*"):
-                    if torn.is_dir() and not checkpoint_complete(torn):
-                        say(f"removing incomplete checkpoint {torn.name} (the previous run stopped while saving it)")
-                        shutil.rmtree(torn)
-                _truncate_step_log(out / METRICS_NAME, step)
-                _truncate_step_log(out / SAMPLES_NAME, step)
-                say(f"resuming from {plan.checkpoint} at step {step}")
-            elif overwrite:
-                _clear_previous(out)
-            dump_config(cfg, out / CONFIG_NAME)
-        say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
-    barrier()
+    return lm
 
+
+def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
+    """(model prepared for training, trainable parameters, all parameters)."""
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
         raise FacellmError("nothing to train: every parameter is frozen; check method and train.* settings")
     say(f"{cfg.method}: {trainable:,} of {total:,} parameters trainable")
+    return model, trainable, total
 
-    tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoder = ConversationEncoder(
-        lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
-    )
-    drops: list[str] = []
 
-    def on_drop(d: Dropped) -> None:
-        drops.append(d.id)
-        say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
+def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> Any:
+    from transformers import TrainingArguments
 
-    collator = Collator(pad_id, on_drop=on_drop)
-    train_ds = ConversationDataset(plan.train, encoder, cache=cfg.data.cache_encoded)
-    eval_ds = ConversationDataset(plan.eval, encoder, cache=cfg.data.cache_encoded) if plan.eval else None
-    bf16, fp16 = _precision(cfg, lm.device)
     t = cfg.train
-    eval_strategy = "no" if eval_ds is None else ("steps" if t.eval_steps else "epoch")
-    args = TrainingArguments(
+    bf16, fp16 = _precision(cfg, device)
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -729,7 +716,7 @@ def finetune(
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy=eval_strategy,
+        eval_strategy="no" if not with_eval else ("steps" if t.eval_steps else "epoch"),
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -741,19 +728,113 @@ def finetune(
         prediction_loss_only=True,
         report_to=[],
         disable_tqdm=True,
-        use_cpu=lm.device == "cpu",
+        use_cpu=device == "cpu",
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+
+class _Data:
+    """The encoded datasets and the collator; ``drops`` lists the ids of samples dropped as too long."""
+
+    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: Any, say: Log) -> None:
+        tok = lm.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encoder = ConversationEncoder(
+            lm.processor, cfg.data.max_seq_length, image_token_ids(lm.model, lm.processor), cfg.data.max_image_side
+        )
+        self.drops: list[str] = []
+        self._say = say
+        self.collator = Collator(pad_id, on_drop=self._dropped)
+        cache = cfg.data.cache_encoded
+        self.train = ConversationDataset(plan.train, self.encoder, cache=cache)
+        self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
+
+    def _dropped(self, d: Any) -> None:
+        self.drops.append(d.id)
+        self._say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
+
+
+def _step_logs(out: Path, main: bool) -> list[Any]:
+    """The per-step metrics and samples logs (written by the main process only)."""
+    from ..io import JsonlAppender
+
+    if not main:
+        return [_NullLog(), _NullLog()]
+    with _translating_write_errors(out):
+        return [JsonlAppender(out / METRICS_NAME), JsonlAppender(out / SAMPLES_NAME)]
+
+
+def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
+    """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
+    start = time.perf_counter()
+    try:
+        with _translating_write_errors(plan.output_dir):
+            train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
+            last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+            already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
+            final_eval = trainer.evaluate() if with_eval and not already else {}
+    finally:
+        for f in logs:
+            f.close()
+    return train_out, final_eval, time.perf_counter() - start
+
+
+def _save(trainer: Any, lm: Any, cfg: FinetuneConfig, out: Path, main: bool) -> Path | None:
+    """Weights on every rank (collective under FSDP/DeepSpeed); processor, trainer state and loss plot on the main
+    one. Returns the plot's path."""
+    from ..models.loader import resolve_source
+    from ..models.processor_files import save_processor
+    from .plots import plot_losses
 
     with _translating_write_errors(out):
-        metrics_log = JsonlAppender(out / METRICS_NAME) if main else _NullLog()
-        samples_log = JsonlAppender(out / SAMPLES_NAME) if main else _NullLog()
+        trainer.save_model(str(out))
+        if not main:
+            return None
+        save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        return plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    log: Log | None = None,
+    progress: Progress | None = None,
+) -> FinetuneResult:
+    """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
+
+    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
+    """
+    plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
+    say = log or (lambda _msg: None)
+    out = plan.output_dir
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    set_seed(cfg.train.seed)
+    lm = _load(cfg, say)
+    # Under accelerate/torchrun every rank runs this; all ranks checked the folder above before any writes,
+    # and only the main process prepares it.
+    barrier, main = _distributed(cfg.model.device)
+    barrier()
+    if main:
+        _prepare_output(cfg, plan, overwrite, say)
+    barrier()
+
+    model, trainable, total = _trainable(lm, cfg, say)
+    data = _Data(cfg, plan, lm, say)
+    args = _training_args(cfg, out, data.eval is not None, lm.device)
+    metrics_log, samples_log = logs = _step_logs(out, main)
     trainer = _make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
         samples_log=samples_log,
         callbacks=[_make_callback(metrics_log, log, progress)],
     )
@@ -761,50 +842,55 @@ def finetune(
     trainer.remove_callback(ProgressCallback)
     if lm.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        with _translating_write_errors(out):
-            train_out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-            # The last epoch's evaluation already ran at this step when eval_strategy is "epoch": don't repeat it.
-            last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-            already = last_eval is not None and last_eval.get("step") == trainer.state.global_step
-            final_eval = trainer.evaluate() if eval_ds is not None and not already else {}
-    finally:
-        metrics_log.close()
-        samples_log.close()
-    runtime = time.perf_counter() - start
+    run = _train(trainer, plan, data.eval is not None, logs)
     peak, peak_kind = _peak_memory(lm.device)
+    plot = _save(trainer, lm, cfg, out, main)
+    result = _result(
+        cfg,
+        plan,
+        trainer,
+        (*run, args.world_size),
+        plot,
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        dropped_samples=len(data.drops),
+        truncated_samples=data.encoder.stats["truncated"],
+    )
+    from ..io import atomic_write_json
 
-    from .plots import plot_losses
+    if main:
+        with _translating_write_errors(out):
+            atomic_write_json(out / SUMMARY_NAME, result.to_json())
+    return result
 
-    plot = None
-    with _translating_write_errors(out):
-        trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
-        if main:
-            save_processor(lm.processor, out, source=resolve_source(cfg.model)[0], subfolder=cfg.model.subfolder)
-            trainer.state.save_to_json(str(out / "trainer_state.json"))
-            plot = plot_losses(trainer.state.log_history, out / "loss.png", title=f"facellm finetune: {out.name}")
-    history = trainer.state.log_history
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    steps_run = trainer.state.global_step - (int(plan.checkpoint.name.split("-")[-1]) if plan.checkpoint else 0)
-    samples_done = steps_run * t.batch_size * t.grad_accumulation * max(1, args.world_size)
-    result = FinetuneResult(
+
+def _result(
+    cfg: FinetuneConfig,
+    plan: Plan,
+    trainer: Any,
+    run: tuple[Any, dict[str, Any], float, int],
+    plot: Path | None,
+    **measured: Any,
+) -> FinetuneResult:
+    """The run's summary: ``run`` is (train output, final eval, seconds, world size); ``measured`` the counts."""
+    train_out, final_eval, runtime, world_size = run
+    out, t, state = plan.output_dir, cfg.train, trainer.state
+    train_losses = [h["loss"] for h in state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    steps_run = state.global_step - (int(plan.checkpoint.name.split("-")[-1]) if plan.checkpoint else 0)
+    samples_done = steps_run * t.batch_size * t.grad_accumulation * max(1, world_size)
+    return FinetuneResult(
         output_dir=str(out),
         method=cfg.method,
-        global_step=trainer.state.global_step,
-        epochs=round(float(trainer.state.epoch or 0.0), 4),
+        global_step=state.global_step,
+        epochs=round(float(state.epoch or 0.0), 4),
         train_samples=len(plan.train),
         samples_per_second=round(samples_done / runtime, 3) if runtime > 0 else 0.0,
         runtime_seconds=round(runtime, 2),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
         final_train_loss=train_losses[-1] if train_losses else train_out.metrics.get("train_loss"),
         final_eval_loss=final_eval.get("eval_loss", eval_losses[-1] if eval_losses else None),
-        trainable_parameters=trainable,
-        total_parameters=total,
-        dropped_samples=len(drops),
-        truncated_samples=encoder.stats["truncated"],
         resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
         artefacts={
             "weights": str(out / ("adapter_model.safetensors" if cfg.method != "full" else "model.safetensors")),
@@ -814,13 +900,8 @@ def finetune(
             "trainer_state": str(out / "trainer_state.json"),
             "loss_plot": str(plot) if plot else "",
         },
+        **measured,
     )
-    from ..io import atomic_write_json
-
-    if main:
-        with _translating_write_errors(out):
-            atomic_write_json(out / SUMMARY_NAME, result.to_json())
-    return result
 
 
 # ---------------------------------------------------------------- merge
