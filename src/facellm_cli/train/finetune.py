@@ -27,13 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
-from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
+from .collate import Collator, ConversationDataset, ConversationEncoder, Dropped, image_token_ids
 from .data import Sample, read_samples
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, Trainer, TrainingArguments
+    from transformers.trainer_utils import TrainOutput
+
+    from ..models.loader import LoadedModel
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -664,7 +667,7 @@ def _prepare_output(cfg: FinetuneConfig, plan: Plan, overwrite: bool, say: Log) 
     say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
 
 
-def _load(cfg: FinetuneConfig, say: Log) -> Any:
+def _load(cfg: FinetuneConfig, say: Log) -> LoadedModel:
     """The model, before anything is written: a run that cannot load it leaves no trace to refuse."""
     from ..models.loader import load_model_and_processor
 
@@ -680,7 +683,7 @@ def _load(cfg: FinetuneConfig, say: Log) -> Any:
     return lm
 
 
-def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
+def _trainable(lm: LoadedModel, cfg: FinetuneConfig, say: Log) -> tuple[PreTrainedModel | PeftModel, int, int]:
     """(model prepared for training, trainable parameters, all parameters)."""
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -691,7 +694,7 @@ def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
     return model, trainable, total
 
 
-def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> Any:
+def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> TrainingArguments:
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -735,7 +738,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str)
 class _Data:
     """The encoded datasets and the collator; ``drops`` lists the ids of samples dropped as too long."""
 
-    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: Any, say: Log) -> None:
+    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: LoadedModel, say: Log) -> None:
         tok = lm.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encoder = ConversationEncoder(
@@ -748,7 +751,7 @@ class _Data:
         self.train = ConversationDataset(plan.train, self.encoder, cache=cache)
         self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
 
-    def _dropped(self, d: Any) -> None:
+    def _dropped(self, d: Dropped) -> None:
         self.drops.append(d.id)
         self._say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
 
@@ -763,7 +766,9 @@ def _step_logs(out: Path, main: bool) -> list[Any]:
         return [JsonlAppender(out / METRICS_NAME), JsonlAppender(out / SAMPLES_NAME)]
 
 
-def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
+def _train(
+    trainer: Trainer, plan: Plan, with_eval: bool, logs: list[Any]
+) -> tuple[TrainOutput, dict[str, float], float]:
     """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
     start = time.perf_counter()
     try:
@@ -779,7 +784,7 @@ def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[
     return train_out, final_eval, time.perf_counter() - start
 
 
-def _save(trainer: Any, lm: Any, cfg: FinetuneConfig, out: Path, main: bool) -> Path | None:
+def _save(trainer: Trainer, lm: LoadedModel, cfg: FinetuneConfig, out: Path, main: bool) -> Path | None:
     """Weights on every rank (collective under FSDP/DeepSpeed); processor, trainer state and loss plot on the main
     one. Returns the plot's path."""
     from ..models.loader import resolve_source
