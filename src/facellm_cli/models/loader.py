@@ -265,11 +265,12 @@ def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model
 def _image_only_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
 
-    @classmethod  # type: ignore[misc]
     def get_attributes(c: type) -> list[str]:
+        # the parent's classmethod run for the subclass; mypy types a bound classmethod without __func__
         return [a for a in cls.get_attributes.__func__(c) if "video" not in a]  # type: ignore[attr-defined]
 
-    return type(cls.__name__, (cls,), {"get_attributes": get_attributes, "__module__": cls.__module__})
+    attrs = {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__}
+    return type(cls.__name__, (cls,), attrs)
 
 
 def _processor_class_name(source: str, kwargs: dict[str, Any], model_type: str) -> str | None:
