@@ -31,6 +31,8 @@ from ..errors import EndpointError
 from .messages import chat_request
 
 if TYPE_CHECKING:
+    from openai import OpenAI
+
     from ..config import EndpointConfig
 
 T = TypeVar("T")
@@ -375,7 +377,7 @@ def _parse_completion(response: Any) -> ChatResult:
     )
 
 
-def sync_sdk_client(ep: EndpointConfig, api_key: str | None) -> Any:
+def sync_sdk_client(ep: EndpointConfig, api_key: str | None) -> OpenAI:
     """The SDK's synchronous client for the Batch API's few control calls (it keeps its own retries there)."""
     import openai
 
