@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from ..infer.engine import Engine, TransformersEngine
+    from ..infer.generate import Prompt
     from ..infer.vllm_engine import VllmEngine
     from ..models.loader import LoadedModel
 
@@ -219,7 +220,7 @@ class _PromptCheck:
     (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
     """
 
-    def __init__(self, lm: Any, context: int | None = None) -> None:
+    def __init__(self, lm: "LoadedModel | Engine", context: int | None = None) -> None:
         import copy
         import threading
 
@@ -231,7 +232,7 @@ class _PromptCheck:
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
         self.lock = threading.Lock()
 
-    def __call__(self, prompt: Any, max_tokens: int) -> None:
+    def __call__(self, prompt: "Prompt", max_tokens: int) -> None:
         from ..infer.generate import render_prompt
 
         try:

@@ -36,6 +36,8 @@ from ..config import GenerationConfig
 from ..infer.generate import Prompt, _eos_ids, generate_batch
 
 if TYPE_CHECKING:
+    import torch
+
     from ..models.loader import LoadedModel
 
 
@@ -215,7 +217,7 @@ class RowControl:
                 row.done = True
                 self._emit(row)
 
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         import torch
 
         last = input_ids[:, -1].tolist()
