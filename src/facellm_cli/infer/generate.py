@@ -7,7 +7,7 @@ processor, so any ``AutoModelForImageTextToText`` family works unchanged.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -15,6 +15,7 @@ from ..config import GenerationConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image as PILImage
     from transformers import BatchFeature
 
@@ -124,7 +125,11 @@ def _generate_kwargs(lm: LoadedModel, cfg: GenerationConfig) -> dict[str, Any]:
 
 
 def generate_batch(
-    lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationConfig, *, stopping_criteria: Any = None
+    lm: LoadedModel,
+    prompts: Sequence[Prompt],
+    cfg: GenerationConfig,
+    *,
+    stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Generation]:
     """Answer several prompts in one ``generate`` call.
 
