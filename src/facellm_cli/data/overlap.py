@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
-    from ..config import OverlapConfig
+    from ..config import EvalConfig, OverlapConfig
+    from ..schema import MCQuestion
 
 SIGNATURE_VERSION = "dhash128+chroma8-v1"
 HASH_BITS = 128
@@ -137,7 +138,7 @@ def _media_dir(build_dir: Path) -> Path:
     return Path(cfg["image_root"])
 
 
-def _add_questions(coll: Collection, questions: Iterable[Any]) -> None:
+def _add_questions(coll: Collection, questions: Iterable[MCQuestion]) -> None:
     for q in questions:
         ref = QuestionRef(q.id, q.task, q.category)
         coll.n_questions += 1
@@ -726,7 +727,7 @@ def overlap(cfg: OverlapConfig, progress: Progress | None = None) -> OverlapResu
 
 
 def seen_question_ids(
-    questions: Sequence[Any],
+    questions: Sequence[MCQuestion],
     train_inputs: Sequence[str],
     *,
     max_distance: int = DEFAULT_MAX_DISTANCE,
@@ -803,7 +804,7 @@ def overlap_report_section(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_train_data(cfg: Any) -> list[str]:
+def resolve_train_data(cfg: EvalConfig) -> list[str]:
     """``evaluate``'s training inputs; ``auto`` is the finetune run recorded next to the adapter (or model) evaluated."""
     if list(cfg.train_data) != ["auto"]:
         return list(cfg.train_data)
@@ -818,14 +819,14 @@ def resolve_train_data(cfg: Any) -> list[str]:
     )
 
 
-def check_train_data(cfg: Any) -> None:
+def check_train_data(cfg: EvalConfig) -> None:
     """Fail before any question is answered: the extra is missing or ``auto`` names no run."""
     _require_imagehash()
     resolve_train_data(cfg)
 
 
 def add_unseen_split(
-    results: dict[str, Any], records: Sequence[dict[str, Any]], questions: Sequence[Any], cfg: Any
+    results: dict[str, Any], records: Sequence[dict[str, Any]], questions: Sequence[MCQuestion], cfg: EvalConfig
 ) -> None:
     """Add ``results["unseen_in_training"]``: accuracy on all questions and on those whose images no training image
     matches, overall and per category (``evaluate --train-data``)."""
