@@ -19,7 +19,7 @@ from facellm_cli import faces  # noqa: E402
 from faces_helpers import astronaut, camera, group_photo, hopper  # noqa: E402
 
 
-def best_of(fn, n: int = 5) -> float:  # noqa: ANN001
+def best_of(fn, n: int = 5) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from facellm_cli.schema import LETTERS, MCQuestion, format_mcq_prompt
 SPLITS = ("train", "val", "test")
 
 
-def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):  # noqa: ANN201
+def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):
     cfg = resolve_config(
         DatasetConfig,
         None,
@@ -222,10 +222,10 @@ def test_stratified_split_keeps_every_class_in_train(tmp_path: Path) -> None:
 
 def test_same_inputs_give_identical_bytes(tmp_path: Path, corpus) -> None:
     jsonl, records = corpus
-    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)  # the same command twice
+    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], overwrite=True)  # the same command twice
     first = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     assert "mcq_test.jsonl" in first and len(first) == 14
-    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)
+    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == first
     shuffled = tmp_path / "shuffled.jsonl"
     write_jsonl(shuffled, random.Random(1).sample(records, len(records)))  # annotate's concurrency reorders lines
@@ -332,10 +332,10 @@ def test_paper_layout_with_labels_csv(tmp_path: Path) -> None:
 def test_out_folder_rules(tmp_path: Path, corpus) -> None:
     jsonl, _ = corpus
     build(tmp_path, [jsonl], mcq=["expression"])
-    with pytest.raises(OutputExistsError, match="output folder is not empty: .*pass --force"):
+    with pytest.raises(OutputExistsError, match="output folder is not empty: .*pass --overwrite"):
         build(tmp_path, [jsonl])
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    build(tmp_path, [jsonl], force=True)
+    build(tmp_path, [jsonl], overwrite=True)
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "mcq_test.jsonl" not in names  # stale outputs of the earlier run are removed
     assert "notes.txt" in names  # files that are not ours are left alone
@@ -354,7 +354,7 @@ def test_config_validation() -> None:
 # ---- CLI ----
 
 
-def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
+def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:
     jsonl, records = corpus
     res = cli(
         "build-dataset",
@@ -385,7 +385,7 @@ def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
     assert res.code == 0 and "filtered: refusal 1" in res.err
 
 
-def test_cli_help(cli) -> None:  # noqa: ANN001
+def test_cli_help(cli) -> None:
     res = cli("build-dataset", "--help")
     assert res.code == 0 and "--merge-aspects" in res.out and "--skip-invalid" in res.out
 
@@ -408,3 +408,23 @@ def test_image_paths_absolute_or_relative_to_cwd(tmp_path: Path, corpus, monkeyp
     assert report.qa_pairs == 60 and report.images == 20
     images = set().union(*(_images(tmp_path / "out", s) for s in SPLITS))
     assert images == {f"img_{i:03d}.png" for i in range(20)}
+
+
+def test_build_reports_its_two_passes_and_prints_nothing(
+    tmp_path: Path, corpus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facellm_cli.testing.reporter import RecordingReporter
+
+    jsonl, records = corpus
+    build(tmp_path, [jsonl], out="quiet")
+    assert capsys.readouterr() == ("", "")
+    rec = RecordingReporter()
+    cfg = resolve_config(
+        DatasetConfig, None, {"inputs": [str(jsonl)], "image_root": str(tmp_path / "faces"), "out": str(tmp_path / "o")}
+    )
+    build_dataset(cfg, reporter=rec)
+    assert rec.stages() == ["reading records", "writing images"]
+    write = rec.calls.index(("stage", "writing images", 20))
+    assert sum(c[1] for c in rec.calls[:write] if c[0] == "advance") == len(records)
+    assert sum(c[1] for c in rec.calls[write:] if c[0] == "advance") == 20
+    assert capsys.readouterr() == ("", "")

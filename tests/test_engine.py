@@ -35,8 +35,8 @@ def test_engine_is_a_checked_choice(cli, tiny_internvl: Path, tmp_path: Path) ->
     assert r.code != 0 and "engine" in r.err
     with pytest.raises(ValueError, match="merge_adapter: engine vllm applies the adapter as LoRA"):
         ModelConfig(model="m", engine="vllm", adapter="a", merge_adapter=True)
-    cfg = FinetuneConfig(model={"model": "m", "engine": "vllm"}, data={"train": "t.jsonl"}, output_dir="o")
-    assert any(p.startswith("model.engine: finetune trains with transformers") for p in cfg.problems())
+    with pytest.raises(ValueError, match="model.engine: finetune trains with transformers; remove engine: vllm"):
+        FinetuneConfig(model={"model": "m", "engine": "vllm"}, data={"train": "t.jsonl"}, out="o")
 
 
 def test_vllm_quantization_mapping() -> None:

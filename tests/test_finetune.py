@@ -45,7 +45,7 @@ def _write_config(path: Path, model: Path, data: Path, out: Path, **train: objec
             "eval_steps": 3,
             **train,
         },
-        "output_dir": str(out),
+        "out": str(out),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -58,7 +58,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     face_data: Path,
     tiny_internvl: Path,
     tiny_qwen2_vl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     import torch
     from safetensors.torch import load_file
@@ -95,7 +95,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert any("eval_loss" in m for m in metrics)
     saved = yaml.safe_load((out / "finetune_config.yaml").read_text())
-    assert saved["lora"]["r"] == 4 and saved["output_dir"] == str(out)
+    assert saved["lora"]["r"] == 4 and saved["out"] == str(out)
 
     # base weights untouched on disk; LoRA weights moved away from their zero init; only LM layers adapted
     after = _state(base)
@@ -143,7 +143,7 @@ def test_full_finetune_changes_lm_keeps_vision_frozen(tmp_path: Path, face_data:
     assert (tmp_path / "o" / "processor_config.json").is_file()
 
 
-def _config_errors(cli, config: Path, settings: dict) -> list[str]:  # noqa: ANN001
+def _config_errors(cli, config: Path, settings: dict) -> list[str]:
     """Write ``settings`` to ``config``, run ``facellm finetune --config`` and return its error lines (exit 1)."""
     config.write_text(yaml.safe_dump(settings))
     r = cli("finetune", "--config", config)
@@ -151,7 +151,7 @@ def _config_errors(cli, config: Path, settings: dict) -> list[str]:  # noqa: ANN
     return [ln for ln in r.err.splitlines() if ln.startswith("error:")]
 
 
-def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -> None:
     config = tmp_path / "bad.yaml"
     settings = {
         "method": "full",
@@ -169,7 +169,7 @@ def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -
     del settings["model"]["quantization"], settings["train"]
     lines = _config_errors(cli, config, settings)
     assert len(lines) == 3, lines
-    assert any("output_dir: no output folder given (set output_dir or pass --out)" in ln for ln in lines)
+    assert any("out: no output folder given (set out or pass --out)" in ln for ln in lines)
     missing = f"data.train: data file not found: {tmp_path / 'none.jsonl'} (check data.train / --data)"
     assert any(missing in ln for ln in lines)
     assert any(f"model.model: model folder not found: {tmp_path / 'no-model'}" in ln for ln in lines)
@@ -178,13 +178,13 @@ def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -
     assert r.code == 1 and "train.lora_rank: unknown key" in r.err
 
 
-def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:
     """device cpu + precision fp16 is one mistake: one line, from the config check, not again from preflight."""
     config = tmp_path / "fp16.yaml"
     settings = {
         "model": {"model": str(tmp_path / "no-model"), "device": "cpu"},
         "data": {"train": str(tmp_path / "none.jsonl")},
-        "output_dir": str(tmp_path / "o"),
+        "out": str(tmp_path / "o"),
         "train": {"precision": "fp16"},
     }
     assert _config_errors(cli, config, settings) == [
@@ -192,13 +192,13 @@ def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa
     ]
 
 
-def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
+def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("x")
     config = _write_config(tmp_path / "r.yaml", tiny_internvl, face_data, out)
     r = cli("finetune", "--config", config)
-    assert r.code == 1 and f"output_dir: {out} is not empty; pass --overwrite" in r.err
+    assert r.code == 1 and f"out: {out} is not empty; pass --overwrite" in r.err
     r = cli("finetune", "--config", config, "--resume")
     assert r.code == 1 and "resume: no complete checkpoint-N folder" in r.err
     bad = face_data.parent / "bad.jsonl"
@@ -243,7 +243,7 @@ def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     import torch
 
@@ -283,7 +283,7 @@ def test_config_error_is_raised_before_any_model_loads(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
-    assert len(e.value.problems) == 3  # no output_dir, no data file, no config.json in the model folder
+    assert len(e.value.problems) == 3  # no out folder, no data file, no config.json in the model folder
 
 
 def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
@@ -299,7 +299,7 @@ def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tin
     seen: dict[str, int] = {}
     real_prepare = ft.prepare_model
 
-    def spy(model, cfg):  # noqa: ANN001, ANN202 - records what the trainer receives
+    def spy(model, cfg):
         seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         return real_prepare(model, cfg)
 
@@ -331,12 +331,12 @@ def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
     face_data: Path,
     tiny_internvl: Path,
     monkeypatch: pytest.MonkeyPatch,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     from facellm_cli.errors import QuantizationError
     from facellm_cli.models import loader
 
-    def broken(cfg, device):  # noqa: ANN001, ANN202 - what the loader raises when the native library fails
+    def broken(cfg, device):
         raise QuantizationError(
             "--quantization 4bit: bitsandbytes is installed but cannot run here (OSError: libbitsandbytes)"
         )
@@ -349,7 +349,7 @@ def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
     assert "train with --method lora instead" in r.err
 
 
-def test_help_of_every_finetune_command(cli) -> None:  # noqa: ANN001
+def test_help_of_every_finetune_command(cli) -> None:
     r = cli("finetune", "--help")
     assert r.code == 0 and "--resume-from" in r.out and "merge" in r.out and "accelerate launch" in r.out
     r = cli("finetune", "merge", "--help")
@@ -357,4 +357,4 @@ def test_help_of_every_finetune_command(cli) -> None:  # noqa: ANN001
     r = cli("dev", "synth-faces", "--help")
     assert r.code == 0 and "--seed" in r.out
     r = cli("finetune")
-    assert r.code == 1 and "data.train: no training file given" in r.err and "output_dir: no output folder" in r.err
+    assert r.code == 1 and "data.train: no training file given" in r.err and "out: no output folder" in r.err

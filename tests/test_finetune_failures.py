@@ -26,7 +26,7 @@ def _config(path: Path, model: Path | str, data: Path, out: Path, **train: objec
         "method": "full",
         "data": {"train": str(data)},
         "train": {"batch_size": 2, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "seed": 3, **train},
-        "output_dir": str(out),
+        "out": str(out),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -62,7 +62,7 @@ def test_disk_full_during_a_checkpoint_then_resume(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     # room for one checkpoint of the tiny model (weights 0.6 MB + Adam state 0.9 MB) but not for two
     small_disk.mount("size=2000k")
@@ -86,15 +86,15 @@ def test_read_only_output_folder_is_refused_before_the_model_loads(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     small_disk.mount("size=1m,ro")
     config = _config(tmp_path / "run.yaml", tiny_internvl, face_data, small_disk.where / "run")
     r = cli("finetune", "--config", config)
     assert r.code == 1
-    assert (
-        f"output_dir: cannot write to {small_disk.where} (read-only or no permission); choose another --out"
-    ) in " ".join(r.err.split())
+    assert (f"out: cannot write to {small_disk.where} (read-only or no permission); choose another --out") in " ".join(
+        r.err.split()
+    )
 
 
 def test_write_failures_are_named_with_their_cause_and_the_way_on(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_a_run_whose_model_does_not_load_leaves_nothing_that_blocks_the_next(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     out = tmp_path / "run"
     broken = tmp_path / "broken-model"

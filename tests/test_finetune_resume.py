@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from facellm_cli.testing.reporter import RecordingReporter
 from finetune_helpers import describe_records, face_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def _config(tmp: Path, model: Path, data: Path, out: Path, method: str = "lora")
             "save_total_limit": 3,
             "seed": 7,
         },
-        "output_dir": str(out),
+        "out": str(out),
     }
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -115,11 +116,16 @@ def test_killed_run_resumes_to_the_same_end(
     killed_at = max(json.loads(line)["step"] for line in complete)
     assert 2 <= killed_at < STEPS
 
-    logs: list[str] = []
-    resumed = finetune(resolve_config(FinetuneConfig, config), resume="latest", log=logs.append)
+    rec = RecordingReporter()
+    resumed = finetune(resolve_config(FinetuneConfig, config), resume="latest", reporter=rec)
+    logs = [str(c[1]) for c in rec.calls if c[0] == "log"]
     assert resumed.global_step == STEPS
     assert Path(resumed.resumed_from or "").name in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
     assert any(line.startswith("resuming from") for line in logs)
+    # The step count starts at the checkpoint's step and reaches the end one step at a time.
+    start = rec.calls.index(("stage", "training", STEPS))
+    counts = [c[1] for c in rec.calls[start + 1 :] if c[0] == "advance"]
+    assert counts[0] == int(Path(resumed.resumed_from or "").name.split("-")[1]) and sum(counts) == STEPS
 
     # the same samples in the same order at every step, across the epoch boundary
     assert _steps(out / "samples.jsonl") == _steps(ref / "samples.jsonl")
@@ -158,7 +164,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     assert "weight(s) missing" in msg and "--overwrite" in msg
 
 
-def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:
     folder = tmp_path / "faces"
     data = write_jsonl(folder / "train.jsonl", describe_records(face_rows(folder, 4)))
     out = tmp_path / "run"
@@ -204,8 +210,9 @@ def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     config = _config(tmp_path, tiny_internvl, resume_data, out, "lora")
     finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 4}))
     (out / "checkpoint-4" / "trainer_state.json").write_text("")  # what the kill left
-    logs: list[str] = []
-    res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", log=logs.append)
+    rec = RecordingReporter()
+    res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", reporter=rec)
+    logs = [str(c[1]) for c in rec.calls if c[0] == "log"]
     assert Path(res.resumed_from or "").name == "checkpoint-2" and res.global_step == 6
     assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs
 

@@ -1,22 +1,22 @@
 """Rendering for ``facellm annotate``: a rich progress bar on stderr and the summary lines.
 
-Kept apart from the run so the library stays print-free; the CLI passes
-:meth:`AnnotateProgress.update` as the pipeline's ``on_progress`` callback.
+Kept apart from the run so the library stays print-free; the CLI passes an
+:class:`AnnotateProgress` as the pipeline's reporter.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._progress import ProgressBar
-from .run import AnnotateSummary, ProgressState
+from .run import AnnotateSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 
 class AnnotateProgress(ProgressBar):
-    """The shared bar plus failed / in flight / tokens, fed from the pipeline's ProgressState."""
+    """The shared bar plus failed / in flight / tokens, from the status the pipeline reports with each count."""
 
     def __init__(self, console: Console, description: str) -> None:
         super().__init__(
@@ -30,9 +30,10 @@ class AnnotateProgress(ProgressBar):
             ),
         )
 
-    def update(self, state: ProgressState) -> None:
-        tokens = state.prompt_tokens + state.completion_tokens
-        self(state.done, state.total, failed=state.failed, in_flight=state.in_flight, tokens=f"{tokens:,}")
+    def advance(self, n: int = 1, **status: Any) -> None:
+        if "tokens" in status:
+            status["tokens"] = f"{status['tokens']:,}"
+        super().advance(n, **status)
 
 
 def summary_lines(s: AnnotateSummary) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     # AutoProcessor gives a tokenizer alone for a checkpoint without a processor config.
     Processor = ProcessorMixin | PreTrainedTokenizerBase
+    from ..runtime import ThreadChoice
 
 log = logging.getLogger("facellm.loader")
 
@@ -62,7 +64,11 @@ class LoadedModel:
     model_type: str
     name: str
     image_only_processor: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    # The CPU thread choice made while loading (None on GPUs); its note is shown by the caller.
+    threads: ThreadChoice | None = None
+    # The fast tokenizer keeps its padding state in Rust and changes it on every call, so calls from
+    # two threads (serve's prompt check and its batcher) take turns.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -262,7 +268,7 @@ def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model
     return ModelLoadError(f"{what} {name} is corrupt or incomplete ({_first_line(err)}); re-download it")
 
 
-def _image_only_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+def image_only_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
 
     def get_attributes(c: type) -> list[str]:
@@ -324,10 +330,11 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
     if cls is None:
         raise ModelLoadError(
             f"no processor class known for model type '{model_type}' of '{cfg.model}' without torchvision; "
-            "install a torch/torchvision pair that import together, or pass --trust-remote-code for custom code"
+            "install a torch/torchvision pair that import together, "
+            "or allow custom code with --set model.trust_remote_code=true"
         )
     try:
-        proc = _image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
+        proc = image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
     except OSError as e:
         raise _load_error(cfg, source, kwargs, e) from None
     return proc, True
@@ -412,11 +419,11 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     model_type = read_model_type(source, kwargs, cfg)
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
-    extras: dict[str, Any] = {}
+    threads = None
     if device == "cpu":
         from ..runtime import configure_threads
 
-        extras["threads"] = configure_threads(cfg.threads)
+        threads = configure_threads(cfg.threads)
     qconf = quantization_config(cfg, device)
     processor, image_only = load_processor(source, kwargs, cfg, model_type)
 
@@ -451,7 +458,7 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
             else:
                 raise ModelLoadError(
                     f"attention '{cfg.attn_implementation}' cannot be used for '{cfg.model}': {msg.splitlines()[0]}; "
-                    "use --attn-implementation sdpa or eager"
+                    "use --set model.attn_implementation=sdpa (or eager)"
                 ) from None
         elif qconf is not None:
             raise QuantizationError(
@@ -485,5 +492,5 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         model_type=model_type,
         name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
         image_only_processor=image_only,
-        extras=extras,
+        threads=threads,
     )
