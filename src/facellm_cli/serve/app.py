@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ServeConfig
 from ..errors import FacellmError, MissingDependencyError
@@ -33,8 +33,12 @@ from .messages import ImageLimits, extract_json, to_prompt
 from .protocol import ChatCompletionRequest, ProtocolError, chunk, completion, decode_request, error_body
 
 if TYPE_CHECKING:
-    from ..infer.engine import Engine
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    from ..infer.engine import Engine, TransformersEngine
     from ..infer.generate import Prompt
+    from ..infer.vllm_engine import VllmEngine
     from ..models.loader import LoadedModel
 
 log = logging.getLogger("facellm.serve")
@@ -137,7 +141,7 @@ def _log_request(fields: dict[str, Any]) -> None:
     log.log(level, "request", extra={"fields": fields})
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: "Request", limit: int) -> bytes:
     """The body, or 413 past ``limit``. The rest of an oversized body is drained (up to a cap) so the
     client reads our 413 instead of a reset connection."""
     chunks: list[bytes] = []
@@ -217,7 +221,7 @@ class PromptCheck:
     (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
     """
 
-    def __init__(self, lm: Any, context: int | None = None) -> None:
+    def __init__(self, lm: "LoadedModel | Engine", context: int | None = None) -> None:
         import threading
 
         from ..infer.generate import context_length
@@ -229,7 +233,7 @@ class PromptCheck:
         self.context = context or context_length(lm)
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
 
-    def __call__(self, prompt: Any, max_tokens: int) -> None:
+    def __call__(self, prompt: "Prompt", max_tokens: int) -> None:
         from ..infer.generate import render_prompt
 
         try:
@@ -255,7 +259,7 @@ class PromptCheck:
             )
 
 
-async def _watch_disconnect(request: Any, job: Job) -> None:
+async def _watch_disconnect(request: "Request", job: Job) -> None:
     """Cancel the job when its client goes away (frees its place in the queue or its row)."""
     while True:
         if await request.is_disconnected():
@@ -291,10 +295,11 @@ def _make_server(cfg: ServeConfig, lm: "LoadedModel | Engine") -> _Server:
     if engine.kind == "vllm":
         from .vllm_scheduler import VllmScheduler
 
-        batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
-        check_prompt = PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+        vllm = cast("VllmEngine", engine)  # as_engine gives kind "vllm" only to a VllmEngine
+        batcher = VllmScheduler(vllm, cfg.max_queue)
+        check_prompt = PromptCheck(vllm, vllm.context_length)
     else:
-        base = engine.lm  # type: ignore[attr-defined]
+        base = cast("TransformersEngine", engine).lm
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
         check_prompt = PromptCheck(base)
     body_limit = int(cfg.max_body_mb * 1_000_000)
@@ -308,7 +313,7 @@ def _make_server(cfg: ServeConfig, lm: "LoadedModel | Engine") -> _Server:
     return _Server(cfg, lm, batcher, check_prompt, served_name(cfg, lm), int(time.time()), body_limit, limits)
 
 
-def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> Any:
+def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> "FastAPI":
     """The FastAPI app serving ``lm`` (a loaded model or an engine: ``transformers`` requests share the
     dynamic batcher, ``vllm`` requests go to vLLM's continuous batching). ``api_key`` (read by the caller
     from ``cfg.api_key_env``) turns on auth."""
@@ -339,7 +344,7 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
     return app
 
 
-def _add_error_handlers(app: Any) -> None:
+def _add_error_handlers(app: "FastAPI") -> None:
     """Every refusal, including FastAPI's own 404/405/validation errors, as OpenAI's error JSON."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -364,7 +369,7 @@ def _add_error_handlers(app: Any) -> None:
         return _error(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
 
-def _add_model_routes(app: Any, server: _Server) -> None:
+def _add_model_routes(app: "FastAPI", server: _Server) -> None:
     """``/health`` (with the batcher's counters), ``/v1/models`` and ``/v1/models/{id}``."""
 
     @app.get("/health")
@@ -414,7 +419,7 @@ class _RequestLog:
         )
 
 
-async def _chat_completions(request: Any, server: _Server) -> Any:
+async def _chat_completions(request: "Request", server: _Server) -> Any:
     """Read and check the request, queue its job, then stream the answer or wait for it."""
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     rlog = _RequestLog(rid)
@@ -436,7 +441,7 @@ async def _chat_completions(request: Any, server: _Server) -> Any:
 
 
 async def _parse_chat(
-    request: Any, server: _Server, fields: dict[str, Any]
+    request: "Request", server: _Server, fields: dict[str, Any]
 ) -> tuple[ChatCompletionRequest, "Prompt", SamplingParams]:
     """The request, its prompt and sampling parameters; raises ``ProtocolError`` for anything refused."""
     cfg = server.cfg
@@ -454,7 +459,7 @@ async def _parse_chat(
     return req, prompt, params
 
 
-def _stream_response(request: Any, job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog) -> Any:
+def _stream_response(request: "Request", job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog) -> Any:
     from fastapi.responses import StreamingResponse
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -465,7 +470,9 @@ def _stream_response(request: Any, job: Job, req: ChatCompletionRequest, name: s
     )
 
 
-async def _await_completion(request: Any, job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog) -> Any:
+async def _await_completion(
+    request: "Request", job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog
+) -> Any:
     """The whole answer as one completion; a client that goes away cancels its job."""
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
@@ -492,7 +499,7 @@ def _sse_data(obj: dict[str, Any]) -> str:
 
 
 async def _sse(
-    request: Any, job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
+    request: "Request", job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
 ) -> AsyncIterator[str]:
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [usage chunk], ``data: [DONE]``."""
     created = int(time.time())
