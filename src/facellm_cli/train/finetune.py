@@ -480,12 +480,38 @@ def _per_counted_token(loss: Any, num_items_in_batch: Any, devices: int) -> Any:
     return loss * devices if devices > 1 else loss
 
 
+def _ids_per_rank(ids: list[Any], num_processes: int) -> list[list[Any]]:
+    """Every rank's ids, this one's alone in a single process (else gathered: a collective call)."""
+    if num_processes <= 1:
+        return [ids]
+    from accelerate.utils import gather_object
+
+    gathered: list[list[Any]] = gather_object([ids])
+    return gathered
+
+
 def _samples_record(step: int, per_rank: list[list[Any]]) -> dict[str, Any]:
     """One samples.jsonl line: the step and its ids (per rank too when there are several)."""
     record: dict[str, Any] = {"step": step, "ids": [i for r in per_rank for i in r]}
     if len(per_rank) > 1:
         record["rank_ids"] = per_rank
     return record
+
+
+def _logits_at_kept(
+    model: Any, inputs: dict[str, Any], keep: torch.Tensor, keep_mask_ok: bool | None
+) -> tuple[torch.Tensor, bool]:
+    """The logits at the ``keep`` positions, and whether the model computed only those (a boolean
+    ``logits_to_keep``). ``keep_mask_ok`` is the previous call's answer: a model that failed it is not asked again."""
+    if keep_mask_ok is not False:
+        try:
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+                return logits, True
+        except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
+            pass
+    # fallback for models without boolean logits_to_keep: full logits, then select
+    return model(**inputs, use_cache=False).logits[keep], False
 
 
 def make_trainer_class() -> type:
@@ -504,25 +530,12 @@ def make_trainer_class() -> type:
             self._keep_mask_ok: bool | None = None
 
         def _logits_at(self, model: Any, inputs: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
-            if self._keep_mask_ok is not False:
-                try:
-                    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-                    if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
-                        self._keep_mask_ok = True
-                        return logits
-                    self._keep_mask_ok = False
-                except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
-                    self._keep_mask_ok = False
-            # fallback for models without boolean logits_to_keep: full logits, then select
-            return model(**inputs, use_cache=False).logits[keep]
+            logits, self._keep_mask_ok = _logits_at_kept(model, inputs, keep, self._keep_mask_ok)
+            return logits
 
         def _log_samples(self, ids: list[Any]) -> None:
             """The step's sample ids; with several processes, every rank's (gathered: a collective call)."""
-            per_rank = [ids]
-            if self.accelerator.num_processes > 1:
-                from accelerate.utils import gather_object
-
-                per_rank = gather_object(per_rank)
+            per_rank = _ids_per_rank(ids, self.accelerator.num_processes)
             if self.samples_log is not None and self.is_world_process_zero():
                 self.samples_log.write(_samples_record(self.state.global_step + 1, per_rank))
 
