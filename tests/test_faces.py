@@ -1,6 +1,6 @@
 """Faces in real photos: detection, chips, manifest, ``faces detect/crop``, ``ask --faces``, ``annotate --faces``.
 
-Real faces only: matplotlib's Grace Hopper and two public-domain crops in tests/data/faces (see its README).
+Real faces only: matplotlib's Grace Hopper and two public-domain crops in tests/assets/faces (see its README).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from PIL import Image
 from facellm_cli import faces
 from facellm_cli.errors import OutputExistsError
 from facellm_cli.images import open_image
-from faces_helpers import astronaut, camera, group_photo, hopper
-from fake_openai import FakeOpenAI
+from facellm_cli.testing.faces import astronaut, camera, group_photo, hopper
+from facellm_cli.testing.fake_openai import FakeOpenAI
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -1,4 +1,4 @@
-"""``facellm annotate`` end to end against a real local HTTP server (tests/fake_openai.py), no client mocks."""
+"""``facellm annotate`` end to end against a real local HTTP server (facellm_cli.testing.fake_openai), no client mocks."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ from facellm_cli.annotate.pipeline import read_annotations
 from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, load_prompt_set, render_aspect
 from facellm_cli.errors import ConfigError, DataError
 from facellm_cli.refusals import is_refusal
+from facellm_cli.testing.fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.servers import wait_for
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai import Behaviour, FakeOpenAI  # noqa: E402
-from waiting import wait_for  # noqa: E402
-
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO_ROOT / "src"
 KEY = "sk-test-DO-NOT-LEAK-4f9a2c"
 ASPECTS = [a.key for a in FAIRFACEGPT_V1.aspects]
 
@@ -851,7 +850,7 @@ def test_annotate_help(cli) -> None:
 def test_shipped_examples_load() -> None:
     from facellm_cli.config import AnnotateConfig, resolve_config
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = REPO_ROOT / "examples"
     cfg = resolve_config(AnnotateConfig, examples / "annotate_fairface.yaml")
     assert cfg.labels and cfg.endpoint.model == "gpt-4o-2024-11-20" and cfg.mode == "per-aspect"
     ps = load_prompt_set(str(examples / "annotate_prompts.yaml"))

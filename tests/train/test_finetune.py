@@ -11,9 +11,10 @@ import yaml
 from facellm_cli.config import FinetuneConfig, resolve_config
 from facellm_cli.errors import ConfigError
 from facellm_cli.models.processor_files import has_video_config
-from finetune_helpers import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def _write_config(path: Path, model: Path, data: Path, out: Path, **train: objec
     return path
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_lora_trains_adapter_only_and_ask_uses_it(
     family: str,
@@ -123,6 +125,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     assert r2.code == 1 and "adapter folder not found" in r2.err
 
 
+@pytest.mark.slow  # trains
 def test_full_finetune_changes_lm_keeps_vision_frozen(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
     import torch
 
@@ -192,6 +195,7 @@ def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa
     ]
 
 
+@pytest.mark.slow  # trains
 def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
     out = tmp_path / "o"
     out.mkdir()
@@ -239,6 +243,7 @@ def test_paper_example_is_the_paper_recipe() -> None:
     assert q.method == "qlora" and q.model.quantization == "4bit" and q.train.gradient_checkpointing
 
 
+@pytest.mark.slow  # trains
 def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     tmp_path: Path,
     face_data: Path,
@@ -286,6 +291,7 @@ def test_config_error_is_raised_before_any_model_loads(tmp_path: Path) -> None:
     assert len(e.value.problems) == 3  # no output_dir, no data file, no config.json in the model folder
 
 
+@pytest.mark.slow  # trains
 def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
     """bitsandbytes 0.50 runs 4-bit on CPU: the language model's linear layers are NF4, LoRA trains on top."""
     import bitsandbytes as bnb

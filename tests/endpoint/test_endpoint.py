@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.fake_openai import Behaviour, FakeOpenAI
 
 RETRY_AFTER = 1.0  # seconds the server asks for; every backoff below is far shorter
 FAST_BACKOFF = ["--set", "endpoint.backoff_base=0.01", "--set", "endpoint.backoff_max=0.05"]

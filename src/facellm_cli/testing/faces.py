@@ -1,12 +1,12 @@
-"""Real face photos for the face tests: matplotlib's Grace Hopper and two public-domain crops in tests/data/faces."""
+"""Real face photos for the face tests: matplotlib's Grace Hopper and two public-domain crops in tests/assets/faces."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from PIL import Image
 
-DATA = Path(__file__).parent / "data" / "faces"
+from .paths import ASSETS
+
+DATA = ASSETS / "faces"
 
 
 def hopper() -> Image.Image:

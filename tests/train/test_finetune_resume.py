@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_helpers import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 STEPS = 8
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "qlora": "adapter_model.safetensors"}
 
@@ -133,6 +134,7 @@ def test_killed_run_resumes_to_the_same_end(
         assert max((b[k].float() - base[k].float()).abs().max().item() for k in b) > 1e-3
 
 
+@pytest.mark.slow  # trains
 def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path, tiny_qwen2_vl: Path
 ) -> None:
@@ -158,6 +160,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     assert "weight(s) missing" in msg and "--overwrite" in msg
 
 
+@pytest.mark.slow  # trains
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
     folder = tmp_path / "faces"
     data = write_jsonl(folder / "train.jsonl", describe_records(face_rows(folder, 4)))
@@ -172,6 +175,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cl
     assert json.loads(r.out)["global_step"] == 4
 
 
+@pytest.mark.slow  # trains
 def test_a_truncated_checkpoint_is_an_error_naming_its_file(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:
@@ -193,6 +197,7 @@ def test_a_truncated_checkpoint_is_an_error_naming_its_file(
     assert str(e.value).endswith("re-download it, or resume from an earlier checkpoint with --resume-from")
 
 
+@pytest.mark.slow  # trains
 def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:
@@ -210,6 +215,7 @@ def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs
 
 
+@pytest.mark.slow  # trains
 def test_an_adapter_checkpoint_that_does_not_fit_is_an_error(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:

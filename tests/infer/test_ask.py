@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from facellm_cli.testing.paths import REPO_ROOT
+
 
 @pytest.fixture
 def faces(tmp_path: Path) -> list[Path]:
@@ -76,7 +78,7 @@ def test_ask_missing_image_and_bad_usage(cli, tiny_internvl: Path, tmp_path: Pat
 
 
 def test_ask_stdin_through_the_real_console_script(tiny_internvl: Path, faces: list[Path]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     proc = subprocess.run(
         [
             sys.executable,

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_helpers import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
