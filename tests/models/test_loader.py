@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from facellm_cli.infer.generate import Prompt, generate_batch
 from facellm_cli.models import loader
 from facellm_cli.models.loader import choose_device, choose_dtype, load_model_and_processor
 from facellm_cli.testing import build_tiny_model
+from facellm_cli.testing.cli import FACELLM, subprocess_env
 from facellm_cli.testing.hub import hub_style_internvl, hub_style_qwen2_vl
-from facellm_cli.testing.paths import REPO_ROOT
 
-ROOT = REPO_ROOT
 IMG = Image.new("RGB", (70, 50), (180, 120, 90))
 
 
@@ -293,13 +291,13 @@ def test_unreachable_hub_fails_fast_and_the_cache_still_serves(tiny_internvl: Pa
     shutil.copytree(tiny_internvl, snapshot)
     (hf_home / "hub" / "models--org--tiny" / "refs").mkdir()
     (hf_home / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT / "src"))
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}")
     image = tmp_path / "face.png"
     IMG.save(image)
 
     def ask(model: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "facellm_cli", "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
+        cmd = [*FACELLM, "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True)  # ends when the command does
 
     r = ask("org/missing")

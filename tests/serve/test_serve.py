@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from facellm_cli.testing.cli import FACELLM, subprocess_env
+from facellm_cli.testing.files import write_image
 from facellm_cli.testing.paths import REPO_ROOT
 from facellm_cli.testing.servers import image_message, png_data_uri, running_server, wait_for
 
@@ -595,14 +595,12 @@ def test_cli_serve_subprocess_end_to_end(tiny_internvl: Path, tmp_path: Path) ->
 
     import openai
 
-    env = dict(os.environ, FACELLM_SERVE_TEST_KEY=KEY, PYTHONPATH=str(REPO_ROOT / "src"))
+    env = subprocess_env(FACELLM_SERVE_TEST_KEY=KEY)
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "facellm_cli",
+                *FACELLM,
                 "serve",
                 "--model",
                 str(tiny_internvl),
@@ -827,15 +825,7 @@ def open_server(lm: Any) -> Any:
 
 
 def _faces(folder: Path, n: int) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"face{i}.jpg"
-        Image.new("RGB", (96, 96), (70 * i, 120, 200 - 60 * i)).save(p)
-        paths.append(p)
-    return paths
+    return [write_image(folder / f"face{i}.jpg", (70 * i, 120, 200 - 60 * i), 96) for i in range(n)]
 
 
 def test_evaluate_runs_end_to_end_against_the_server(cli: Any, open_server: Any, tmp_path: Path) -> None:

@@ -14,8 +14,6 @@ from facellm_cli.models.processor_files import has_video_config
 from facellm_cli.testing.paths import REPO_ROOT
 from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = REPO_ROOT
-
 
 @pytest.fixture(scope="module")
 def face_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -215,7 +213,7 @@ def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Pat
 
 
 def test_every_example_config_validates() -> None:
-    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    examples = sorted((REPO_ROOT / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
         data = yaml.safe_load(path.read_text())
@@ -226,7 +224,7 @@ def test_every_example_config_validates() -> None:
 
 
 def test_paper_example_is_the_paper_recipe() -> None:
-    cfg = resolve_config(FinetuneConfig, ROOT / "examples" / "facellm-1b-lora.yaml")
+    cfg = resolve_config(FinetuneConfig, REPO_ROOT / "examples" / "facellm-1b-lora.yaml")
     assert cfg.model.model == "OpenGVLab/InternVL3-1B-hf" and cfg.method == "lora"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.0, "all-linear")
     t = cfg.train
@@ -239,7 +237,7 @@ def test_paper_example_is_the_paper_recipe() -> None:
         "bf16",
     )
     assert (t.batch_size, t.grad_accumulation, cfg.data.max_seq_length) == (10, 8, 2048)
-    q = resolve_config(FinetuneConfig, ROOT / "examples" / "facellm-8b-qlora-consumer.yaml")
+    q = resolve_config(FinetuneConfig, REPO_ROOT / "examples" / "facellm-8b-qlora-consumer.yaml")
     assert q.method == "qlora" and q.model.quantization == "4bit" and q.train.gradient_checkpointing
 
 

@@ -6,17 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.cli import facellm_cmd, subprocess_env
 from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = REPO_ROOT
 STEPS = 8
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "qlora": "adapter_model.safetensors"}
 
@@ -43,14 +41,6 @@ def _config(tmp: Path, model: Path, data: Path, out: Path, method: str = "lora")
     return path
 
 
-def _facellm(*args: object) -> list[str]:
-    return [sys.executable, "-m", "facellm_cli", *(str(a) for a in args)]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def _steps(path: Path) -> list[dict]:
     text = path.read_text()
     try:
@@ -74,7 +64,10 @@ def _kill_after_first_checkpoint(config: Path, out: Path) -> None:
     from facellm_cli.train.finetune import checkpoint_complete
 
     proc = subprocess.Popen(
-        _facellm("finetune", "--config", config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        facellm_cmd("finetune", "--config", config),
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         # no deadline: the wait ends when the checkpoint is complete or the process ends

@@ -31,6 +31,15 @@ def seed_color(seed: int) -> tuple[int, int, int]:
     return ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
 
 
+def write_image(path: Path, color: tuple[int, int, int], size: int | tuple[int, int] = 16) -> Path:
+    """A flat-colour image at ``path`` (parents created), encoded as its suffix says (.png, .jpg, ...)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size) if isinstance(size, int) else size, color).save(path)
+    return path
+
+
 def write_png(path: Path, seed: int, size: int = 8) -> Path:
     """A ``size``-square PNG at ``path`` (parents created) whose colour depends on ``seed``."""
     path.parent.mkdir(parents=True, exist_ok=True)
