@@ -67,7 +67,7 @@ def make_questions(n: int, image_size: int, folder: Path, seed: int = 0) -> list
     return out
 
 
-def load(args: argparse.Namespace, tmp: Path):  # noqa: ANN201 - LoadedModel, torch imported lazily
+def load(args: argparse.Namespace, tmp: Path):
     import torch
 
     from facellm_cli.models.loader import LoadedModel, load_model_and_processor
@@ -115,14 +115,14 @@ def load(args: argparse.Namespace, tmp: Path):  # noqa: ANN201 - LoadedModel, to
     )
 
 
-def sync(lm) -> None:  # noqa: ANN001
+def sync(lm) -> None:
     import torch
 
     if str(lm.device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def reference(lm, qs: list[MCQuestion], new_tokens: int) -> tuple[float, int]:  # noqa: ANN001
+def reference(lm, qs: list[MCQuestion], new_tokens: int) -> tuple[float, int]:
     """One question at a time: open images, template, generate, decode, parse. Returns (seconds, parsed)."""
     gen = GenerationConfig(max_new_tokens=new_tokens)
     parsed = 0
@@ -136,7 +136,7 @@ def reference(lm, qs: list[MCQuestion], new_tokens: int) -> tuple[float, int]:  
     return time.perf_counter() - t0, parsed
 
 
-def facellm_likelihood(lm, qs: list[MCQuestion], batch_size: int) -> float:  # noqa: ANN001
+def facellm_likelihood(lm, qs: list[MCQuestion], batch_size: int) -> float:
     """facellm's likelihood mode: the runner's backend, one forward pass per batch."""
     backend = LocalBackend(lm, EvalConfig(data="unused.jsonl", mode="likelihood", batch_size=batch_size))
     sync(lm)

@@ -15,7 +15,7 @@ from facellm_cli import faces
 from facellm_cli.testing.faces import astronaut, camera, group_photo, hopper
 
 
-def best_of(fn, n: int = 5) -> float:  # noqa: ANN001
+def best_of(fn, n: int = 5) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()

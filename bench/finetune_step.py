@@ -76,7 +76,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from facellm_cli.config import FinetuneConfig
     from facellm_cli.models.loader import load_model_and_processor
-    from facellm_cli.train.finetune import _checkpointing_args, _make_trainer_class, prepare_model
+    from facellm_cli.train.finetune import checkpointing_args, make_trainer_class, prepare_model
 
     cfg = FinetuneConfig.model_validate(
         {
@@ -139,10 +139,10 @@ def run_variant(args: argparse.Namespace) -> dict:
         use_cpu=not cuda,
         seed=0,
         dataloader_num_workers=0,
-        **_checkpointing_args(TrainingArguments, args.grad_ckpt),  # the argument's name differs before 5.20
+        **checkpointing_args(TrainingArguments, args.grad_ckpt),  # the argument's name differs before 5.20
     )
     data = [item] * (args.batch * (args.warmup + args.steps))
-    cls = _make_trainer_class() if args.variant == "ours" else Trainer
+    cls = make_trainer_class() if args.variant == "ours" else Trainer
     kwargs = {"samples_log": None} if args.variant == "ours" else {}
     trainer = cls(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()], **kwargs)
     trainer.train()

@@ -12,7 +12,7 @@ from typer.main import get_command
 from facellm_cli.cli import app
 
 
-def _commands(group, prefix=()):  # noqa: ANN001, ANN202
+def _commands(group, prefix=()):
     for name, cmd in getattr(group, "commands", {}).items():
         yield (*prefix, name)
         yield from _commands(cmd, (*prefix, name))

@@ -30,7 +30,7 @@ def group() -> tuple[Image.Image, list[tuple[float, float]]]:
 
 
 @pytest.fixture
-def group_file(tmp_path: Path, group) -> Path:  # noqa: ANN001
+def group_file(tmp_path: Path, group) -> Path:
     p = tmp_path / "photos" / "group.jpg"
     p.parent.mkdir()
     group[0].save(p, quality=92)
@@ -41,7 +41,7 @@ def inside(point: tuple[float, float], box: tuple[float, ...] | list[int]) -> bo
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
 
 
-def assert_one_face_per_centre(boxes: list, centres: list[tuple[float, float]]) -> None:  # noqa: ANN001
+def assert_one_face_per_centre(boxes: list, centres: list[tuple[float, float]]) -> None:
     assert len(boxes) == len(centres)
     for c in centres:
         assert sum(inside(c, b) for b in boxes) == 1, (c, boxes)
@@ -51,7 +51,7 @@ def assert_one_face_per_centre(boxes: list, centres: list[tuple[float, float]]) 
 
 
 @pytest.mark.parametrize("photo", [hopper, astronaut, camera], ids=["hopper", "astronaut", "camera"])
-def test_a_real_face_gives_exactly_one_face_with_landmarks_inside(photo) -> None:  # noqa: ANN001
+def test_a_real_face_gives_exactly_one_face_with_landmarks_inside(photo) -> None:
     det = faces.detect(photo())
     assert len(det.faces) == 1
     face = det.faces[0]
@@ -68,7 +68,7 @@ def test_hopper_box_is_where_her_face_is() -> None:
     assert 150 < x1 < 200 and 330 < x2 < 380 and 80 < y1 < 130 and 300 < y2 < 350
 
 
-def test_group_photo_finds_each_face_at_each_size(group) -> None:  # noqa: ANN001
+def test_group_photo_finds_each_face_at_each_size(group) -> None:
     img, centres = group
     det = faces.detect(img)
     assert_one_face_per_centre([f.box for f in det.faces], centres)
@@ -77,7 +77,7 @@ def test_group_photo_finds_each_face_at_each_size(group) -> None:  # noqa: ANN00
     assert widths[0] < 50 and widths[-1] > 120  # really different sizes
 
 
-def test_min_size_and_threshold_filter(group) -> None:  # noqa: ANN001
+def test_min_size_and_threshold_filter(group) -> None:
     img, _ = group
     assert len(faces.detect(img, min_size=80).faces) == 2
     assert len(faces.detect(img, threshold=0.99).faces) == 3  # the cameraman's half-profile scores 0.97-0.98
@@ -97,7 +97,7 @@ def test_no_face_in_noise_blank_or_tiny_images(img: Image.Image) -> None:
     assert faces.detect(img).faces == []
 
 
-def test_huge_photo_is_downscaled_for_detection_and_boxes_map_back(group) -> None:  # noqa: ANN001
+def test_huge_photo_is_downscaled_for_detection_and_boxes_map_back(group) -> None:
     img, centres = group
     huge = img.resize((img.width * 6, img.height * 6))  # 6000 x 3360, 20 megapixels
     det = faces.detect(huge)
@@ -156,7 +156,7 @@ def test_alignment_levels_the_eye_line_of_a_rotated_face(degrees: int) -> None:
 # ---- faces detect / crop commands --------------------------------------------------------------
 
 
-def test_faces_detect_json_one_object_per_image(cli, group_file: Path, group, tmp_path: Path) -> None:  # noqa: ANN001
+def test_faces_detect_json_one_object_per_image(cli, group_file: Path, group, tmp_path: Path) -> None:
     blank = tmp_path / "photos" / "wall.png"
     Image.new("RGB", (320, 240), (200, 200, 200)).save(blank)
     r = cli("faces", "detect", group_file, blank, "--json")
@@ -169,7 +169,7 @@ def test_faces_detect_json_one_object_per_image(cli, group_file: Path, group, tm
         assert set(f["landmarks"]) == set(faces.LANDMARK_NAMES) and f["score"] >= 0.9
 
 
-def test_faces_detect_plain_lines_and_unreadable_image(cli, group_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_faces_detect_plain_lines_and_unreadable_image(cli, group_file: Path, tmp_path: Path) -> None:
     bad = tmp_path / "photos" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     r = cli("faces", "detect", group_file.parent, "--min-size", "80")
@@ -179,7 +179,7 @@ def test_faces_detect_plain_lines_and_unreadable_image(cli, group_file: Path, tm
     assert r.err.splitlines()[-1] == f"error: 1 image(s) could not be read: {bad}"
 
 
-def test_faces_crop_writes_chips_and_a_manifest_and_skips_them_on_rerun(cli, group_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_faces_crop_writes_chips_and_a_manifest_and_skips_them_on_rerun(cli, group_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "chips"
     wall = tmp_path / "wall.png"
     Image.new("RGB", (320, 240), (200, 200, 200)).save(wall)
@@ -216,7 +216,7 @@ def test_crop_files_refuses_a_file_as_out(tmp_path: Path, group_file: Path) -> N
 
 
 def test_manifest_round_trips_through_annotate_labels_and_build_dataset(
-    cli,  # noqa: ANN001
+    cli,
     group_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -250,7 +250,7 @@ def test_manifest_round_trips_through_annotate_labels_and_build_dataset(
 
 @pytest.mark.parametrize("batch", [False, True], ids=["live", "batch-api"])
 def test_annotate_faces_crops_photos_then_annotates_the_chips(
-    cli,  # noqa: ANN001
+    cli,
     group_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -278,7 +278,7 @@ def test_annotate_faces_crops_photos_then_annotates_the_chips(
         assert srv.chat_requests() == []
 
 
-def test_annotate_faces_with_labels_is_refused(cli, tmp_path: Path) -> None:  # noqa: ANN001
+def test_annotate_faces_with_labels_is_refused(cli, tmp_path: Path) -> None:
     r = cli("annotate", str(tmp_path), "--faces", "--labels", str(tmp_path / "l.csv"), "--provider", "template")
     assert r.code == 1
     assert "faces: faces crops photos given as images; labels describe whole images" in r.err
@@ -288,10 +288,10 @@ def test_annotate_faces_with_labels_is_refused(cli, tmp_path: Path) -> None:  # 
 
 
 def test_ask_faces_json_one_line_per_face_with_the_right_boxes(
-    cli,  # noqa: ANN001
+    cli,
     tiny_internvl: Path,
     group_file: Path,
-    group,  # noqa: ANN001
+    group,
     tmp_path: Path,
 ) -> None:
     drawn = tmp_path / "drawn"
@@ -313,7 +313,7 @@ def test_ask_faces_json_one_line_per_face_with_the_right_boxes(
         assert d.format == "PNG" and d.size == group[0].size
 
 
-def test_ask_faces_plain_output_and_a_photo_without_a_face(cli, tiny_internvl: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ask_faces_plain_output_and_a_photo_without_a_face(cli, tiny_internvl: Path, tmp_path: Path) -> None:
     photos = tmp_path / "p"
     photos.mkdir()
     hopper().save(photos / "a_hopper.jpg")
@@ -332,7 +332,7 @@ def test_ask_faces_plain_output_and_a_photo_without_a_face(cli, tiny_internvl: P
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a_hopper.faces.png", "c_astronaut.faces.png"]
 
 
-def test_ask_faces_one_photo_one_face_streams_with_its_box(cli, tiny_qwen2_vl: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ask_faces_one_photo_one_face_streams_with_its_box(cli, tiny_qwen2_vl: Path, tmp_path: Path) -> None:
     photo = tmp_path / "hopper.jpg"
     hopper().save(photo)
     r = cli("ask", "-m", tiny_qwen2_vl, photo, "age?", "--faces", "--max-new-tokens", "2", "--draw", tmp_path / "o")
@@ -344,7 +344,7 @@ def test_ask_faces_one_photo_one_face_streams_with_its_box(cli, tiny_qwen2_vl: P
         assert d.size == (512, 600)
 
 
-def test_ask_draw_without_faces_is_a_usage_error(cli, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ask_draw_without_faces_is_a_usage_error(cli, tmp_path: Path) -> None:
     r = cli("ask", "x.jpg", "q?", "--draw", tmp_path / "o.png")
     assert r.code == 2 and "--draw needs --faces" in r.err
 
@@ -380,7 +380,7 @@ def test_missing_faces_extra_gives_the_install_hint(tmp_path: Path, blocked: str
     ]
 
 
-def test_faces_help(cli) -> None:  # noqa: ANN001
+def test_faces_help(cli) -> None:
     for cmd in (["faces", "--help"], ["faces", "detect", "--help"], ["faces", "crop", "--help"]):
         r = cli(*cmd)
         assert r.code == 0

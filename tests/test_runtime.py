@@ -81,7 +81,7 @@ def test_threads_flag_sets_torch_and_says_once_when_too_many(
     fresh_threads: None,
     tiny_internvl: Path,
     tmp_path: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     import torch
     from PIL import Image

@@ -37,6 +37,19 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     assert _digest(tmp_path / "d") == a
 
 
+def test_reporting_silent_by_default_and_counted_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from facellm_cli.testing.reporter import RecordingReporter
+
+    synth_faces(tmp_path / "quiet", 6, seed=1)
+    assert capsys.readouterr() == ("", "")
+    rec = RecordingReporter()
+    synth_faces(tmp_path / "counted", 6, seed=1, workers=1, reporter=rec)
+    assert rec.calls[0] == ("stage", "drawing faces", 6)
+    assert rec.calls[1] == ("advance", 0)
+    assert sum(c[1] for c in rec.calls if c[0] == "advance") == 6
+    assert capsys.readouterr() == ("", "")
+
+
 def test_labels_csv_matches_files_and_vocabulary(tmp_path: Path) -> None:
     res = synth_faces(tmp_path / "f", 12, seed=0, size=48)
     with open(res.labels_csv, newline="") as f:
@@ -82,7 +95,7 @@ def test_mouth_curve_shows_the_expression() -> None:
     assert abs(corners - centre) <= 1
 
 
-def test_refuses_non_empty_folder_and_cli(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_refuses_non_empty_folder_and_cli(tmp_path: Path, cli) -> None:
     out = tmp_path / "faces"
     r = cli("dev", "synth-faces", out, "--n", "3", "--seed", "1", "--size", "64")
     assert r.code == 0, r.err

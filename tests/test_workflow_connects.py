@@ -16,7 +16,7 @@ from facellm_cli.testing.corpus import annotation, make_corpus, write_jsonl, wri
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _build(tmp: Path, out: str = "data/ds", **kw: Any):  # noqa: ANN202
+def _build(tmp: Path, out: str = "data/ds", **kw: Any):
     from facellm_cli.data.build import build_dataset
 
     jsonl, _ = make_corpus(tmp)
@@ -360,7 +360,7 @@ def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
     class Clock(ThroughputWatch):
         now = 0.0
 
-        def update(self, done: float, now: float | None = None):  # noqa: ANN201
+        def update(self, done: float, now: float | None = None):
             Clock.now += 1
             return super().update(done, Clock.now)
 
@@ -372,6 +372,29 @@ def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
             bar(done, 2000)
     text = console.export_text()
     assert text.count("throughput fell") == 1 and "OMP_NUM_THREADS" in text and "--threads" in text
+
+
+def test_progress_bar_is_the_clis_reporter() -> None:
+    """Stages, counts and notes from library code; a callee inside a caller's stage keeps its label."""
+    from rich.console import Console
+
+    from facellm_cli._progress import ProgressBar
+    from facellm_cli.reporting import Within
+
+    console = Console(record=True, width=200, force_terminal=False)
+    with ProgressBar(console, "quickstart", headers=True, log_prefix="   ") as bar:
+        bar.stage("evaluate before training")
+        inner = Within(bar, "evaluate before training")
+        inner.stage("answering questions", 30)  # no new bar: the caller's stage gets the size
+        inner.advance(10)
+        inner.advance(20)
+        inner.log("a [note] with brackets")
+        task = bar.progress.tasks[-1]
+        assert (task.description, task.completed, task.total) == ("evaluate before training", 30, 30)
+        assert len(bar.progress.tasks) == 1  # the opening bar, which counted nothing, was dropped
+    text = console.export_text()
+    assert text.count(">> evaluate before training") == 1
+    assert "   a [note] with brackets" in text  # notes are plain text, not rich markup
 
 
 # ---------------------------------------------------------------- 8 and 10: finetune's output
@@ -409,7 +432,7 @@ def test_new_stages_and_remote_work_do_not_warn() -> None:
     class Clock(ThroughputWatch):
         now = 0.0
 
-        def update(self, done: float, now: float | None = None):  # noqa: ANN201
+        def update(self, done: float, now: float | None = None):
             Clock.now += 1
             return super().update(done, Clock.now)
 

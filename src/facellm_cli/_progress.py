@@ -1,7 +1,8 @@
 """The one progress display of the CLI: a rich bar on stderr with elapsed time, rate and time left.
 
-Library code reports through plain callbacks (``progress(done, total)``) and
-never prints; commands wrap those callbacks in :class:`ProgressBar`. The bar
+Library code reports through the :class:`~facellm_cli.reporting.Reporter`
+protocol (stage, advance, log) and never prints; :class:`ProgressBar` is the
+CLI's one implementation of it. The bar
 also watches throughput: when the rate over the last few seconds falls far
 below what this machine did a minute earlier, it says so once, with the fix
 (other processes are competing for the cores).
@@ -106,11 +107,12 @@ def _times_column() -> Any:
 
 
 class ProgressBar:
-    """``with ProgressBar(console, "evaluate", unit="questions") as bar: run(progress=bar)``.
+    """``with ProgressBar(console, "evaluate", unit="questions") as bar: evaluate(cfg, reporter=bar)``.
 
-    Calling ``bar(done, total)`` updates it; :meth:`stage` starts a new labelled
-    bar (quickstart's stages); :meth:`print` writes a line above it. Extra
-    ``fields`` become text columns (annotate's failed / in flight / tokens).
+    A :class:`~facellm_cli.reporting.Reporter`: :meth:`stage` starts a new labelled bar, :meth:`advance`
+    counts, :meth:`log` writes a line above it (``log_prefix`` first; ``headers`` also prints
+    ">> stage" above each new stage, as quickstart does). ``bar(done, total)`` sets the count directly.
+    Extra ``fields`` become text columns (annotate's failed / in flight / tokens).
     """
 
     def __init__(
@@ -125,6 +127,8 @@ class ProgressBar:
         watch: ThroughputWatch | None = None,
         cpu_bound: bool = True,
         disable: bool = False,
+        headers: bool = False,
+        log_prefix: str = "",
     ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -149,6 +153,11 @@ class ProgressBar:
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
         self._started: set[Any] = set()
         self._stages = 0
+        self._label = label
+        self._done = 0
+        self._total: int | None = None
+        self.headers = headers
+        self.log_prefix = log_prefix
 
     def __enter__(self) -> ProgressBar:
         self.progress.start()
@@ -159,12 +168,21 @@ class ProgressBar:
             self.progress.update(self.task, total=1, completed=1)  # a last stage that counted nothing
         self.progress.stop()
 
-    def stage(self, label: str) -> None:
+    def stage(self, label: str, total: int | None = None) -> None:
         """Finish the current bar and start a fresh one (its own elapsed time and estimate).
 
         A stage that reported no counts shows as 1/1 when done; the opening bar
         is dropped when it never counted anything (it only stood for the command).
+        The same label again before anything was counted only sets the size (a
+        library call inside a caller's stage, see ``reporting.Within``).
         """
+        self._done, self._total = 0, total
+        if label == self._label and self.task not in self._started and self._stages:
+            self.progress.update(self.task, total=total)
+            return
+        self._label = label
+        if self.headers:
+            self.print(f"[bold]>>[/bold] {label}")
         if self.task in self._started or self._stages:
             if self.task not in self._started:
                 self.progress.update(self.task, total=1, completed=1)
@@ -174,7 +192,14 @@ class ProgressBar:
         self._stages += 1
         if self.watch is not None:
             self.watch.samples.clear()  # a new stage has its own pace
-        self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
+        self.task = self.progress.add_task(label, total=total, rate="", **self._fields)
+
+    def advance(self, n: int = 1, **status: Any) -> None:
+        self._done += n
+        self(self._done, self._total, **status)
+
+    def log(self, msg: str) -> None:
+        self.print(f"{self.log_prefix}{msg}", markup=False, highlight=False)
 
     def print(self, message: str, **kwargs: Any) -> None:
         self.progress.console.print(message, **kwargs)

@@ -62,7 +62,7 @@ dev_app = typer.Typer(help="Developer tools: throwaway models and data for testi
 app.add_typer(dev_app, name="dev")
 
 
-def err_console():  # noqa: ANN201 - rich is imported lazily
+def err_console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -216,7 +216,7 @@ def _answerers(
     )
 
 
-def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:  # noqa: ANN001
+def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:
     from rich.markup import escape
 
     from .faces import draw_path, save_drawing
@@ -267,17 +267,13 @@ def _ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None: 
         )
 
 
-def _load(model_cfg):  # noqa: ANN001, ANN202 - torch types are imported lazily
+def _load(model_cfg):
     quiet_libraries()
+    from ._progress import ProgressBar
     from .infer.engine import load_engine
 
-    with err_console().status(f"loading {model_cfg.model} ({model_cfg.engine}) ..."):
-        engine = load_engine(model_cfg)
-    loaded = getattr(engine, "lm", None)  # the transformers engine's model carries its thread choice
-    threads = loaded.extras.get("threads") if loaded is not None else None
-    if threads is not None and threads.note:
-        err_console().print(f"[yellow]note:[/yellow] {threads.note}")
-    return engine
+    with ProgressBar(err_console(), "loading", transient=True) as bar:
+        return load_engine(model_cfg, reporter=bar)  # its notes (the CPU thread choice) print above the bar
 
 
 # ---- build-dataset ----
@@ -343,8 +339,10 @@ def build_dataset(
     cfg = resolve_config(DatasetConfig, config, flags, set_)
     if cfg.exclude_overlap_with and cfg.overlap_cache is None:
         cfg.overlap_cache = str(_overlap_cache())
-    with err_console().status("building dataset ...") as status:
-        report = run_build(cfg, progress=lambda stage, n: status.update(f"{stage}: {n:,} ..."))
+    from ._progress import ProgressBar
+
+    with ProgressBar(err_console(), "build-dataset", transient=True) as bar:
+        report = run_build(cfg, reporter=bar)
     if json_out:
         print(json.dumps(report.to_json(), ensure_ascii=False))
     console = err_console()
@@ -482,7 +480,7 @@ def evaluate(
 
     console = err_console()
     with ProgressBar(console, "evaluate", unit="questions", cpu_bound=cfg.endpoint is None) as bar:
-        outcome = run_eval(cfg, api_key=api_key, progress=bar, load_model=lambda: _load(cfg.model))
+        outcome = run_eval(cfg, api_key=api_key, reporter=bar)
     meta = outcome.results["meta"]
     scored = f"{meta['set_name']}" + (f" (split {meta['split']})" if meta.get("split") else "")
     console.print(
@@ -602,7 +600,7 @@ def annotate(
     api_key = None if cfg.provider == "template" or dry_run else _api_key(ep.api_key_env, ep.base_url)
     console = err_console()
     with AnnotateProgress(console, "annotate") as bar:
-        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, on_progress=bar.update)
+        summary = run_annotate(cfg, api_key=api_key, dry_run=dry_run, reporter=bar)
     for line in summary_lines(summary):
         console.print(line, markup=False)
     print(json.dumps(summary.to_json(), ensure_ascii=False) if json_out else summary.out)
@@ -766,8 +764,7 @@ def finetune(
             resume=resume_from or ("latest" if resume else None),
             overwrite=overwrite,
             source=str(config) if config else None,
-            log=lambda m: bar.print(m, markup=False),
-            progress=bar,
+            reporter=bar,
         )
     mem = f"{res.peak_memory_bytes / 2**30:.2f} GiB ({res.peak_memory_kind})"
     losses = [
@@ -810,7 +807,7 @@ def finetune_merge(
             max_shard_size=max_shard_size,
             dtype=dtype or "auto",
             overwrite=overwrite,
-            progress=bar,
+            reporter=bar,
         )
     err_console().print(
         f"merged {res.adapter} into {res.base_model}: {len(res.files)} files, {res.total_bytes / 1e6:.1f} MB"
@@ -842,7 +839,7 @@ def synth_faces_cmd(
 
     with ProgressBar(err_console(), "synth-faces", unit="faces", transient=True) as bar:
         res = synth_faces(
-            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), progress=bar
+            out_dir, n, seed=seed, size=size, overwrite=overwrite, workers=workers or default_workers(n), reporter=bar
         )
     err_console().print(f"{res.count} faces written; expressions: {res.counts['expression']}")
     if json_out:
@@ -888,22 +885,15 @@ def quickstart(
     from ._progress import ProgressBar
 
     console = err_console()
-    with ProgressBar(console, "quickstart") as bar:
-
-        def on_stage(name: str) -> None:
-            bar.print(f"[bold]>>[/bold] {name}")
-            bar.stage(name)
-
-        result = run_quickstart(
-            cfg, api_key=api_key, on_stage=on_stage, log=lambda msg: bar.print(f"   {msg}"), progress=bar
-        )
+    with ProgressBar(console, "quickstart", headers=True, log_prefix="   ") as bar:
+        result = run_quickstart(cfg, api_key=api_key, reporter=bar)
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
     _print_quickstart(result)
 
 
-def _print_quickstart(result) -> None:  # noqa: ANN001 - QuickstartResult, imported lazily
+def _print_quickstart(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -1000,7 +990,7 @@ def data_overlap(
     from ._progress import ProgressBar
 
     with ProgressBar(err_console(), "hashing", unit="images", transient=True) as bar:
-        result = overlap(cfg, progress=lambda _label, done, total: bar(done, total))
+        result = overlap(cfg, reporter=bar)
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -1099,7 +1089,7 @@ def faces_crop(
     cfg = resolve_config(FaceCropConfig, config, flags, set_)
     console = err_console()
     with ProgressBar(console, "cropping faces", unit="photos", transient=True) as bar:
-        report = crop_files(images, out, cfg, on_progress=bar)
+        report = crop_files(images, out, cfg, reporter=bar)
     for name in report.no_face:
         console.print(f"no face found: {escape(name)}")
     for problem in report.problems:

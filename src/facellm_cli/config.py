@@ -27,6 +27,9 @@ from pydantic import (
 from .errors import ConfigDeprecationWarning, ConfigError
 from .refusals import DEFAULT_REFUSAL_PATTERNS
 
+# The built-in prompt set annotate uses unless told otherwise (defined in annotate/prompts.py).
+DEFAULT_PROMPT_SET = "fairfacegpt-v1"
+
 DEFAULT_MODEL = "Idiap/FaceLLM-1B"
 # Released FaceLLM checkpoints keep the transformers weights in a subfolder.
 KNOWN_SUBFOLDERS = {
@@ -769,7 +772,7 @@ class AnnotateConfig(StrictModel):
         description="per-aspect: one request per image x aspect (the paper); grouped: one request per image, "
         "all aspects as JSON.",
     )
-    prompts: str = Field("fairfacegpt-v1", description="Built-in prompt set name or a YAML prompt-set file.")
+    prompts: str = Field(DEFAULT_PROMPT_SET, description="Built-in prompt set name or a YAML prompt-set file.")
     aspects: list[str] | None = Field(None, description="Subset of the prompt set's aspect keys (default: all).")
     endpoint: EndpointConfig = Field(
         default_factory=EndpointConfig, description="The OpenAI-compatible endpoint asked (provider openai)."

@@ -17,7 +17,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .config import FaceCropConfig, FaceDetectConfig
 from .errors import DataError, FacellmError, ImageError, MissingDependencyError, OutputExistsError
 from .images import file_sha256, find_images, open_image
+from .reporting import SILENT, Reporter
 from .schema import FaceRef
 
 if TYPE_CHECKING:
@@ -395,91 +396,108 @@ def crop_files(
     out: Path,
     cfg: FaceCropConfig | None = None,
     *,
-    on_progress: Callable[[int, int], None] | None = None,
+    reporter: Reporter = SILENT,
 ) -> CropReport:
     """Detect and crop every face of every photo into ``out`` with a ``manifest.csv``.
 
     Re-running with the same folder skips photos already in the manifest (matched by content hash in the
     chip names); different crop settings for the same folder are refused, so a manifest never mixes them.
+    ``reporter`` counts the photos.
     """
     cfg = cfg or FaceCropConfig()
-    settings = cfg.model_dump(mode="json")
     inputs = list(inputs)
     check_available()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder for the face crops")
     out.mkdir(parents=True, exist_ok=True)
-    settings_path, manifest = out / SETTINGS_NAME, out / MANIFEST_NAME
-    if settings_path.is_file():
-        before = json.loads(settings_path.read_text(encoding="utf-8"))
-        if before != settings:
-            changed = ", ".join(f"{k}={before.get(k)!r}->{v!r}" for k, v in settings.items() if before.get(k) != v)
-            raise OutputExistsError(
-                f"{out} holds crops made with other settings ({changed}); use a new --out folder or the same settings"
-            )
-    else:
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    report = CropReport(out=out, manifest=manifest)
-    if manifest.is_file():
-        report.rows = read_manifest(manifest)
-
-    def photo(r: CropRow) -> str:
-        return r.file.rsplit("_face", 1)[0]
-
-    lost = {photo(r) for r in report.rows if not (out / r.file).is_file()}
-    kept = [r for r in report.rows if photo(r) not in lost]
-    if len(kept) != len(report.rows) or not manifest.is_file():  # chips deleted by hand: crop those photos again
-        _write_manifest(manifest, kept)
-    report.rows = kept
-    done = {photo(r) for r in kept}
+    _check_settings(out, cfg.model_dump(mode="json"))
+    report = CropReport(out=out, manifest=out / MANIFEST_NAME)
+    done = _keep_complete_rows(report)
     paths = find_images(inputs)
     if not paths:
         raise FacellmError(f"no images found in: {' '.join(inputs)} (give image files, folders or globs)")
-    with open(manifest, "a", encoding="utf-8", newline="") as f:  # one photo's rows at a time: a kill loses one
+    reporter.stage("cropping faces", len(paths))
+    reporter.advance(0)
+    with open(report.manifest, "a", encoding="utf-8", newline="") as f:  # one photo's rows at a time: a kill loses one
         writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
-        for n, p in enumerate(paths):
-            if on_progress:
-                on_progress(n, len(paths))
-            try:
-                sha = file_sha256(p) if p.is_file() else ""
-                img = open_image(p)
-            except (ImageError, OSError) as e:
-                report.problems.append(str(e))
-                continue
-            prefix = chip_name(p, sha, 0).rsplit("_face", 1)[0]
-            if prefix in done:
-                report.skipped_images += 1
-                continue
-            det = detect_config(img, cfg, name=str(p))
-            if not det.faces:
-                report.no_face.append(str(p))
-                continue
-            rows = []
-            for i, face in enumerate(det.faces):
-                name = chip_name(p, sha, i)
-                chip = crop(img, face, margin=cfg.margin, size=cfg.size, align=cfg.align)
-                tmp = out / f".{name}.tmp"
-                chip.save(tmp, format="JPEG", quality=95)
-                os.replace(tmp, out / name)
-                rows.append(
-                    CropRow(
-                        file=name,
-                        source_image=p.as_posix(),
-                        face_index=i,
-                        box=face.int_box(),
-                        landmarks=[[round(x, 1), round(y, 1)] for x, y in face.landmarks],
-                        score=round(face.score, 4),
-                    )
-                )
-            writer.writerows(r.to_csv() for r in rows)
-            f.flush()
-            report.written += len(rows)
-            report.rows.extend(rows)
-            done.add(prefix)
-        if on_progress:
-            on_progress(len(paths), len(paths))
+        for p in paths:
+            rows = _crop_photo(p, cfg, report, done)
+            if rows:
+                writer.writerows(r.to_csv() for r in rows)
+                f.flush()
+                report.written += len(rows)
+                report.rows.extend(rows)
+            reporter.advance()
     return report
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Record the crop settings of a new folder; refuse other settings for an existing one."""
+    settings_path = out / SETTINGS_NAME
+    if not settings_path.is_file():
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        return
+    before = json.loads(settings_path.read_text(encoding="utf-8"))
+    if before != settings:
+        changed = ", ".join(f"{k}={before.get(k)!r}->{v!r}" for k, v in settings.items() if before.get(k) != v)
+        raise OutputExistsError(
+            f"{out} holds crops made with other settings ({changed}); use a new --out folder or the same settings"
+        )
+
+
+def _photo_of(row: CropRow) -> str:
+    return row.file.rsplit("_face", 1)[0]
+
+
+def _keep_complete_rows(report: CropReport) -> set[str]:
+    """Read the manifest into ``report.rows``, dropping photos whose chips were deleted by hand (they are cropped
+    again); return the photos already done."""
+    manifest, out = report.manifest, report.out
+    rows = read_manifest(manifest) if manifest.is_file() else []
+    lost = {_photo_of(r) for r in rows if not (out / r.file).is_file()}
+    kept = [r for r in rows if _photo_of(r) not in lost]
+    if len(kept) != len(rows) or not manifest.is_file():
+        _write_manifest(manifest, kept)
+    report.rows = kept
+    return {_photo_of(r) for r in kept}
+
+
+def _crop_photo(p: Path, cfg: FaceCropConfig, report: CropReport, done: set[str]) -> list[CropRow]:
+    """Crop one photo's faces into ``report.out`` (none when it is unreadable, done already or has no face)."""
+    try:
+        sha = file_sha256(p) if p.is_file() else ""
+        img = open_image(p)
+    except (ImageError, OSError) as e:
+        report.problems.append(str(e))
+        return []
+    prefix = chip_name(p, sha, 0).rsplit("_face", 1)[0]
+    if prefix in done:
+        report.skipped_images += 1
+        return []
+    det = detect_config(img, cfg, name=str(p))
+    if not det.faces:
+        report.no_face.append(str(p))
+        return []
+    rows = []
+    for i, face in enumerate(det.faces):
+        name = chip_name(p, sha, i)
+        chip = crop(img, face, margin=cfg.margin, size=cfg.size, align=cfg.align)
+        tmp = report.out / f".{name}.tmp"
+        chip.save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, report.out / name)
+        rows.append(
+            CropRow(
+                file=name,
+                source_image=p.as_posix(),
+                face_index=i,
+                box=face.int_box(),
+                landmarks=[[round(x, 1), round(y, 1)] for x, y in face.landmarks],
+                score=round(face.score, 4),
+            )
+        )
+    done.add(prefix)
+    return rows
 
 
 # ---------------------------------------------------------------- drawing

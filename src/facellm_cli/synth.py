@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FacellmError, OutputExistsError
+from .reporting import SILENT, Reporter
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -178,7 +178,7 @@ def synth_faces(
     size: int = 64,
     overwrite: bool = False,
     workers: int = 1,
-    progress: Callable[[int, int], None] | None = None,
+    reporter: Reporter = SILENT,
 ) -> SynthResult:
     """Write ``n`` faces as ``face_00000.png``... plus ``labels.csv`` (FairFace-style: ``file`` then attributes).
 
@@ -208,11 +208,10 @@ def synth_faces(
 
     def collect(rows: list[dict[str, str]]) -> None:
         chunks.append(rows)
-        if progress:
-            progress(sum(len(c) for c in chunks), n)
+        reporter.advance(len(rows))
 
-    if progress:
-        progress(0, n)
+    reporter.stage("drawing faces", n)
+    reporter.advance(0)
     if workers == 1:
         for j in jobs:
             collect(_draw_chunk(j))

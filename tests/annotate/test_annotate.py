@@ -843,3 +843,28 @@ def test_shipped_examples_load() -> None:
     assert ps.version and len(ps.aspects) >= 2
     with pytest.raises(ConfigError, match="concurency: unknown key"):
         resolve_config(AnnotateConfig, None, None, ["concurency=4", "images=[x]"])
+
+
+def test_annotate_reports_through_the_reporter_and_is_silent_by_default(
+    faces: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facellm_cli.annotate.pipeline import annotate
+    from facellm_cli.config import AnnotateConfig
+    from facellm_cli.testing.reporter import RecordingReporter
+
+    monkeypatch.chdir(faces)
+    (faces / "syn.csv").write_text(
+        "image,expression\nfaces/000.jpg,smiling\nfaces/001.jpg,neutral\nfaces/002.jpg,frowning\n"
+    )
+
+    def cfg(out: str) -> AnnotateConfig:
+        return AnnotateConfig(images=["faces"], labels="syn.csv", out=out, provider="template", aspects=["expression"])
+
+    annotate(cfg("quiet.jsonl"))
+    assert capsys.readouterr() == ("", "")
+    rec = RecordingReporter()
+    summary = annotate(cfg("counted.jsonl"), reporter=rec)
+    assert summary.written_ok == 3
+    assert rec.stages() == ["annotating"] and rec.calls[0] == ("stage", "annotating", 3)
+    assert sum(c[1] for c in rec.calls if c[0] == "advance") == 3
+    assert capsys.readouterr() == ("", "")

@@ -18,7 +18,7 @@ from facellm_cli.testing.paths import REPO_ROOT
 SPLITS = ("train", "val", "test")
 
 
-def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):  # noqa: ANN201
+def build(tmp_path: Path, inputs: list[Path], out: str = "out", **kw):
     cfg = resolve_config(
         DatasetConfig,
         None,
@@ -355,7 +355,7 @@ def test_config_validation() -> None:
 # ---- CLI ----
 
 
-def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
+def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:
     jsonl, records = corpus
     res = cli(
         "build-dataset",
@@ -386,7 +386,7 @@ def test_cli_build_dataset(tmp_path: Path, corpus, cli) -> None:  # noqa: ANN001
     assert res.code == 0 and "filtered: refusal 1" in res.err
 
 
-def test_cli_help(cli) -> None:  # noqa: ANN001
+def test_cli_help(cli) -> None:
     res = cli("build-dataset", "--help")
     assert res.code == 0 and "--merge-aspects" in res.out and "--skip-invalid" in res.out
 
@@ -409,3 +409,23 @@ def test_image_paths_absolute_or_relative_to_cwd(tmp_path: Path, corpus, monkeyp
     assert report.qa_pairs == 60 and report.images == 20
     images = set().union(*(_images(tmp_path / "out", s) for s in SPLITS))
     assert images == {f"img_{i:03d}.png" for i in range(20)}
+
+
+def test_build_reports_its_two_passes_and_prints_nothing(
+    tmp_path: Path, corpus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facellm_cli.testing.reporter import RecordingReporter
+
+    jsonl, records = corpus
+    build(tmp_path, [jsonl], out="quiet")
+    assert capsys.readouterr() == ("", "")
+    rec = RecordingReporter()
+    cfg = resolve_config(
+        DatasetConfig, None, {"inputs": [str(jsonl)], "image_root": str(tmp_path / "faces"), "out": str(tmp_path / "o")}
+    )
+    build_dataset(cfg, reporter=rec)
+    assert rec.stages() == ["reading records", "writing images"]
+    write = rec.calls.index(("stage", "writing images", 20))
+    assert sum(c[1] for c in rec.calls[:write] if c[0] == "advance") == len(records)
+    assert sum(c[1] for c in rec.calls[write:] if c[0] == "advance") == 20
+    assert capsys.readouterr() == ("", "")

@@ -22,7 +22,7 @@ def _cfg(tmp_path: Path, inputs: list[Path], **kw: object) -> DatasetConfig:
     return resolve_config(DatasetConfig, None, {**flags, **kw})
 
 
-def _scan(cfg: DatasetConfig):  # noqa: ANN202 - (Scan, sources)
+def _scan(cfg: DatasetConfig):
     root = Path(cfg.image_root or "").resolve()
     sources = open_sources(cfg.inputs, root)
     return scan_records(cfg, root, sources), sources

@@ -40,13 +40,13 @@ def faces(seed: int, n: int, size: int = SIZE) -> list:
     return out
 
 
-def jpeg(img, quality: int = 70):  # noqa: ANN001, ANN201
+def jpeg(img, quality: int = 70):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return open_image(buf.getvalue())
 
 
-def transformed(img, kind: str, rng: random.Random):  # noqa: ANN001, ANN201
+def transformed(img, kind: str, rng: random.Random):
     w, h = img.size
     if kind == "jpeg70":
         return jpeg(img)
@@ -66,7 +66,7 @@ def transformed(img, kind: str, rng: random.Random):  # noqa: ANN001, ANN201
 KINDS = ("jpeg70", "half", "double", "crop", "gray", "all")
 
 
-def save(img, path: Path) -> Path:  # noqa: ANN001
+def save(img, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
@@ -146,7 +146,7 @@ def _train(tmp_path: Path, n: int = 30) -> tuple[Path, list[Path]]:
     return train_dir, [save(f, train_dir / f"face_{i:03d}.png") for i, f in enumerate(faces(11, n))]
 
 
-def test_cli_overlap_table_json_sheet_and_cache(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_cli_overlap_table_json_sheet_and_cache(tmp_path: Path, cli) -> None:
     train_dir, train = _train(tmp_path)
     bench = tmp_path / "bench"
     rng = random.Random(4)
@@ -175,7 +175,7 @@ def test_cli_overlap_table_json_sheet_and_cache(tmp_path: Path, cli) -> None:  #
     assert table.code == 0 and "4 matched pair(s): 4 of 30 training images match 4 of 14 benchmark images" in table.out
 
 
-def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:
     fxb = make_facexbench(tmp_path / "fxb", ["lapa_single_mcq.json", "fairface_single_mcq_age_test.json"])
     meta = json.loads((fxb / "benchmark" / "lapa_single_mcq.json").read_text())
     first = meta["questions"]["1"]["image_paths"][0]
@@ -203,7 +203,7 @@ def test_cli_overlap_facexbench_questions(tmp_path: Path, cli) -> None:  # noqa:
     assert f"| lapa_single_mcq | {len(users)} | {len(meta['questions'])} | 1 |" in table
 
 
-def test_cli_overlap_errors(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_cli_overlap_errors(tmp_path: Path, cli) -> None:
     save(faces(1, 1)[0], tmp_path / "t" / "a.png")
     r = cli("data", "overlap", tmp_path / "t", "--benchmark", "facexbench")
     assert r.code == 1 and "data_dir: --benchmark facexbench needs --data-dir" in r.err
@@ -341,7 +341,7 @@ def test_collect_reads_every_kind_of_source(tmp_path: Path) -> None:
     assert bench_side.n_questions == len(bench_side.paths) and all(bench_side.questions[p] for p in bench_side.paths)
 
 
-def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None:
     """--exclude-overlap-with and --train-data from the command line, with the default hash cache under FACELLM_HOME."""
     root = tmp_path / "faces"
     imgs = [save(f, root / f"f{i}.png") for i, f in enumerate(faces(61, 4))]
@@ -371,15 +371,14 @@ def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None
     assert res["unseen_in_training"]["seen_question_ids"] == ["f0", "f2", "f3"]  # f1 was excluded from training
 
 
-def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_all_facexbench_question_files_load(tmp_path: Path, cli) -> None:
     """All 48 shared question files: 5,000 questions and their images; without the images, one clear error."""
     if SHARED_BENCHMARK is None:
         pytest.skip(FULL_BENCHMARK_MISSING)
     from facellm_cli.data.overlap import collect
-    from facellm_cli.eval.facexbench import EXPECTED_QUESTIONS
 
     bench = collect([], side="bench", facexbench_dir=SHARED_BENCHMARK)
-    assert bench.n_questions == EXPECTED_QUESTIONS
+    assert bench.n_questions == 5000
     assert len({r.category for r in bench.all_questions}) == 6
     links = [
         (f"{f.stem}/{n}", str(SHARED_BENCHMARK / rel))
@@ -439,7 +438,7 @@ def test_train_data_auto_reads_the_run_next_to_the_adapter(tmp_path: Path) -> No
     assert resolve_train_data(cfg) == [str(run)]
 
 
-def test_cli_overlap_reads_a_config_file(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_cli_overlap_reads_a_config_file(tmp_path: Path, cli) -> None:
     """--config YAML, then flags, then --set: the usual precedence; an unknown key is named."""
     train_dir, train = _train(tmp_path, n=3)
     save(jpeg(open_image(train[1])), tmp_path / "bench" / "copy.jpg")

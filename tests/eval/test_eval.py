@@ -269,36 +269,40 @@ def test_generate_mode_parses_or_counts_unparseable(fxb: Path, lm: Any, tmp_path
 # ------------------------------------------------------------------ resume
 
 
-def test_interrupted_run_resumes_without_reasking(fxb: Path, lm: Any, tmp_path: Path) -> None:
-    out = tmp_path / "r"
-    cfg = _cfg(fxb, out, mode="likelihood", batch_size=2, limit=6, tasks=["lapa_single_mcq"])
+def test_interrupted_run_resumes_without_reasking(fxb: Path, lm: Any, tiny_internvl: Path, tmp_path: Path) -> None:
+    from facellm_cli.testing.reporter import RecordingReporter
 
-    def stop_after_first_batch(done: int, total: int) -> None:
-        if done >= 2:
-            raise KeyboardInterrupt
+    out = tmp_path / "r"
+    cfg = _cfg(fxb, out, tiny_internvl, mode="likelihood", batch_size=2, limit=6, tasks=["lapa_single_mcq"])
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate(cfg, lm=lm, progress=stop_after_first_batch)
+        evaluate(cfg, lm=lm, reporter=RecordingReporter(stop_at=2))
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 2
     with open(out / "predictions.jsonl", "a") as f:  # a write torn by kill -9
         f.write('{"id": "lapa_single_mcq/3", "pred')
-    calls: list[int] = []
-
-    def counting_load() -> Any:
-        calls.append(1)
-        return lm
-
-    outcome = evaluate(cfg, load_model=counting_load)
+    rec = RecordingReporter()
+    outcome = evaluate(cfg, reporter=rec)
     assert (outcome.asked, outcome.cached, outcome.model_calls) == (4, 2, 2)
-    assert len(calls) == 1
+    assert rec.stages() == [f"loading {tiny_internvl} (transformers)", "answering questions"]
+    # The count starts at what was cached, then one batch of 2 at a time.
+    assert rec.calls[-3:] == [("advance", 2), ("advance", 2), ("advance", 2)]
     ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
     expected = [q.id for q in select_questions(load_facexbench(fxb), cfg.tasks, 6, cfg.sample_seed)]
     assert sorted(ids) == sorted(expected) and len(set(ids)) == 6  # each asked once, torn line dropped
     # Everything answered: a rerun loads no model and asks nothing.
-    again = evaluate(cfg, load_model=lambda: pytest.fail("model loaded although every answer is cached"))
+    rec = RecordingReporter()
+    again = evaluate(cfg, reporter=rec)
     assert (again.asked, again.cached, again.model_calls) == (0, 6, 0)
+    assert rec.stages() == ["answering questions"]
     assert again.results["overall"] == outcome.results["overall"]
+
+
+def test_evaluate_with_the_silent_default_prints_nothing(
+    fxb: Path, lm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluate(_cfg(fxb, tmp_path / "q", mode="likelihood", limit=2, tasks=["lapa_single_mcq"]), lm=lm)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_other_setup_in_same_folder_is_refused(fxb: Path, lm: Any, tmp_path: Path) -> None:

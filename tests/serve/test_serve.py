@@ -677,7 +677,7 @@ def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
     import jinja2
 
     from facellm_cli.infer.generate import Prompt
-    from facellm_cli.serve.app import _PromptCheck
+    from facellm_cli.serve.app import PromptCheck
     from facellm_cli.serve.protocol import ProtocolError
 
     def refuse(*_a: Any, **_k: Any) -> str:
@@ -685,7 +685,7 @@ def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
 
     lm = SimpleNamespace(processor=SimpleNamespace(apply_chat_template=refuse), model=None)
     with pytest.raises(ProtocolError) as e:
-        _PromptCheck(lm)(Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]), 16)
+        PromptCheck(lm)(Prompt(images=[], text="q", messages=[{"role": "user", "content": "q"}]), 16)
     assert e.value.status == 400 and e.value.code == "invalid_messages"
     assert "cannot render these messages: Conversation roles must alternate" in e.value.message
 

@@ -58,7 +58,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     face_data: Path,
     tiny_internvl: Path,
     tiny_qwen2_vl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     import torch
     from safetensors.torch import load_file
@@ -144,7 +144,7 @@ def test_full_finetune_changes_lm_keeps_vision_frozen(tmp_path: Path, face_data:
     assert (tmp_path / "o" / "processor_config.json").is_file()
 
 
-def _config_errors(cli, config: Path, settings: dict) -> list[str]:  # noqa: ANN001
+def _config_errors(cli, config: Path, settings: dict) -> list[str]:
     """Write ``settings`` to ``config``, run ``facellm finetune --config`` and return its error lines (exit 1)."""
     config.write_text(yaml.safe_dump(settings))
     r = cli("finetune", "--config", config)
@@ -152,7 +152,7 @@ def _config_errors(cli, config: Path, settings: dict) -> list[str]:  # noqa: ANN
     return [ln for ln in r.err.splitlines() if ln.startswith("error:")]
 
 
-def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -> None:
     config = tmp_path / "bad.yaml"
     settings = {
         "method": "full",
@@ -179,7 +179,7 @@ def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -
     assert r.code == 1 and "train.lora_rank: unknown key" in r.err
 
 
-def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:
     """device cpu + precision fp16 is one mistake: one line, from the config check, not again from preflight."""
     config = tmp_path / "fp16.yaml"
     settings = {
@@ -194,7 +194,7 @@ def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:  # noqa
 
 
 @pytest.mark.slow  # trains
-def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
+def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("x")
@@ -246,7 +246,7 @@ def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     import torch
 
@@ -303,7 +303,7 @@ def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tin
     seen: dict[str, int] = {}
     real_prepare = ft.prepare_model
 
-    def spy(model, cfg):  # noqa: ANN001, ANN202 - records what the trainer receives
+    def spy(model, cfg):
         seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         return real_prepare(model, cfg)
 
@@ -335,12 +335,12 @@ def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
     face_data: Path,
     tiny_internvl: Path,
     monkeypatch: pytest.MonkeyPatch,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     from facellm_cli.errors import QuantizationError
     from facellm_cli.models import loader
 
-    def broken(cfg, device):  # noqa: ANN001, ANN202 - what the loader raises when the native library fails
+    def broken(cfg, device):
         raise QuantizationError(
             "--quantization 4bit: bitsandbytes is installed but cannot run here (OSError: libbitsandbytes)"
         )
@@ -353,7 +353,7 @@ def test_qlora_error_suggests_lora_where_bitsandbytes_cannot_run(
     assert "train with --method lora instead" in r.err
 
 
-def test_help_of_every_finetune_command(cli) -> None:  # noqa: ANN001
+def test_help_of_every_finetune_command(cli) -> None:
     r = cli("finetune", "--help")
     assert r.code == 0 and "--resume-from" in r.out and "merge" in r.out and "accelerate launch" in r.out
     r = cli("finetune", "merge", "--help")

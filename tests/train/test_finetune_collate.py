@@ -27,7 +27,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     return folder, face_rows(folder, 4)
 
 
-def _lm(path: Path):  # noqa: ANN202
+def _lm(path: Path):
     from facellm_cli.models.loader import load_model_and_processor
 
     return load_model_and_processor(ModelConfig(model=str(path), device="cpu"))
@@ -89,12 +89,12 @@ def test_labels_cover_only_assistant_turns_multi_turn(
     batch = Collator(tok.pad_token_id)(items)
     assert batch["sample_ids"] == ["rec-0", "rec-1"]
     # our loss (assistant positions only, logits only there) equals the model's own loss on the same labels
-    from facellm_cli.train.finetune import _make_trainer_class
+    from facellm_cli.train.finetune import make_trainer_class
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
     with torch.no_grad():
         ref = lm.model(**inputs, labels=batch["labels"]).loss
-    trainer_cls = _make_trainer_class()
+    trainer_cls = make_trainer_class()
     fake = trainer_cls.__new__(trainer_cls)  # only compute_loss is exercised: no Trainer set-up needed
     fake._keep_mask_ok = None
     fake.samples_log = None

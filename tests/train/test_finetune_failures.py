@@ -62,7 +62,7 @@ def test_disk_full_during_a_checkpoint_then_resume(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     # room for one checkpoint of the tiny model (weights 0.6 MB + Adam state 0.9 MB) but not for two
     small_disk.mount("size=2000k")
@@ -86,7 +86,7 @@ def test_read_only_output_folder_is_refused_before_the_model_loads(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     small_disk.mount("size=1m,ro")
     config = _config(tmp_path / "run.yaml", tiny_internvl, face_data, small_disk.where / "run")
@@ -136,7 +136,7 @@ def test_a_run_whose_model_does_not_load_leaves_nothing_that_blocks_the_next(
     tmp_path: Path,
     face_data: Path,
     tiny_internvl: Path,
-    cli,  # noqa: ANN001
+    cli,
 ) -> None:
     out = tmp_path / "run"
     broken = tmp_path / "broken-model"

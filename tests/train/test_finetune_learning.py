@@ -33,7 +33,7 @@ def test_quickstart_example_matches_the_recipe(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # ~150 s idle; the limit only catches a hang, a busy machine makes it slower, not wrong
-def test_tiny_model_learns_expression_from_synthetic_faces(tmp_path: Path, cli) -> None:  # noqa: ANN001
+def test_tiny_model_learns_expression_from_synthetic_faces(tmp_path: Path, cli) -> None:
     from facellm_cli.runtime import configure_threads
     from facellm_cli.testing import build_tiny_model
     from facellm_cli.train.finetune import finetune

@@ -14,6 +14,7 @@ import yaml
 
 from facellm_cli.testing.cli import facellm_cmd, subprocess_env
 from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.reporter import RecordingReporter
 
 STEPS = 8
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "qlora": "adapter_model.safetensors"}
@@ -109,11 +110,16 @@ def test_killed_run_resumes_to_the_same_end(
     killed_at = max(json.loads(line)["step"] for line in complete)
     assert 2 <= killed_at < STEPS
 
-    logs: list[str] = []
-    resumed = finetune(resolve_config(FinetuneConfig, config), resume="latest", log=logs.append)
+    rec = RecordingReporter()
+    resumed = finetune(resolve_config(FinetuneConfig, config), resume="latest", reporter=rec)
+    logs = [str(c[1]) for c in rec.calls if c[0] == "log"]
     assert resumed.global_step == STEPS
     assert Path(resumed.resumed_from or "").name in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
     assert any(line.startswith("resuming from") for line in logs)
+    # The step count starts at the checkpoint's step and reaches the end one step at a time.
+    start = rec.calls.index(("stage", "training", STEPS))
+    counts = [c[1] for c in rec.calls[start + 1 :] if c[0] == "advance"]
+    assert counts[0] == int(Path(resumed.resumed_from or "").name.split("-")[1]) and sum(counts) == STEPS
 
     # the same samples in the same order at every step, across the epoch boundary
     assert _steps(out / "samples.jsonl") == _steps(ref / "samples.jsonl")
@@ -154,7 +160,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
 
 
 @pytest.mark.slow  # trains
-def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:  # noqa: ANN001
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:
     folder = tmp_path / "faces"
     data = write_jsonl(folder / "train.jsonl", describe_records(face_rows(folder, 4)))
     out = tmp_path / "run"
@@ -202,8 +208,9 @@ def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     config = _config(tmp_path, tiny_internvl, resume_data, out, "lora")
     finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 4}))
     (out / "checkpoint-4" / "trainer_state.json").write_text("")  # what the kill left
-    logs: list[str] = []
-    res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", log=logs.append)
+    rec = RecordingReporter()
+    res = finetune(resolve_config(FinetuneConfig, config, {"train.max_steps": 6}), resume="latest", reporter=rec)
+    logs = [str(c[1]) for c in rec.calls if c[0] == "log"]
     assert Path(res.resumed_from or "").name == "checkpoint-2" and res.global_step == 6
     assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import AnnotateConfig, dump_config
 from ..errors import OutputExistsError
+from ..reporting import SILENT, Reporter
 from .pricing import estimate, price_for
 from .run import AnnotateSummary, ProgressState, Run, finish, make_plan, new_summary
 from .store import config_path_for, failures_path_for, output_lock, read_annotations, settle_failures
@@ -45,7 +46,7 @@ def annotate(
     *,
     api_key: str | None = None,
     dry_run: bool = False,
-    on_progress: Callable[[ProgressState], None] | None = None,
+    reporter: Reporter = SILENT,
 ) -> AnnotateSummary:
     """Run (or estimate) an annotate job; returns the summary. The API key is used, never stored."""
     started = time.monotonic()
@@ -62,7 +63,7 @@ def annotate(
         config_file = dump_config(cfg, config_path_for(out))
         summary = new_summary(cfg, out, plan, dry_run=False, config_file=config_file)
         state = ProgressState(total=summary.items_pending)
-        _strategy(cfg)(Run(cfg, out, plan, summary, state, api_key=api_key, on_progress=on_progress))
+        _strategy(cfg)(Run(cfg, out, plan, summary, state, api_key=api_key, reporter=reporter))
         summary.failures_outstanding = settle_failures(out)
         if summary.failures_outstanding:
             summary.failures = str(failures_path_for(out))

@@ -1,7 +1,7 @@
 """Rendering for ``facellm annotate``: a rich progress bar on stderr and the summary lines.
 
-Kept apart from the run so the library stays print-free; the CLI passes
-:meth:`AnnotateProgress.update` as the pipeline's ``on_progress`` callback.
+Kept apart from the run so the library stays print-free; the CLI passes an
+:class:`AnnotateProgress` as the pipeline's reporter.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .._progress import ProgressBar
-from .run import AnnotateSummary, ProgressState
+from .run import AnnotateSummary
 
 
 class AnnotateProgress(ProgressBar):
-    """The shared bar plus failed / in flight / tokens, fed from the pipeline's ProgressState."""
+    """The shared bar plus failed / in flight / tokens, from the status the pipeline reports with each count."""
 
     def __init__(self, console: Any, description: str) -> None:
         super().__init__(
@@ -27,9 +27,10 @@ class AnnotateProgress(ProgressBar):
             ),
         )
 
-    def update(self, state: ProgressState) -> None:
-        tokens = state.prompt_tokens + state.completion_tokens
-        self(state.done, state.total, failed=state.failed, in_flight=state.in_flight, tokens=f"{tokens:,}")
+    def advance(self, n: int = 1, **status: Any) -> None:
+        if "tokens" in status:
+            status["tokens"] = f"{status['tokens']:,}"
+        super().advance(n, **status)
 
 
 def summary_lines(s: AnnotateSummary) -> list[str]:

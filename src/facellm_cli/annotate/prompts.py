@@ -26,10 +26,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, load_yaml, validate_config
+from ..config import DEFAULT_PROMPT_SET, StrictModel, load_yaml, validate_config
 from ..errors import ConfigError
-
-DEFAULT_PROMPT_SET = "fairfacegpt-v1"
 
 # Placeholders each template may use; anything else is a typo caught at load time.
 _ASPECT_PROMPT_FIELDS = {"labels", "name"}
@@ -159,7 +157,7 @@ FAIRFACE_LABEL_VALUES: dict[str, list[str]] = {
 }
 
 FAIRFACEGPT_V1 = PromptSet(
-    version="fairfacegpt-v1",
+    version=DEFAULT_PROMPT_SET,
     system=_SYSTEM,
     label_values=FAIRFACE_LABEL_VALUES,
     aspects=[

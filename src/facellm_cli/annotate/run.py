@@ -8,7 +8,6 @@ builds the run, picks the strategy and settles the output afterwards.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from typing import Any
 from ..config import AnnotateConfig
 from ..errors import DataError
 from ..images import file_sha256
+from ..reporting import SILENT, Reporter
 from ..schema import Annotation, FaceRef, Usage
 from .labels import ImageItem, Problems, collect_inputs
 from .prompts import AspectTemplate, PromptSet, load_prompt_set
@@ -28,7 +28,7 @@ MAX_PROBLEMS_SHOWN = 20
 
 @dataclass
 class ProgressState:
-    """Live counters shared with the progress display (read-only for it)."""
+    """Live counters of a run; :meth:`Run.report` passes them to the reporter."""
 
     total: int = 0
     done: int = 0
@@ -175,15 +175,23 @@ class Run:
     summary: AnnotateSummary
     state: ProgressState
     api_key: str | None = None
-    on_progress: Callable[[ProgressState], None] | None = None
+    reporter: Reporter = SILENT
+    _counted: int = field(default=-1, init=False)
+    _total: int = field(default=-1, init=False)
 
     @property
     def problems(self) -> Problems:
         return self.plan.problems
 
     def report(self) -> None:
-        if self.on_progress:
-            self.on_progress(self.state)
+        """Pass the live counters to the reporter: the items done since the last report, and the rest as status."""
+        st = self.state
+        if st.total != self._total:  # the first report, or a re-ask round that added items: a fresh count
+            self.reporter.stage("annotating", st.total)
+            self._counted, self._total = 0, st.total
+        tokens = st.prompt_tokens + st.completion_tokens
+        self.reporter.advance(st.done - self._counted, failed=st.failed, in_flight=st.in_flight, tokens=tokens)
+        self._counted = st.done
 
     def add_usage(self, prompt_tokens: int, completion_tokens: int, image_tokens: int) -> None:
         self.summary.prompt_tokens += prompt_tokens

@@ -27,13 +27,14 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
+from ..reporting import SILENT, Reporter
 from ..schema import SHAREGPT_TAGS, MCQuestion, TrainingRecord, format_mcq_prompt
 from .manifest import MANIFEST_NAME, write_manifest
 from .mcq import image_questions, label_values
@@ -56,7 +57,6 @@ OUTPUT_NAMES = (
 # Label columns with more distinct values than this (ids, file names) get a count, not a balance table.
 MAX_BALANCE_VALUES = 50
 
-ProgressFn = Callable[[str, int], None]
 
 
 @dataclass
@@ -192,12 +192,12 @@ class Scan:
         return merged
 
     # -- the pass --
-    def run(self, sources: list[Source], progress: ProgressFn | None) -> None:
+    def run(self, sources: list[Source], reporter: Reporter) -> None:
         for si, src in enumerate(sources):
             for loc, where, item in src.scan():
                 self.records_read += 1
-                if progress and self.records_read % 2000 == 0:
-                    progress("scan", self.records_read)
+                if self.records_read % 2000 == 0:
+                    reporter.advance(2000)
                 if isinstance(item, Problem):
                     self.reject(item.reason, item.message)
                 elif item.status != "ok":
@@ -262,7 +262,7 @@ class Scan:
             return False
         return True
 
-    def find_duplicates(self, sources: list[Source]):  # noqa: ANN201 - numpy array
+    def find_duplicates(self, sources: list[Source]):
         """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
         import numpy as np
 
@@ -385,14 +385,16 @@ def scan_records(
     root: Path,
     sources: list[Source],
     label_table: dict[str, dict[str, str]] | None = None,
-    progress: ProgressFn | None = None,
+    reporter: Reporter = SILENT,
 ) -> Scan:
     """Read and check every record once; drop duplicates (and benchmark images when asked).
 
     Raises DataError listing the invalid records (unless ``skip_invalid``) or when nothing usable is left.
     """
     scan = Scan(cfg, root, label_table or {})
-    scan.run(sources, progress)
+    reporter.stage("reading records")
+    scan.run(sources, reporter)
+    reporter.advance(scan.records_read % 2000)
     scan.keep = scan.find_duplicates(sources)
     if cfg.exclude_overlap_with:
         scan.overlap = _drop_benchmark_overlap(scan, scan.keep, root, cfg)
@@ -514,7 +516,7 @@ def write_splits(
     plan: SplitPlan,
     sources: list[Source],
     out: Path,
-    progress: ProgressFn | None = None,
+    reporter: Reporter = SILENT,
 ) -> tuple[dict[str, Any], list[str]]:
     """Write every split and its metadata into a staging folder, then move it to ``out``; (stats, file names)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -526,7 +528,7 @@ def write_splits(
     try:
         for s in SPLITS:
             writers[s] = _SplitWriter(staging, s, bool(cfg.mcq))
-        acc = _RecordWriter(cfg, scan, plan, sources, writers).run(progress)
+        acc = _RecordWriter(cfg, scan, plan, sources, writers).run(reporter)
         stats = _write_metadata(cfg, scan, plan, acc, staging, out)
         files = sorted(p.name for p in staging.iterdir())
         _finalize(staging, out)
@@ -563,11 +565,14 @@ class _RecordWriter:
         self.cfg, self.scan, self.plan, self.sources, self.writers = cfg, scan, plan, sources, writers
         self.acc = _Accumulator()
 
-    def run(self, progress: ProgressFn | None) -> _Accumulator:
+    def run(self, reporter: Reporter) -> _Accumulator:
+        reporter.stage("writing images", len(self.plan.kept_images))
+        done = 0
         for done, group in enumerate(_image_groups(self.plan.records.img, self.plan.order), 1):
             self.image(group)
-            if progress and done % 500 == 0:
-                progress("write", done)
+            if done % 500 == 0:
+                reporter.advance(500)
+        reporter.advance(done % 500)
         for s in SPLITS:
             self.writers[s].close()
             self.acc.conversations[s] = self.writers[s].conversations
@@ -657,7 +662,7 @@ def _write_metadata(
 # ---------------------------------------------------------------- the three steps
 
 
-def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> BuildReport:
+def build_dataset(cfg: DatasetConfig, reporter: Reporter = SILENT) -> BuildReport:
     """Build the dataset described by ``cfg`` into ``cfg.out``; raise DataError naming invalid records."""
     t0 = time.perf_counter()
     assert cfg.image_root and cfg.out  # guaranteed by DatasetConfig's validator
@@ -671,9 +676,9 @@ def build_dataset(cfg: DatasetConfig, progress: ProgressFn | None = None) -> Bui
 
     sources = open_sources(cfg.inputs, root)
     try:
-        scan = scan_records(cfg, root, sources, label_table, progress)
+        scan = scan_records(cfg, root, sources, label_table, reporter)
         plan = plan_splits(cfg, scan)
-        stats, files = write_splits(cfg, scan, plan, sources, out, progress)
+        stats, files = write_splits(cfg, scan, plan, sources, out, reporter)
     finally:
         for s in sources:
             s.close()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError, FacellmError, ImageError, MissingDependencyError
 from ..images import find_images, is_image_path, open_image
+from ..reporting import SILENT, Reporter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,8 +56,6 @@ GRAY_CHROMA = 4  # an image whose chroma stays within 128 +- this everywhere is 
 _CHROMA_CELLS = 8
 _SIG_BYTES = 16 + 2 * _CHROMA_CELLS * _CHROMA_CELLS
 _BLOCK_PAIRS = 1_000_000  # pairs per numpy block (see hamming_pairs)
-
-Progress = Callable[[str, int, int], None]
 
 
 # ---------------------------------------------------------------- sources
@@ -356,7 +355,7 @@ def compute_signatures(
     *,
     cache: HashCache | None = None,
     workers: int | None = None,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
     label: str = "hashing",
 ) -> Signatures:
     """Signatures of ``paths`` (cached ones read back, the rest decoded, ``workers`` processes when > 1;
@@ -378,8 +377,8 @@ def compute_signatures(
     todo = [i for i, k in enumerate(keys) if k not in cached]
     values: dict[int, bytes | str] = {i: cached[k] for i, k in enumerate(keys) if k in cached}
     total = len(paths)
-    if progress:
-        progress(label, len(values), total)
+    reporter.stage(label, total)
+    reporter.advance(len(values))
     if todo:
         workers = default_workers(len(todo)) if workers is None else workers
         chunk = 256
@@ -392,9 +391,9 @@ def compute_signatures(
             # spawn: the caller may hold OpenMP threads (torch) that a forked child can deadlock on
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
                 results: Iterable[list[bytes | str]] = pool.map(_sign_files, jobs)
-                _gather(results, idx, values, keys, cache, progress, label, total)
+                _gather(results, idx, values, keys, cache, reporter)
         else:
-            _gather(map(_sign_files, jobs), idx, values, keys, cache, progress, label, total)
+            _gather(map(_sign_files, jobs), idx, values, keys, cache, reporter)
     return signatures_from([values[i] for i in range(total)], list(paths), hashed=len(todo))
 
 
@@ -421,8 +420,14 @@ def default_workers(n: int) -> int:
     return max(1, min(8, cpus, n // 2000))
 
 
-def _gather(results, idx, values, keys, cache, progress, label, total) -> None:  # noqa: ANN001
-    done = len(values)
+def _gather(
+    results: Iterable[list[bytes | str]],
+    idx: list[list[int]],
+    values: dict[int, bytes | str],
+    keys: list[tuple[str, int, int]],
+    cache: HashCache | None,
+    reporter: Reporter,
+) -> None:
     for chunk_idx, sigs in zip(idx, results, strict=True):
         rows = []
         for i, v in zip(chunk_idx, sigs, strict=True):
@@ -431,9 +436,7 @@ def _gather(results, idx, values, keys, cache, progress, label, total) -> None: 
                 rows.append((keys[i], v))
         if cache:
             cache.put_many(rows)
-        done += len(chunk_idx)
-        if progress:
-            progress(label, done, total)
+        reporter.advance(len(chunk_idx))
 
 
 # ---------------------------------------------------------------- matching
@@ -556,7 +559,7 @@ def find_overlap(
     max_colour_distance: float = DEFAULT_MAX_COLOUR_DISTANCE,
     cache: HashCache | None = None,
     workers: int | None = None,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
 ) -> OverlapResult:
     """Every (training image, benchmark image) pair within the thresholds, and the benchmark questions they touch."""
     if not 0 <= max_distance < HASH_BITS:
@@ -567,10 +570,10 @@ def find_overlap(
         raise FacellmError(f"--max-colour-distance {max_colour_distance}: must be >= 0")
     t0 = time.perf_counter()
     ts = compute_signatures(
-        train.paths, cache=cache, workers=workers, progress=progress, label="hashing training images"
+        train.paths, cache=cache, workers=workers, reporter=reporter, label="hashing training images"
     )
     bs = compute_signatures(
-        bench.paths, cache=cache, workers=workers, progress=progress, label="hashing benchmark images"
+        bench.paths, cache=cache, workers=workers, reporter=reporter, label="hashing benchmark images"
     )
     pairs: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -692,7 +695,7 @@ def contact_sheet(pairs: Sequence[dict[str, Any]], path: str | Path, *, n: int =
     return out
 
 
-def overlap(cfg: OverlapConfig, progress: Progress | None = None) -> OverlapResult:
+def overlap(cfg: OverlapConfig, reporter: Reporter = SILENT) -> OverlapResult:
     """``facellm data overlap``: collect both sides, match them, draw the contact sheet of the closest pairs."""
     _require_imagehash()
     train = collect(cfg.train, side="train", image_root=cfg.image_root)
@@ -706,7 +709,7 @@ def overlap(cfg: OverlapConfig, progress: Progress | None = None) -> OverlapResu
             max_colour_distance=cfg.max_colour_distance,
             cache=cache,
             workers=cfg.workers,
-            progress=progress,
+            reporter=reporter,
         )
     finally:
         cache.close()

@@ -29,8 +29,6 @@ CATEGORY_NAMES: dict[str, str] = {
     "tools_use": "Face Tools Use",
 }
 
-EXPECTED_FILES = 48
-EXPECTED_QUESTIONS = 5000
 # Sub-tasks whose single-image questions name the person's true group in their answer.
 DEMOGRAPHIC_SUBTASKS = ("gender", "age", "race")
 _NOT_A_GROUP = {"none of the above", "both", "all of the above"}

@@ -148,7 +148,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib is optional
+def _pyplot():
     try:
         import matplotlib
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from ..images import open_image
 from ..infer.engine import Engine, as_engine, letter_token_ids
 from ..infer.generate import Prompt
 from ..io import JsonlAppender, atomic_write_json, read_jsonl
+from ..reporting import SILENT, Reporter
 from ..schema import LETTERS, MCQuestion, format_mcq_prompt
 from .facexbench import CATEGORY_NAMES, check_images_exist, find_benchmark_dir, load_facexbench
 from .scoring import parse_answer
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from ..models.loader import LoadedModel
 
 PREDICTIONS = "predictions.jsonl"
-Progress = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------- questions
@@ -338,14 +338,13 @@ def evaluate(
     *,
     api_key: str | None = None,
     lm: LoadedModel | Engine | None = None,
-    progress: Progress | None = None,
-    load_model: Callable[[], LoadedModel | Engine] | None = None,
+    reporter: Reporter = SILENT,
 ) -> EvalOutcome:
     """Evaluate as ``cfg`` says and write predictions, config, results.json, report.md and the chart to ``cfg.out``.
 
     Questions are loaded and their images checked before any model loads; a
-    model (``lm``, else ``load_model()``, else the loader) is loaded only when
-    some question is not answered yet.
+    model (``lm``, else the one ``cfg.model`` names) is loaded only when some
+    question is not answered yet.
     """
     from .report import build_results, write_reports
 
@@ -369,37 +368,62 @@ def evaluate(
     # Similar lengths batch together (a 6k-token tools prompt would pad a whole batch of short ones);
     # answers are keyed by id, so the order does not matter for resuming or reporting.
     todo = sorted((q for q in questions if q.id not in cached), key=_cost)
-    done = len(questions) - len(todo)
     total = len(questions)
-    if progress:
-        progress(done, total)
-    calls = 0
-    if todo:
-        with JsonlAppender(pred_path) as sink:
-            if cfg.endpoint is not None:
-                backend: EndpointBackend | LocalBackend = EndpointBackend(cfg, api_key)
-                for q, ans in backend.run(todo):
-                    rec = prediction_record(q, ans, fp, spec)
-                    sink.write(rec)
-                    cached[q.id] = rec
-                    done += 1
-                    if progress:
-                        progress(done, total)
-            else:
-                if lm is None:
-                    lm = load_model() if load_model else _load(cfg)
-                backend = LocalBackend(lm, cfg)
-                for batch in _batches(todo, cfg.batch_size):
-                    for q, ans in zip(batch, backend.answer(batch), strict=True):
-                        rec = prediction_record(q, ans, fp, spec)
-                        sink.write(rec)
-                        cached[q.id] = rec
-                    done += len(batch)
-                    if progress:
-                        progress(done, total)
-            calls = backend.calls
+    if todo and cfg.endpoint is None and lm is None:
+        from ..infer.engine import load_engine
+
+        lm = load_engine(cfg.model, reporter)
+    reporter.stage("answering questions", total)
+    reporter.advance(total - len(todo))
+    calls = _answer(cfg, todo, lm, api_key, pred_path, (fp, spec), cached, reporter) if todo else 0
     records = [rescore(cached[q.id]) for q in questions]
-    meta = {
+    results = build_results(records, _meta(cfg, spec, len(everything), total, len(todo)))
+    if cfg.train_data:
+        from ..data.overlap import add_unseen_split
+
+        add_unseen_split(results, records, questions, cfg)
+    files = write_reports(results, out)
+    files["predictions"] = str(pred_path)
+    files["config"] = str(out / "config.yaml")
+    atomic_write_json(out / "run.json", {"setup": spec, "fingerprint": fp, "config": config_to_dict(cfg)})
+    return EvalOutcome(out, results, asked=len(todo), cached=total - len(todo), files=files, model_calls=calls)
+
+
+def _answer(
+    cfg: EvalConfig,
+    todo: list[MCQuestion],
+    lm: LoadedModel | Engine | None,
+    api_key: str | None,
+    pred_path: Path,
+    setup: tuple[str, dict[str, Any]],
+    cached: dict[str, dict[str, Any]],
+    reporter: Reporter,
+) -> int:
+    """Answer ``todo`` (by the endpoint, else by ``lm`` in batches), appending each prediction as it comes.
+
+    Returns the number of model calls."""
+    fp, spec = setup
+    backend: EndpointBackend | LocalBackend
+    if cfg.endpoint is not None:
+        backend = EndpointBackend(cfg, api_key)
+        answered: Iterator[list[tuple[MCQuestion, Any]]] = ([pair] for pair in backend.run(todo))
+    else:
+        assert lm is not None  # loaded by evaluate
+        local = backend = LocalBackend(lm, cfg)
+        answered = (list(zip(b, local.answer(b), strict=True)) for b in _batches(todo, cfg.batch_size))
+    with JsonlAppender(pred_path) as sink:
+        for pairs in answered:
+            for q, ans in pairs:
+                rec = prediction_record(q, ans, fp, spec)
+                sink.write(rec)
+                cached[q.id] = rec
+            reporter.advance(len(pairs))
+    return backend.calls
+
+
+def _meta(cfg: EvalConfig, spec: dict[str, Any], available: int, total: int, asked: int) -> dict[str, Any]:
+    """What results.json records about the run besides the scores."""
+    return {
         "model": spec.get("model"),
         "model_name": model_name(cfg),
         "endpoint": spec.get("endpoint"),
@@ -410,21 +434,11 @@ def evaluate(
         "set": cfg.benchmark or cfg.data,
         "set_name": set_name(cfg),
         "split": data_split(cfg),
-        "selection": describe_selection(len(everything), total, cfg),
+        "selection": describe_selection(available, total, cfg),
         "questions": total,
-        "answered_this_run": len(todo),
-        "reused_from_cache": total - len(todo),
+        "answered_this_run": asked,
+        "reused_from_cache": total - asked,
     }
-    results = build_results(records, meta)
-    if cfg.train_data:
-        from ..data.overlap import add_unseen_split
-
-        add_unseen_split(results, records, questions, cfg)
-    files = write_reports(results, out)
-    files["predictions"] = str(pred_path)
-    files["config"] = str(out / "config.yaml")
-    atomic_write_json(out / "run.json", {"setup": spec, "fingerprint": fp, "config": config_to_dict(cfg)})
-    return EvalOutcome(out, results, asked=len(todo), cached=total - len(todo), files=files, model_calls=calls)
 
 
 def _slug(text: str) -> str:
@@ -472,9 +486,3 @@ def default_out_dir(cfg: EvalConfig) -> Path:
     if cfg.out:
         return Path(cfg.out).expanduser()
     return Path(f"eval-{_slug(model_name(cfg))}-{_slug(set_name(cfg))}")
-
-
-def _load(cfg: EvalConfig) -> Engine:
-    from ..infer.engine import load_engine
-
-    return load_engine(cfg.model)

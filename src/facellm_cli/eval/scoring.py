@@ -185,11 +185,6 @@ def parse_answer(text: str | None, options: Sequence[object]) -> Parsed:
     return Parsed(None, "none")
 
 
-def extract_choice(text: str | None, options: Sequence[object]) -> str | None:
-    """Just the letter (None when unparseable)."""
-    return parse_answer(text, options).letter
-
-
 @dataclass
 class Tally:
     """Counts behind one accuracy figure."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..config import GenerationConfig, ModelConfig
 from ..errors import ConfigError
+from ..reporting import SILENT, Reporter
 from ..schema import LETTERS
 from .generate import Generation, Prompt
 
@@ -123,22 +124,14 @@ class TransformersEngine:
         """
         import torch
 
-        from .generate import render_prompt
+        from .generate import encode, render_prompt
 
         lm = self.lm
         if self._letter_ids is None:
             self._letter_ids = letter_token_ids(lm.tokenizer)
         texts = [render_prompt(lm, p) for p in prompts]
         images = [img for p in prompts for img in p.images]
-        tok = lm.tokenizer
-        side = getattr(tok, "padding_side", "left")
-        tok.padding_side = "right"
-        try:
-            enc = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        enc.pop("token_type_ids", None)
-        enc = enc.to(lm.device)
+        enc = encode(lm, texts, images, padding_side="right")
         last = enc["attention_mask"].sum(dim=1) - 1
         with torch.inference_mode():
             logits = _last_logits(lm.model, enc, last)
@@ -170,12 +163,18 @@ def as_engine(model: LoadedModel | Engine) -> Engine:
     return TransformersEngine(model)  # type: ignore[arg-type]
 
 
-def load_engine(cfg: ModelConfig) -> Engine:
-    """The engine ``cfg.engine`` names, loaded as ``cfg`` says (every failure names its fix)."""
+def load_engine(cfg: ModelConfig, reporter: Reporter = SILENT) -> Engine:
+    """The engine ``cfg.engine`` names, loaded as ``cfg`` says (every failure names its fix).
+
+    Loading is one stage of ``reporter``; the CPU thread choice's note, if any, goes to its log."""
+    reporter.stage(f"loading {cfg.model} ({cfg.engine})")
     if cfg.engine == "vllm":
         from .vllm_engine import VllmEngine
 
         return VllmEngine(cfg)
     from ..models.loader import load_model_and_processor
 
-    return TransformersEngine(load_model_and_processor(cfg))
+    lm = load_model_and_processor(cfg)
+    if lm.threads is not None and lm.threads.note:
+        reporter.log(f"note: {lm.threads.note}")
+    return TransformersEngine(lm)

@@ -60,17 +60,22 @@ def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
     return lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
-def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image]) -> Any:
-    """Tokenize texts (left-padded) with their images, on the model's device."""
-    tok = lm.tokenizer
-    if getattr(tok, "padding_side", "left") != "left":
-        tok.padding_side = "left"
-    batch = lm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image], *, padding_side: str = "left") -> Any:
+    """Tokenize texts with their images, on the model's device.
+
+    Generation pads on the left (new tokens follow each prompt directly); likelihood scoring pads on the
+    right. The side is passed per call, so the tokenizer's own ``padding_side`` is never changed.
+    """
+    with lm.tokenizer_lock:
+        batch = lm.processor(
+            text=texts, images=images or None, return_tensors="pt", padding=True, padding_side=padding_side
+        )
     batch.pop("token_type_ids", None)
     return batch.to(lm.device)
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end an answer: the generation config's and the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(lm.model.generation_config, "eos_token_id", None)
     for value in (gen_eos, lm.tokenizer.eos_token_id):
@@ -145,7 +150,7 @@ def generate_batch(
         out = lm.model.generate(**batch, **_generate_kwargs(lm, cfg), **extra)
     prompt_len = batch["input_ids"].shape[1]
     new = out[:, prompt_len:]
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     pad = lm.tokenizer.pad_token_id
     results = []
     for row, mask in zip(new.tolist(), batch["attention_mask"].tolist(), strict=True):
@@ -166,26 +171,52 @@ def generate_batch(
     return results
 
 
-def stream_generate(lm: LoadedModel, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
-    """Yield text pieces as they are generated (one prompt). Generation runs in a worker thread."""
-    import torch
-    from transformers import TextIteratorStreamer
+class _StreamRow:
+    """The single row of :func:`stream_generate`: its text goes to a queue read by the caller's thread."""
 
-    batch = encode(lm, [render_prompt(lm, prompt)], list(prompt.images))
-    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stream = True
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, max_tokens: int) -> None:
+        import queue
+
+        self.max_tokens = max_tokens
+        self.pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set()
+
+    def emit(self, text: str) -> None:
+        self.pieces.put(text)
+
+
+def stream_generate(lm: LoadedModel, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
+    """Yield text pieces as they are generated (one prompt), through the same per-row control as ``serve``.
+
+    Generation runs in a worker thread; closing the iterator early stops it at the next token."""
+    from .rows import RowControl
+
+    row = _StreamRow(cfg.max_new_tokens)
+    control = RowControl(lm, [row])
     error: list[BaseException] = []
 
     def work() -> None:
         try:
-            with torch.inference_mode():
-                lm.model.generate(**batch, **_generate_kwargs(lm, cfg), streamer=streamer)
+            generate_batch(lm, [prompt], cfg, stopping_criteria=control)
+            control.finish()
         except BaseException as e:  # surfaced in the caller's thread below
             error.append(e)
-            streamer.end()
+        finally:
+            row.pieces.put(None)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield from (piece for piece in streamer if piece)
-    thread.join()
+    try:
+        while (piece := row.pieces.get()) is not None:
+            yield piece
+    finally:
+        row.cancelled.set()
+        thread.join()
     if error:
         raise error[0]

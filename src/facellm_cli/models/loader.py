@@ -17,13 +17,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ModelConfig
 from ..errors import AdapterError, MissingDependencyError, ModelLoadError, QuantizationError
+
+if TYPE_CHECKING:
+    from ..runtime import ThreadChoice
 
 log = logging.getLogger("facellm.loader")
 
@@ -47,7 +51,11 @@ class LoadedModel:
     model_type: str
     name: str
     image_only_processor: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    # The CPU thread choice made while loading (None on GPUs); its note is shown by the caller.
+    threads: ThreadChoice | None = None
+    # The fast tokenizer keeps its padding state in Rust and changes it on every call, so calls from
+    # two threads (serve's prompt check and its batcher) take turns.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer(self) -> Any:
@@ -245,7 +253,7 @@ def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model
     return ModelLoadError(f"{what} {name} is corrupt or incomplete ({_first_line(err)}); re-download it")
 
 
-def _image_only_class(cls: type) -> type:
+def image_only_class(cls: type) -> type:
     """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
 
     @classmethod  # type: ignore[misc]
@@ -309,7 +317,7 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
             "install a torch/torchvision pair that import together, or pass --trust-remote-code for custom code"
         )
     try:
-        proc = _image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
+        proc = image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
     except OSError as e:
         raise _load_error(cfg, source, kwargs, e) from None
     return proc, True
@@ -393,11 +401,11 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     model_type = read_model_type(source, kwargs, cfg)
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
-    extras: dict[str, Any] = {}
+    threads = None
     if device == "cpu":
         from ..runtime import configure_threads
 
-        extras["threads"] = configure_threads(cfg.threads)
+        threads = configure_threads(cfg.threads)
     qconf = quantization_config(cfg, device)
     processor, image_only = load_processor(source, kwargs, cfg, model_type)
 
@@ -466,5 +474,5 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         model_type=model_type,
         name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
         image_only_processor=image_only,
-        extras=extras,
+        threads=threads,
     )

@@ -203,29 +203,29 @@ def _sampling(req: ChatCompletionRequest, cfg: ServeConfig) -> SamplingParams:
     )
 
 
-class _PromptCheck:
+class PromptCheck:
     """Per-request checks that need the model, run before a request joins a batch.
 
     It renders the conversation, so a chat template that refuses it (e.g. roles that must
     alternate) is this request's 400 instead of a failure inside a shared batch, and it
     refuses prompts that cannot fit the model's context (OpenAI's ``context_length_exceeded``),
-    so a huge prompt cannot exhaust memory in the middle of a batch. Counting uses a private
-    copy of the tokenizer under a lock: the batch worker sets padding on the shared one.
+    so a huge prompt cannot exhaust memory in the middle of a batch. Counting takes the model's
+    tokenizer lock, which the batch worker's encode holds too.
     Image tokens are counted as the processor's per-image sequence length where it has one
     (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
     """
 
     def __init__(self, lm: Any, context: int | None = None) -> None:
-        import copy
         import threading
 
-        self.lm = lm
         from ..infer.generate import context_length
 
+        self.lm = lm
+        # A loaded model's lock is shared with the batcher's encode; the vLLM engine's processor is ours alone.
+        self.lock = getattr(lm, "tokenizer_lock", None) or threading.Lock()
+
         self.context = context or context_length(lm)
-        self.tokenizer = copy.deepcopy(lm.tokenizer) if self.context else None
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
-        self.lock = threading.Lock()
 
     def __call__(self, prompt: Any, max_tokens: int) -> None:
         from ..infer.generate import render_prompt
@@ -239,10 +239,10 @@ class _PromptCheck:
                 param="messages",
                 code="invalid_messages",
             ) from None
-        if self.tokenizer is None or self.context is None:
+        if self.context is None:
             return
-        with self.lock:
-            n = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        with self.lock:  # the fast tokenizer changes its padding state on every call: calls take turns
+            n = len(self.lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
         n += self.per_image * len(prompt.images)
         if n + max_tokens > self.context:
             raise ProtocolError(
@@ -280,11 +280,11 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         from .vllm_scheduler import VllmScheduler
 
         batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
-        check_prompt = _PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+        check_prompt = PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
     else:
         base = engine.lm  # type: ignore[attr-defined]
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
-        check_prompt = _PromptCheck(base)
+        check_prompt = PromptCheck(base)
     ignored_seen: set[str] = set()
     name = served_name(cfg, lm)
     created = int(time.time())

@@ -28,12 +28,12 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
-from ..infer.generate import Prompt, _eos_ids, generate_batch
+from ..infer.generate import Prompt, generate_batch
+from ..infer.rows import RowControl
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -97,6 +97,22 @@ class Job:
         """Called from the event loop when the client disconnects."""
         self.cancelled.set()
 
+    # -- the row of a batch it becomes (infer.rows.RowSpec) --
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.params.stop
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set()
+
+    def emit(self, text: str) -> None:
+        self._post("delta", text)
+        self.emitted = True
+
     def _post(self, kind: str, value: Any) -> None:
         if self.loop is None:
             self.events.put_nowait((kind, value))
@@ -137,92 +153,6 @@ class BatcherStats:
             "failed": self.failed,
             "queued": queued,
         }
-
-
-class _Row:
-    __slots__ = ("job", "ids", "text", "sent", "done", "reason")
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.done = False
-        self.reason = "length"
-
-
-class RowControl:
-    """A transformers stopping criterion that runs each row's bookkeeping after every token.
-
-    It decodes each row's new tokens, ends the row at an end-of-sequence token, at its own
-    ``max_tokens``, at a stop string (cutting the text before it), or when its client left,
-    and posts streamed text as it becomes final. transformers pads finished rows and
-    stops the whole call once every row is done.
-    """
-
-    def __init__(self, lm: LoadedModel, jobs: Sequence[Job]) -> None:
-        self.tokenizer = lm.tokenizer
-        self.eos = _eos_ids(lm)
-        pad = lm.tokenizer.pad_token_id
-        self.stop_ids = set(self.eos) | ({pad} if pad is not None else set())
-        self.rows = [_Row(j) for j in jobs]
-
-    def _emit(self, row: _Row) -> None:
-        if not row.job.stream:
-            return
-        text = row.text.lstrip()
-        end = len(text)
-        if not row.done:
-            hold = max((len(s) for s in row.job.params.stop), default=1) - 1
-            end = max(0, end - hold)
-            while end > 0 and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
-                end -= 1
-        if end > row.sent:
-            row.job._post("delta", text[row.sent : end])
-            row.job.emitted = True
-            row.sent = end
-
-    def _step(self, row: _Row, token: int) -> None:
-        job = row.job
-        if job.cancelled.is_set():
-            row.done, row.reason = True, "cancelled"
-            return
-        if token in self.stop_ids:
-            row.done, row.reason = True, "stop"
-            self._emit(row)
-            return
-        row.ids.append(token)
-        if not (job.stream or job.params.stop):
-            # nothing to look at before the end: decode once in finish() instead of every step
-            if len(row.ids) >= job.params.max_tokens:
-                row.done, row.reason = True, "length"
-            return
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        cut = min((i for i in (row.text.find(s) for s in job.params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            row.text = row.text[:cut]
-            row.done, row.reason = True, "stop"
-        elif len(row.ids) >= job.params.max_tokens:
-            row.done, row.reason = True, "length"
-        self._emit(row)
-
-    def finish(self) -> None:
-        """After generate returns: decode rows that were not decoded step by step, end rows still open."""
-        for row in self.rows:
-            if not (row.job.stream or row.job.params.stop) and row.reason != "cancelled":
-                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-            if not row.done:  # generate stopped on its own length limit before our criterion ended the row
-                row.done = True
-                self._emit(row)
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last, strict=True):
-            if not row.done:
-                self._step(row, int(token))
-        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 class Batcher:

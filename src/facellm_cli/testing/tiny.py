@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FacellmError
-from ..models.loader import _image_only_class, require_model_extras
+from ..models.loader import image_only_class, require_model_extras
 from ..models.processor_files import save_processor
 
 FAMILIES = ("internvl", "qwen2_vl")
@@ -141,7 +141,7 @@ def _build_internvl(z: TinySizes) -> tuple[Any, Any]:
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": z.image_size, "width": z.image_size}, crop_to_patches=False, min_patches=1, max_patches=1
     )
-    processor = _image_only_class(InternVLProcessor)(
+    processor = image_only_class(InternVLProcessor)(
         image_processor=image_processor,
         tokenizer=tok,
         image_seq_length=seq,
@@ -187,7 +187,7 @@ def _build_qwen2_vl(z: TinySizes) -> tuple[Any, Any]:
         merge_size=2,
         temporal_patch_size=2,
     )
-    processor = _image_only_class(Qwen2VLProcessor)(
+    processor = image_only_class(Qwen2VLProcessor)(
         image_processor=image_processor,
         tokenizer=tok,
         chat_template=_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),

