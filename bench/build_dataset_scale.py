@@ -108,7 +108,7 @@ def worker_ours(corpus: Path, jsonl: str, out: Path) -> dict:
     cfg = resolve_config(
         DatasetConfig,
         None,
-        {"inputs": [str(corpus / jsonl)], "image_root": str(corpus / "faces"), "out": str(out), "force": True},
+        {"inputs": [str(corpus / jsonl)], "image_root": str(corpus / "faces"), "out": str(out), "overwrite": True},
     )
     report = build_dataset(cfg)
     return {

@@ -48,6 +48,6 @@ def test_dev_tiny_model_command(cli, tmp_path: Path) -> None:
     assert r.out.strip() == str(out)
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
     r = cli("dev", "tiny-model", out)
-    assert r.code == 1 and f"output folder is not empty: {out} (choose another or pass --force)" in r.err
+    assert r.code == 1 and f"output folder is not empty: {out} (choose another or pass --overwrite)" in r.err
     r = cli("dev", "tiny-model", tmp_path / "x", "--family", "gpt2")
     assert r.code == 1 and "unknown tiny-model family 'gpt2'; choose one of: internvl, qwen2_vl" in r.err

@@ -49,13 +49,13 @@ def test_quickstart_learns_expressions(cli, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == result["ask"]["answer"].strip()
 
-    # a second run refuses to overwrite, --force replaces only a quickstart folder
+    # a second run refuses to overwrite, --overwrite replaces only a quickstart folder
     r = cli("quickstart", "--out", out, "--faces", "30")
-    assert r.code == 1 and f"output folder is not empty: {out} (choose another --out or pass --force)" in r.err
+    assert r.code == 1 and f"output folder is not empty: {out} (choose another --out or pass --overwrite)" in r.err
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("user data")
-    r = cli("quickstart", "--out", other, "--force")
+    r = cli("quickstart", "--out", other, "--overwrite")
     assert r.code == 1 and "has no quickstart.json" in r.err
     assert (other / "keep.txt").read_text() == "user data"
 

@@ -73,7 +73,7 @@ def test_finetune_preflight_accepts_the_dataset_folder(tmp_path: Path, tiny_inte
         {
             "model": {"model": str(tiny_internvl)},
             "data": {"train": str(tmp_path / "data/ds"), "eval": str(tmp_path / "data/ds/val.jsonl")},
-            "output_dir": str(tmp_path / "run"),
+            "out": str(tmp_path / "run"),
         },
     )
     plan = preflight(cfg)

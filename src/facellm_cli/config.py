@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -57,9 +57,40 @@ def _raise_problems(items: list[tuple[str, str]]) -> None:
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
+    """Base for every config: unknown keys are errors, assignments are validated.
+
+    ``renamed`` maps an old key to its new (possibly nested, dotted) place: for one release
+    the old key keeps working, with a one-line ConfigDeprecationWarning. A key given in both
+    places keeps the new one (it came from a flag or a newer file).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not cls.renamed or not isinstance(data, dict) or not any(old in data for old in cls.renamed):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            *sections, key = new.split(".")
+            target = data
+            for section in sections:
+                nested = target.get(section)
+                nested = nested.model_dump(exclude_unset=True) if isinstance(nested, BaseModel) else dict(nested or {})
+                target[section] = nested
+                target = nested
+            target.setdefault(key, value)
+            warnings.warn(
+                f"{old}: renamed to {new} (the old key works until the next release)",
+                ConfigDeprecationWarning,
+                stacklevel=2,
+            )
+        return data
 
 
 class VllmSettings(StrictModel):
@@ -261,29 +292,6 @@ def local_options_with_endpoint(model: ModelConfig) -> tuple[str, str] | None:
     )
 
 
-def move_deprecated_keys(data: Any, moves: dict[str, str], into: str) -> Any:
-    """Old flat keys -> their new place under ``into``, each with a one-line deprecation warning.
-
-    For one release configs and flags written before the endpoint settings were nested keep
-    working. A key given in both places keeps the nested value (it came from a flag or a newer file).
-    """
-    if not isinstance(data, dict) or not any(k in data for k in moves):
-        return data
-    data = dict(data)
-    nested = data.get(into)
-    nested = nested.model_dump(exclude_unset=True) if isinstance(nested, BaseModel) else dict(nested or {})
-    for old, new in moves.items():
-        if old in data:
-            nested.setdefault(new, data.pop(old))
-            warnings.warn(
-                f"{old}: renamed to {into}.{new} (the old key works until the next release)",
-                ConfigDeprecationWarning,
-                stacklevel=2,
-            )
-    data[into] = nested
-    return data
-
-
 class AskConfig(StrictModel):
     """``facellm ask``: answer a question about one or more images."""
 
@@ -446,6 +454,8 @@ def _split_csv(value: Any) -> Any:
 class DatasetConfig(StrictModel):
     """``facellm build-dataset``: annotate JSONL / paper folders -> validated, split training sets."""
 
+    renamed: ClassVar[dict[str, str]] = {"force": "overwrite"}
+
     inputs: list[str] = Field(
         default_factory=list,
         description="Annotate JSONL files, or folders in the paper's layout ({id}/question_i.txt + answer_i.txt).",
@@ -453,7 +463,7 @@ class DatasetConfig(StrictModel):
     image_root: str | None = Field(
         None, description="Folder the record image paths are relative to; output image paths are relative to it too."
     )
-    out: str | None = Field(None, description="Output folder (must be empty or new unless force is set).")
+    out: str | None = Field(None, description="Output folder (must be empty or new unless overwrite is set).")
     labels: str | None = Field(
         None, description="CSV of image labels (an image column plus attribute columns), used where records lack them."
     )
@@ -489,7 +499,7 @@ class DatasetConfig(StrictModel):
         None, description="Label column to stratify the split by (default: the first mcq label, if any)."
     )
     skip_invalid: bool = Field(False, description="Drop invalid records and count them by reason instead of failing.")
-    force: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
+    overwrite: bool = Field(False, description="Replace the outputs in a non-empty out folder.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted image, in pixels (width x height).")
     max_image_mb: float = Field(50.0, gt=0, description="Largest accepted image file, in MB.")
     check_sha256: bool = Field(
@@ -635,7 +645,8 @@ class EvalConfig(StrictModel):
     endpoint: RemoteModelConfig | None = Field(None, description="Evaluate an OpenAI-compatible endpoint instead.")
     mode: Literal["generate", "likelihood"] = Field(
         "generate",
-        description="generate: answer then parse; likelihood: pick the option letter the model scores highest.",
+        description="generate (default: answer, then parse the letter) | likelihood (pick the option letter the "
+        "model scores highest; best for small or base models).",
     )
     generation: EvalGenerationConfig = Field(
         default_factory=EvalGenerationConfig, description="Decoding settings for generate mode (greedy by default)."
@@ -648,7 +659,20 @@ class EvalConfig(StrictModel):
         "keeps its share.",
     )
     sample_seed: int = Field(0, description="Seed of the --limit sample (same seed, same questions).")
-    tasks: list[str] | None = Field(None, description="Only these tasks (file stems), sub-tasks or categories.")
+    tasks: list[str] | None = Field(
+        None, description="Only these tasks (file stems), sub-tasks or categories (a, b or a,b)."
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_from_flags(cls, v: Any) -> Any:
+        """``--tasks a,b --tasks c`` and a YAML list mean the same."""
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and all(isinstance(t, str) for t in v):
+            return [t.strip() for item in v for t in item.split(",") if t.strip()]
+        return v
+
     with_task_description: bool = Field(
         False, description="Prepend each task's description (FaceXBench 'in-context' setting)."
     )
@@ -722,21 +746,27 @@ class ModelPrice(StrictModel):
 
 # Keys annotate configs had before the endpoint settings were nested (old -> endpoint.<new>).
 ANNOTATE_ENDPOINT_KEYS = {
-    "base_url": "base_url",
-    "model": "model",
-    "api_key_env": "api_key_env",
-    "concurrency": "concurrency",
-    "rpm": "rpm",
-    "max_retries": "max_retries",
-    "timeout": "timeout_s",
-    "backoff_base": "backoff_base",
-    "backoff_max": "backoff_max",
-    "image_max_side": "max_image_side",
+    "base_url": "endpoint.base_url",
+    "model": "endpoint.model",
+    "api_key_env": "endpoint.api_key_env",
+    "concurrency": "endpoint.concurrency",
+    "rpm": "endpoint.rpm",
+    "max_retries": "endpoint.max_retries",
+    "timeout": "endpoint.timeout_s",
+    "backoff_base": "endpoint.backoff_base",
+    "backoff_max": "endpoint.backoff_max",
+    "image_max_side": "endpoint.max_image_side",
 }
 
 
 class AnnotateConfig(StrictModel):
     """``facellm annotate``: question-answer pairs about face images from a VLM endpoint or from labels."""
+
+    renamed: ClassVar[dict[str, str]] = {
+        **ANNOTATE_ENDPOINT_KEYS,
+        "label_image_column": "labels_image_column",
+        "refusal_phrases": "refusal_patterns",
+    }
 
     images: list[str] = Field(
         default_factory=list, description="Image files, folders or globs (may be empty when labels list the images)."
@@ -746,7 +776,7 @@ class AnnotateConfig(StrictModel):
         description="FairFace CSV (file,age,gender,race,...) or a CSV/JSONL with an image column and attribute "
         "columns.",
     )
-    label_image_column: str | None = Field(
+    labels_image_column: str | None = Field(
         None,
         description="Column of the labels file holding the image path (auto: file, image, image_path, path, filename).",
     )
@@ -792,7 +822,7 @@ class AnnotateConfig(StrictModel):
         None, ge=0, le=2, description="Sampling temperature (None: the endpoint's default)."
     )
     image_detail: Literal["auto", "low", "high"] = Field("auto", description="OpenAI image detail level.")
-    refusal_phrases: list[str] = Field(
+    refusal_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
         description="Answers containing one of these phrases (case-insensitive) are refusals: re-asked, never stored.",
     )
@@ -816,11 +846,6 @@ class AnnotateConfig(StrictModel):
         200_000_000, gt=0, le=200 * 1024 * 1024, description="Largest batch file in bytes (API limit 200 MB)."
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Batch price as a fraction of the live price.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_endpoint_keys(cls, data: Any) -> Any:
-        return move_deprecated_keys(data, ANNOTATE_ENDPOINT_KEYS, "endpoint")
 
     @field_validator("aspects")
     @classmethod
@@ -977,14 +1002,14 @@ class TrainSettings(StrictModel):
 class FinetuneConfig(StrictModel):
     """``facellm finetune``: LoRA / QLoRA / full fine-tuning of an image-text-to-text model."""
 
+    renamed: ClassVar[dict[str, str]] = {"output_dir": "out"}
+
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to fine-tune.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base + LoRA) or full.")
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Training data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (lora and qlora).")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
-    output_dir: str | None = Field(
-        None, description="Folder for the adapter or weights, checkpoints, config and plots."
-    )
+    out: str | None = Field(None, description="Folder for the adapter or weights, checkpoints, config and plots.")
 
     @model_validator(mode="before")
     @classmethod
@@ -1049,8 +1074,8 @@ class FinetuneConfig(StrictModel):
         problems: list[str] = []
         if not self.data.train:
             problems.append("data.train: no training file given (set data.train or pass --data)")
-        if not self.output_dir:
-            problems.append("output_dir: no output folder given (set output_dir or pass --out)")
+        if not self.out:
+            problems.append("out: no output folder given (set out or pass --out)")
         return problems
 
 
@@ -1058,7 +1083,16 @@ class FinetuneConfig(StrictModel):
 class QuickstartConfig(StrictModel):
     """``facellm quickstart``: the whole FaceLLM loop offline on synthetic faces and a tiny model."""
 
-    out: str = Field("facellm-quickstart", description="Folder for every artefact (must be new or empty unless force).")
+    renamed: ClassVar[dict[str, str]] = {
+        "base_url": "endpoint.base_url",
+        "annotate_model": "endpoint.model",
+        "api_key_env": "endpoint.api_key_env",
+        "force": "overwrite",
+    }
+
+    out: str = Field(
+        "facellm-quickstart", description="Folder for every artefact (must be new or empty unless overwrite)."
+    )
     faces: int = Field(4000, ge=30, description="Synthetic faces to draw (split 80/10/10 into train/val/test).")
     image_size: int = Field(64, ge=32, description="Side of the drawn faces and of the tiny model's input, in pixels.")
     seed: int = Field(0, description="Seed for faces, splits, model weights and training.")
@@ -1068,18 +1102,12 @@ class QuickstartConfig(StrictModel):
         description="Annotate with this OpenAI-compatible endpoint (its base_url must be set) instead of the offline "
         "template provider.",
     )
-    force: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
+    overwrite: bool = Field(False, description="Replace an earlier quickstart's outputs in the same folder.")
     threads: int | None = Field(
         None,
         gt=0,
         description="torch CPU threads (default: the cores this process may use that other work leaves idle).",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_endpoint_keys(cls, data: Any) -> Any:
-        moves = {"base_url": "base_url", "annotate_model": "model", "api_key_env": "api_key_env"}
-        return move_deprecated_keys(data, moves, "endpoint")
 
     @property
     def annotate_endpoint(self) -> EndpointConfig | None:

@@ -67,13 +67,13 @@ class QuickstartResult:
         return {**asdict(self), "total_seconds": round(self.total_seconds, 2)}
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"output folder is not empty: {out} (choose another --out or pass --force)")
+        if not overwrite:
+            raise OutputExistsError(f"output folder is not empty: {out} (choose another --out or pass --overwrite)")
         if not (out / MARKER).is_file():
             raise OutputExistsError(
-                f"--force only replaces an earlier quickstart's folder, and {out} has no {MARKER}; choose another --out"
+                f"--overwrite only replaces an earlier quickstart's folder, and {out} has no {MARKER}; choose another --out"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def _start(cfg: QuickstartConfig, reporter: Reporter) -> Path:
     if threads.note:
         reporter.log(threads.note)
     out = Path(cfg.out).expanduser()
-    _prepare_out(out, cfg.force)
+    _prepare_out(out, cfg.overwrite)
     dump_config(cfg, out / "config.yaml")
     atomic_write_json(out / MARKER, {"kind": "facellm quickstart", "seed": cfg.seed})
     return out

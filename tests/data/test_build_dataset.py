@@ -223,10 +223,10 @@ def test_stratified_split_keeps_every_class_in_train(tmp_path: Path) -> None:
 
 def test_same_inputs_give_identical_bytes(tmp_path: Path, corpus) -> None:
     jsonl, records = corpus
-    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)  # the same command twice
+    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], overwrite=True)  # the same command twice
     first = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     assert "mcq_test.jsonl" in first and len(first) == 14
-    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], force=True)
+    build(tmp_path, [jsonl], out="a", mcq=["expression", "gender"], overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == first
     shuffled = tmp_path / "shuffled.jsonl"
     write_jsonl(shuffled, random.Random(1).sample(records, len(records)))  # annotate's concurrency reorders lines
@@ -333,10 +333,10 @@ def test_paper_layout_with_labels_csv(tmp_path: Path) -> None:
 def test_out_folder_rules(tmp_path: Path, corpus) -> None:
     jsonl, _ = corpus
     build(tmp_path, [jsonl], mcq=["expression"])
-    with pytest.raises(OutputExistsError, match="output folder is not empty: .*pass --force"):
+    with pytest.raises(OutputExistsError, match="output folder is not empty: .*pass --overwrite"):
         build(tmp_path, [jsonl])
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    build(tmp_path, [jsonl], force=True)
+    build(tmp_path, [jsonl], overwrite=True)
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "mcq_test.jsonl" not in names  # stale outputs of the earlier run are removed
     assert "notes.txt" in names  # files that are not ours are left alone

@@ -44,7 +44,7 @@ def _write_config(path: Path, model: Path, data: Path, out: Path, **train: objec
             "eval_steps": 3,
             **train,
         },
-        "output_dir": str(out),
+        "out": str(out),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -95,7 +95,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert any("eval_loss" in m for m in metrics)
     saved = yaml.safe_load((out / "finetune_config.yaml").read_text())
-    assert saved["lora"]["r"] == 4 and saved["output_dir"] == str(out)
+    assert saved["lora"]["r"] == 4 and saved["out"] == str(out)
 
     # base weights untouched on disk; LoRA weights moved away from their zero init; only LM layers adapted
     after = _state(base)
@@ -170,7 +170,7 @@ def test_config_problems_reported_together_before_loading(tmp_path: Path, cli) -
     del settings["model"]["quantization"], settings["train"]
     lines = _config_errors(cli, config, settings)
     assert len(lines) == 3, lines
-    assert any("output_dir: no output folder given (set output_dir or pass --out)" in ln for ln in lines)
+    assert any("out: no output folder given (set out or pass --out)" in ln for ln in lines)
     missing = f"data.train: data file not found: {tmp_path / 'none.jsonl'} (check data.train / --data)"
     assert any(missing in ln for ln in lines)
     assert any(f"model.model: model folder not found: {tmp_path / 'no-model'}" in ln for ln in lines)
@@ -185,7 +185,7 @@ def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:
     settings = {
         "model": {"model": str(tmp_path / "no-model"), "device": "cpu"},
         "data": {"train": str(tmp_path / "none.jsonl")},
-        "output_dir": str(tmp_path / "o"),
+        "out": str(tmp_path / "o"),
         "train": {"precision": "fp16"},
     }
     assert _config_errors(cli, config, settings) == [
@@ -200,7 +200,7 @@ def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Pat
     (out / "precious.txt").write_text("x")
     config = _write_config(tmp_path / "r.yaml", tiny_internvl, face_data, out)
     r = cli("finetune", "--config", config)
-    assert r.code == 1 and f"output_dir: {out} is not empty; pass --overwrite" in r.err
+    assert r.code == 1 and f"out: {out} is not empty; pass --overwrite" in r.err
     r = cli("finetune", "--config", config, "--resume")
     assert r.code == 1 and "resume: no complete checkpoint-N folder" in r.err
     bad = face_data.parent / "bad.jsonl"
@@ -286,7 +286,7 @@ def test_config_error_is_raised_before_any_model_loads(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
-    assert len(e.value.problems) == 3  # no output_dir, no data file, no config.json in the model folder
+    assert len(e.value.problems) == 3  # no out folder, no data file, no config.json in the model folder
 
 
 @pytest.mark.slow  # trains
@@ -361,4 +361,4 @@ def test_help_of_every_finetune_command(cli) -> None:
     r = cli("dev", "synth-faces", "--help")
     assert r.code == 0 and "--seed" in r.out
     r = cli("finetune")
-    assert r.code == 1 and "data.train: no training file given" in r.err and "output_dir: no output folder" in r.err
+    assert r.code == 1 and "data.train: no training file given" in r.err and "out: no output folder" in r.err

@@ -34,7 +34,7 @@ def _config(path: Path, model: Path, data: Path, out: Path, batch_size: int) -> 
             "eval_steps": None,
             "seed": 3,
         },
-        "output_dir": str(out),
+        "out": str(out),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path

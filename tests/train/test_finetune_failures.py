@@ -26,7 +26,7 @@ def _config(path: Path, model: Path | str, data: Path, out: Path, **train: objec
         "method": "full",
         "data": {"train": str(data)},
         "train": {"batch_size": 2, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "seed": 3, **train},
-        "output_dir": str(out),
+        "out": str(out),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -92,9 +92,9 @@ def test_read_only_output_folder_is_refused_before_the_model_loads(
     config = _config(tmp_path / "run.yaml", tiny_internvl, face_data, small_disk.where / "run")
     r = cli("finetune", "--config", config)
     assert r.code == 1
-    assert (
-        f"output_dir: cannot write to {small_disk.where} (read-only or no permission); choose another --out"
-    ) in " ".join(r.err.split())
+    assert (f"out: cannot write to {small_disk.where} (read-only or no permission); choose another --out") in " ".join(
+        r.err.split()
+    )
 
 
 def test_write_failures_are_named_with_their_cause_and_the_way_on(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_quickstart_example_matches_the_recipe(tmp_path: Path) -> None:
     example = REPO_ROOT / "examples" / "quickstart-tiny.yaml"
     from_yaml = resolve_config(FinetuneConfig, example)
     from_code = quickstart_tiny_config(
-        yaml.safe_load(example.read_text())["model"]["model"], from_yaml.data.train or "", from_yaml.output_dir or ""
+        yaml.safe_load(example.read_text())["model"]["model"], from_yaml.data.train or "", from_yaml.out or ""
     )
     assert from_yaml == from_code
     assert QUICKSTART_TINY["method"] == "full"

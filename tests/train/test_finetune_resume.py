@@ -35,7 +35,7 @@ def _config(tmp: Path, model: Path, data: Path, out: Path, method: str = "lora")
             "save_total_limit": 3,
             "seed": 7,
         },
-        "output_dir": str(out),
+        "out": str(out),
     }
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

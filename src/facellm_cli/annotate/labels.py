@@ -72,11 +72,11 @@ def read_labels(
         if image_column is None:
             raise DataError(
                 f"{p} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; columns are: "
-                f"{', '.join(columns) or 'none'}); name it with --set label_image_column=COLUMN"
+                f"{', '.join(columns) or 'none'}); name it with --set labels_image_column=COLUMN"
             )
     elif image_column not in columns:
         raise DataError(
-            f"{p} has no column '{image_column}' (columns are: {', '.join(columns)}); fix label_image_column"
+            f"{p} has no column '{image_column}' (columns are: {', '.join(columns)}); fix labels_image_column"
         )
     table = LabelTable(source=p, image_column=image_column, columns=columns, rows=[])
     for line, rec in records:

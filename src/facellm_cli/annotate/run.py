@@ -121,7 +121,7 @@ def _crop_faces_first(cfg: AnnotateConfig, out: Path) -> AnnotateConfig:
 
     manifest = crop_files(cfg.images, Path(cfg.faces_dir or f"{out}.faces"), cfg.face_crop).manifest
     return cfg.model_copy(
-        update={"images": [], "labels": str(manifest), "label_image_column": None, "image_root": None}
+        update={"images": [], "labels": str(manifest), "labels_image_column": None, "image_root": None}
     )
 
 
@@ -134,7 +134,7 @@ def make_plan(cfg: AnnotateConfig, out: Path) -> Plan:
     inputs = collect_inputs(
         cfg.images,
         cfg.labels,
-        image_column=cfg.label_image_column,
+        image_column=cfg.labels_image_column,
         ignore=cfg.label_ignore,
         image_root=cfg.image_root,
         label_values=prompt_set.label_values,

@@ -58,7 +58,6 @@ OUTPUT_NAMES = (
 MAX_BALANCE_VALUES = 50
 
 
-
 @dataclass
 class BuildReport:
     """What build-dataset did: returned to the CLI, also the basis of ``--json``."""
@@ -300,11 +299,11 @@ class Scan:
         return keep
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path is a file, not a folder: {out} (choose another --out)")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"output folder is not empty: {out} (choose another --out or pass --force)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder is not empty: {out} (choose another --out or pass --overwrite)")
 
 
 def _need_column(column: str, option: str, seen: set[str]) -> None:
@@ -671,7 +670,7 @@ def build_dataset(cfg: DatasetConfig, reporter: Reporter = SILENT) -> BuildRepor
         raise DataError(f"image root not found: {cfg.image_root} (check --image-root)")
     root = root_given.resolve()
     out = Path(cfg.out).expanduser()
-    _check_out(out, cfg.force)
+    _check_out(out, cfg.overwrite)
     label_table, _ = read_labels_csv(Path(cfg.labels), cfg.labels_image_column) if cfg.labels else ({}, [])
 
     sources = open_sources(cfg.inputs, root)

@@ -314,7 +314,8 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
     if cls is None:
         raise ModelLoadError(
             f"no processor class known for model type '{model_type}' of '{cfg.model}' without torchvision; "
-            "install a torch/torchvision pair that import together, or pass --trust-remote-code for custom code"
+            "install a torch/torchvision pair that import together, "
+            "or allow custom code with --set model.trust_remote_code=true"
         )
     try:
         proc = image_only_class(cls).from_pretrained(source, backend="pil", **kwargs)
@@ -440,7 +441,7 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
             else:
                 raise ModelLoadError(
                     f"attention '{cfg.attn_implementation}' cannot be used for '{cfg.model}': {msg.splitlines()[0]}; "
-                    "use --attn-implementation sdpa or eager"
+                    "use --set model.attn_implementation=sdpa (or eager)"
                 ) from None
         elif qconf is not None:
             raise QuantizationError(

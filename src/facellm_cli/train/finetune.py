@@ -191,11 +191,11 @@ def preflight(
     were rejected when the config was validated."""
     problems = cfg.problems()
     train, eval_ = _read_data(cfg, problems)
-    checkpoint = _check_output(cfg, resume, overwrite, problems) if cfg.output_dir else None
+    checkpoint = _check_output(cfg, resume, overwrite, problems) if cfg.out else None
     problems += _machine_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
-    return Plan(train, eval_, Path(cfg.output_dir or "."), checkpoint)
+    return Plan(train, eval_, Path(cfg.out or "."), checkpoint)
 
 
 def _read_data(cfg: FinetuneConfig, problems: list[str]) -> tuple[list[Sample], list[Sample] | None]:
@@ -218,13 +218,13 @@ def _read_data(cfg: FinetuneConfig, problems: list[str]) -> tuple[list[Sample], 
 
 def _check_output(cfg: FinetuneConfig, resume: str | None, overwrite: bool, problems: list[str]) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); a folder that cannot be used is added to ``problems``."""
-    out = Path(cfg.output_dir or ".")
+    out = Path(cfg.out or ".")
     checkpoint = _check_resume(cfg, out, resume, problems) if resume else None
     if not resume and out.exists() and (not out.is_dir() or not _only_a_failed_start(out)) and not overwrite:
-        problems.append(f"output_dir: {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+        problems.append(f"out: {out} is not empty; pass --overwrite to replace it or --resume to continue it")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
-        problems.append(f"output_dir: cannot write to {existing} (read-only or no permission); choose another --out")
+        problems.append(f"out: cannot write to {existing} (read-only or no permission); choose another --out")
     return checkpoint
 
 

@@ -83,7 +83,7 @@ def quickstart_tiny_config(
         "method": QUICKSTART_TINY["method"],
         "data": {**QUICKSTART_TINY["data"], "train": str(train_file)},
         "train": {**QUICKSTART_TINY["train"], **train_overrides},
-        "output_dir": str(output_dir),
+        "out": str(output_dir),
     }
     if eval_file:
         data["data"]["eval"] = str(eval_file)

@@ -379,7 +379,7 @@ class _Batches:
             if (sha, k) in done_ok:
                 continue
             value = answers.get(k)
-            problem = classify_answer(value, self.cfg.refusal_phrases, self.cfg.min_answer_chars)
+            problem = classify_answer(value, self.cfg.refusal_patterns, self.cfg.min_answer_chars)
             if problem is not None:
                 self.run.summary.reject(problem)
                 self.reasons[(sha, k)] = f"{problem} answer"

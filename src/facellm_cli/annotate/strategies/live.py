@@ -124,7 +124,7 @@ class _Live:
             return None
 
     def _problem(self, text: str | None) -> str | None:
-        return classify_answer(text, self.cfg.refusal_phrases, self.cfg.min_answer_chars)
+        return classify_answer(text, self.cfg.refusal_patterns, self.cfg.min_answer_chars)
 
     async def per_aspect(self, w: WorkImage, aspect: AspectTemplate) -> None:
         try:
