@@ -15,7 +15,6 @@ from pydantic import Field
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from dataset_helpers import make_corpus
 from facellm_cli._options import ConfigOpt, OptionDeclarationError, Options, SetOpt, config_field, opt, resolve
 from facellm_cli.cli import app
 from facellm_cli.config import (
@@ -32,6 +31,7 @@ from facellm_cli.config import (
     resolve_config,
 )
 from facellm_cli.errors import ConfigDeprecationWarning
+from facellm_cli.testing.corpus import make_corpus
 
 
 class _RenamedGeneration(StrictModel):
