@@ -60,7 +60,6 @@ def test_a_command_module_declaring_a_renamed_field_fails_at_import(tmp_path: Pa
         """
         import typer
         from facellm_cli._options import Options
-        from test_options import _RenamedAsk
 
         app = typer.Typer()
         A = Options(_RenamedAsk)
@@ -73,6 +72,7 @@ def test_a_command_module_declaring_a_renamed_field_fails_at_import(tmp_path: Pa
     (tmp_path / "renamed_cli.py").write_text(source)
     spec = importlib.util.spec_from_file_location("renamed_cli", tmp_path / "renamed_cli.py")
     module = importlib.util.module_from_spec(spec)
+    module._RenamedAsk = _RenamedAsk  # the renamed config, handed in (tests are not importable by name)
     sys.modules.pop("renamed_cli", None)
     with pytest.raises(OptionDeclarationError, match="has no field 'max_new_tokens'"):
         spec.loader.exec_module(module)
