@@ -31,7 +31,7 @@ from .errors import ConfigDeprecationWarning
 try:  # typer >= 0.20 runs on its own copy of click
     from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older typer on click
-    from click import get_current_context
+    from click import get_current_context  # type: ignore[no-redef]  # the same function from older typer's click
 
 C = TypeVar("C", bound=BaseModel)
 _GIVEN = "facellm.flags"  # ctx.meta key: {dotted path: (config class, value)} for the flags the user typed
@@ -80,7 +80,7 @@ def _cli_type(annotation: Any) -> Any:
     if origin is Literal:
         return str
     if origin is list:
-        return list[_cli_type(get_args(annotation)[0])]
+        return types.GenericAlias(list, (_cli_type(get_args(annotation)[0]),))  # list[X] for an X known at run time
     if annotation in (str, int, float, bool):
         return annotation
     raise OptionDeclarationError(f"a field of type {annotation!r} cannot be a flag (use --set)")

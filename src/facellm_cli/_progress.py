@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import ProgressColumn, Task, TaskID
+    from typing_extensions import Self
 
 # A rate below this fraction of the earlier one is "far below".
 DROP_RATIO = 0.35
@@ -84,7 +89,7 @@ class ThroughputWatch:
         return None
 
 
-def _times_column() -> Any:
+def _times_column() -> ProgressColumn:
     """'0:01:05 elapsed · 0:02:10 left' in one column (rich's own columns are unlabelled)."""
     from rich.progress import ProgressColumn
     from rich.text import Text
@@ -98,7 +103,7 @@ def _times_column() -> Any:
     class TimesColumn(ProgressColumn):
         max_refresh = 0.5
 
-        def render(self, task: Any) -> Text:
+        def render(self, task: Task) -> Text:
             elapsed = task.finished_time if task.finished else task.elapsed
             left = 0.0 if task.finished else task.time_remaining
             return Text(f"{fmt(elapsed)} elapsed, {fmt(left)} left", style="progress.remaining")
@@ -117,7 +122,7 @@ class ProgressBar:
 
     def __init__(
         self,
-        console: Any,
+        console: Console,
         label: str,
         *,
         unit: str = "",
@@ -137,7 +142,7 @@ class ProgressBar:
         # Only local compute can be slowed by other processes on the cores; a remote endpoint's pace
         # (rate limits, a batch being processed) is not this machine's throughput.
         self.watch = (watch if watch is not None else ThroughputWatch()) if cpu_bound else None
-        self._fields = dict(fields or {})
+        self._fields: dict[str, Any] = dict(fields or {})  # extra keyword arguments of rich's add_task
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=12),
@@ -151,7 +156,7 @@ class ProgressBar:
             disable=disable,
         )
         self.task = self.progress.add_task(label, total=None, rate="", **self._fields)
-        self._started: set[Any] = set()
+        self._started: set[TaskID] = set()
         self._stages = 0
         self._label = label
         self._done = 0
@@ -159,7 +164,7 @@ class ProgressBar:
         self.headers = headers
         self.log_prefix = log_prefix
 
-    def __enter__(self) -> ProgressBar:
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
@@ -209,7 +214,13 @@ class ProgressBar:
             # The first report may start mid-way (a resumed run): the rate counts from here, not from 0.
             self._started.add(self.task)
             # (reset replaces the task's fields: pass them all)
-            self.progress.reset(self.task, total=total, completed=done, **{"rate": "", **self._fields, **fields})
+            # rich annotates reset's ``completed`` as int, but stores it in Task.completed (a float) like update() does
+            self.progress.reset(
+                self.task,
+                total=total,
+                completed=done,  # type: ignore[arg-type]
+                **{"rate": "", **self._fields, **fields},
+            )
             return
         self.progress.update(self.task, completed=done, total=total, **fields)
         speed = next((t.speed for t in self.progress.tasks if t.id == self.task), None)

@@ -10,12 +10,19 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import FacellmError
+from .errors import FacellmError, ImageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .config import AskConfig
+    from .faces import Detection
+    from .infer.engine import Engine
 
 
-def err_console():
+def err_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,7 +54,15 @@ def ask_results(results: Iterator[Any], json_out: bool, total: int) -> None:
         raise FacellmError(f"{len(failed)} of {total} images could not be read: {', '.join(failed)}")
 
 
-def ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:
+def ask_faces(
+    lm: Engine,
+    cfg: AskConfig,
+    images: list[str],
+    question: str,
+    stdin_bytes: bytes | None,
+    json_out: bool,
+    draw: Path | None,
+) -> None:
     """``ask --faces``: per-face answers, streamed for one photo with one face; optional drawings."""
     from rich.markup import escape
 
@@ -82,7 +97,9 @@ def ask_faces(lm, cfg, images, question, stdin_bytes, json_out, draw) -> None:
         )
 
 
-def _one_face_streamed(lm, cfg, image, question, stdin_bytes, draw) -> bool:
+def _one_face_streamed(
+    lm: Engine, cfg: AskConfig, image: str, question: str, stdin_bytes: bytes | None, draw: Path | None
+) -> bool:
     """One photo with one face streams its answer, as plain ask does; False when it has another count."""
     from rich.markup import escape
 
@@ -230,13 +247,13 @@ def quickstart_result(result: Any) -> None:
     out.print(arts)
 
 
-def detections(found: Iterable[Any], json_out: bool) -> None:
+def detections(found: Iterable[Detection | ImageError], json_out: bool) -> None:
     """``faces detect``: one line per face (or one JSON object per image); unreadable images reported last."""
     from rich.markup import escape
 
     failed = []
     for det in found:
-        if isinstance(det, FacellmError):
+        if isinstance(det, ImageError):
             failed.append(det.path)
             err_console().print(f"[red]error:[/red] {escape(str(det))} (skipped)")
             continue

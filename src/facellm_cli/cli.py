@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -38,6 +38,9 @@ from .config import (
     ServeConfig,
 )
 from .errors import ConfigDeprecationWarning, FacellmError
+
+if TYPE_CHECKING:
+    from .infer.engine import Engine
 
 app = typer.Typer(
     name="facellm",
@@ -84,7 +87,7 @@ def _root(
     """FaceLLM as a tool (paper: arXiv 2507.10300)."""
 
 
-def _load(model_cfg):  # torch types are imported lazily
+def _load(model_cfg: ModelConfig) -> "Engine":
     quiet_libraries()
     from ._progress import ProgressBar
     from .infer.engine import load_engine

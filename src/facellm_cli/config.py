@@ -257,8 +257,8 @@ class EndpointConfig(StrictModel):
 class RemoteModelConfig(EndpointConfig):
     """A model served by an endpoint, used instead of a local one (GPT-4o, vLLM, ``facellm serve``)."""
 
-    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")  # type: ignore[assignment]
-    model: str = Field(None, validate_default=True, description="Model name the endpoint serves.")  # type: ignore[assignment]
+    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(None, validate_default=True, description="Model name the endpoint serves.")
     concurrency: int = Field(8, gt=0, le=2048, description="Requests in flight at once.")
     max_retries: int = Field(
         4, ge=0, le=50, description="Retries per request on 429, 5xx, timeouts and dropped connections."

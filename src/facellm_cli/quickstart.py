@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .config import (
     AnnotateConfig,
@@ -37,6 +37,9 @@ from .io import atomic_write_json, read_jsonl
 from .reporting import SILENT, Reporter, Within
 from .schema import LETTERS, MCQuestion, format_mcq_prompt
 
+if TYPE_CHECKING:
+    from .models.loader import LoadedModel
+
 MARKER = "quickstart.json"
 
 
@@ -44,6 +47,18 @@ MARKER = "quickstart.json"
 class StageTime:
     name: str
     seconds: float
+
+
+class AskExample(TypedDict):
+    """The held-out face the quickstart asks about at the end, and what the fine-tuned model said."""
+
+    image: str
+    question: str
+    command: str  # the same question as a command that runs as printed
+    answer: str | None
+    picked: str | None  # the option the answer names, if any
+    truth: str
+    correct: bool
 
 
 @dataclass
@@ -55,7 +70,7 @@ class QuickstartResult:
     accuracy_after: float
     chance: float
     test_questions: int
-    ask: dict[str, Any]
+    ask: AskExample
     stages: list[StageTime] = field(default_factory=list)
     artefacts: dict[str, str] = field(default_factory=dict)
 
@@ -239,7 +254,7 @@ def _eval_config(model: Path, mcq_test: Path, image_root: Path, out: Path) -> Ev
     )
 
 
-def _ask(lm: Any, mcq_test: Path, image_root: Path, run_dir: Path) -> dict[str, Any]:
+def _ask(lm: LoadedModel, mcq_test: Path, image_root: Path, run_dir: Path) -> AskExample:
     """Ask the fine-tuned model the first held-out question, as ``facellm ask`` would."""
     from .infer.ask import ask_many
 

@@ -17,12 +17,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from ..faces import face_ref
 from ..images import find_images, is_image_path
 from ..schema import FaceRef
+
+if TYPE_CHECKING:
+    import _csv
 
 IMAGE_COLUMNS = ("file", "image", "image_path", "path", "filename", "img")
 
@@ -115,7 +118,7 @@ def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, object]]]:
     return rows
 
 
-def _collect_csv(reader: Any, p: Path, rows: list[tuple[int, dict[str, object]]], problems: list[str]) -> None:
+def _collect_csv(reader: _csv.Reader, p: Path, rows: list[tuple[int, dict[str, object]]], problems: list[str]) -> None:
     header: list[str] = []
     prev_end = 0  # last physical line of the previous record; the next one starts after it
     try:

@@ -6,16 +6,19 @@ Kept apart from the run so the library stays print-free; the CLI passes an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._progress import ProgressBar
 from .run import AnnotateSummary
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class AnnotateProgress(ProgressBar):
     """The shared bar plus failed / in flight / tokens, from the status the pipeline reports with each count."""
 
-    def __init__(self, console: Any, description: str) -> None:
+    def __init__(self, console: Console, description: str) -> None:
         super().__init__(
             console,
             description,

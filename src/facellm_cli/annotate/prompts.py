@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -296,9 +297,8 @@ def parse_grouped(text: str | None, keys: list[str]) -> dict[str, str | None]:
     data = json.loads(s[start : end + 1])
     if not isinstance(data, dict):
         raise ValueError("answer is not a JSON object")
-    model = create_model(  # type: ignore[call-overload]
-        "GroupedAnswers", __config__=ConfigDict(extra="ignore"), **{k: (str | None, None) for k in keys}
-    )
+    fields: dict[str, Any] = {k: (str | None, None) for k in keys}
+    model = create_model("GroupedAnswers", __config__=ConfigDict(extra="ignore"), **fields)
     try:
         parsed = model.model_validate(data)
     except ValidationError as e:

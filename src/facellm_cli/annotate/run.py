@@ -227,7 +227,7 @@ class Run:
             provider="openai",
             prompt_version=self.plan.prompt_set.version,
             labels=labels,
-            face=face,  # type: ignore[arg-type]
+            face=face,
             usage=Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
             attempts=attempts,
             created=now_iso(),

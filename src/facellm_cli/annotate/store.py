@@ -99,7 +99,7 @@ def settle_failures(out: Path) -> int:
     """
     sidecar = failures_path_for(out)
     legacy: list[Annotation] = []
-    done: set[tuple[str, str]] = set()
+    done: set[tuple[str | None, str | None]] = set()  # (image_sha256, aspect) of the answered lines
     if out.exists():
         for _, rec in read_jsonl(out):  # plain JSON: the records were validated when the run read them
             if rec.get("status", "ok") == "ok":

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..config import DatasetConfig, dump_config
 from ..errors import ConfigError, DataError, OutputExistsError
@@ -42,6 +42,9 @@ from .readers import Problem, RawRecord, Source, open_sources, read_labels_csv
 from .report import build_stats, render_report
 from .splits import SPLITS, assign_splits
 from .validate import NOT_ERRORS, REASONS, check_conversation, check_image, check_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONFIG_NAME = "config.yaml"
 OUTPUT_NAMES = (
@@ -261,7 +264,7 @@ class Scan:
             return False
         return True
 
-    def find_duplicates(self, sources: list[Source]):
+    def find_duplicates(self, sources: list[Source]) -> np.ndarray:
         """Mark every record whose (image, question) appeared earlier in input order; return the keep mask."""
         import numpy as np
 
@@ -679,8 +682,8 @@ def build_dataset(cfg: DatasetConfig, reporter: Reporter = SILENT) -> BuildRepor
         plan = plan_splits(cfg, scan)
         stats, files = write_splits(cfg, scan, plan, sources, out, reporter)
     finally:
-        for s in sources:
-            s.close()
+        for source in sources:
+            source.close()
 
     return BuildReport(
         out_dir=str(out.resolve()),

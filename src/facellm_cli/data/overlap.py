@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
-    from ..config import OverlapConfig
+    from ..config import EvalConfig, OverlapConfig
+    from ..schema import MCQuestion
 
 SIGNATURE_VERSION = "dhash128+chroma8-v1"
 HASH_BITS = 128
@@ -136,7 +137,7 @@ def _media_dir(build_dir: Path) -> Path:
     return Path(cfg["image_root"])
 
 
-def _add_questions(coll: Collection, questions: Iterable[Any]) -> None:
+def _add_questions(coll: Collection, questions: Iterable[MCQuestion]) -> None:
     for q in questions:
         ref = QuestionRef(q.id, q.task, q.category)
         coll.n_questions += 1
@@ -403,10 +404,11 @@ def signatures_from(values: Sequence[bytes | str], paths: Sequence[str], hashed:
 
     good = [i for i, v in enumerate(values) if isinstance(v, bytes)]
     unreadable = {paths[i]: str(v) for i, v in enumerate(values) if not isinstance(v, bytes)}
-    raw = np.frombuffer(b"".join(values[i] for i in good), dtype=np.uint8).reshape(len(good), _SIG_BYTES)  # type: ignore[misc]
+    blob = b"".join(v for v in values if isinstance(v, bytes))  # the values at `good`, in order
+    raw = np.frombuffer(blob, dtype=np.uint8).reshape(len(good), _SIG_BYTES)
     words = np.ascontiguousarray(raw[:, :16]).view(">u8").astype(np.uint64).reshape(len(good), 2)
     chroma = raw[:, 16:].astype(np.int16)
-    gray = (np.abs(chroma - 128) <= GRAY_CHROMA).all(axis=1)
+    gray = np.asarray((np.abs(chroma - 128) <= GRAY_CHROMA).all(axis=1))  # (numpy types all(axis) as bool | array)
     return Signatures([paths[i] for i in good], words, chroma, gray, unreadable, hashed=hashed)
 
 
@@ -429,7 +431,7 @@ def _gather(
     reporter: Reporter,
 ) -> None:
     for chunk_idx, sigs in zip(idx, results, strict=True):
-        rows = []
+        rows: list[tuple[tuple[str, int, int], bytes]] = []
         for i, v in zip(chunk_idx, sigs, strict=True):
             values[i] = v
             if isinstance(v, bytes):
@@ -719,7 +721,7 @@ def overlap(cfg: OverlapConfig, reporter: Reporter = SILENT) -> OverlapResult:
 
 
 def seen_question_ids(
-    questions: Sequence[Any],
+    questions: Sequence[MCQuestion],
     train_inputs: Sequence[str],
     *,
     max_distance: int = DEFAULT_MAX_DISTANCE,
@@ -796,7 +798,7 @@ def overlap_report_section(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_train_data(cfg: Any) -> list[str]:
+def resolve_train_data(cfg: EvalConfig) -> list[str]:
     """``evaluate``'s training inputs; ``auto`` is the finetune run recorded next to the adapter (or model) evaluated."""
     if list(cfg.train_data) != ["auto"]:
         return list(cfg.train_data)
@@ -811,14 +813,14 @@ def resolve_train_data(cfg: Any) -> list[str]:
     )
 
 
-def check_train_data(cfg: Any) -> None:
+def check_train_data(cfg: EvalConfig) -> None:
     """Fail before any question is answered: the extra is missing or ``auto`` names no run."""
     _require_imagehash()
     resolve_train_data(cfg)
 
 
 def add_unseen_split(
-    results: dict[str, Any], records: Sequence[dict[str, Any]], questions: Sequence[Any], cfg: Any
+    results: dict[str, Any], records: Sequence[dict[str, Any]], questions: Sequence[MCQuestion], cfg: EvalConfig
 ) -> None:
     """Add ``results["unseen_in_training"]``: accuracy on all questions and on those whose images no training image
     matches, overall and per category (``evaluate --train-data``)."""

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import ValidationError
 
@@ -57,7 +58,7 @@ class JsonlSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fh = None
+        self._fh: BinaryIO | None = None
 
     def scan(self) -> Iterator[tuple[int, str, RawRecord | Problem]]:
         """Yield (byte offset, 'file line N', record or problem) for every non-blank line."""

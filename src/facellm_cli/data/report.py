@@ -16,6 +16,7 @@ from .validate import NOT_ERRORS, REASONS
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
+    from .build import _Accumulator
 
 MISSING = "(missing)"
 
@@ -55,7 +56,7 @@ def build_stats(
     records_read: int,
     filtered: Counter[str],
     filtered_images: Counter[str],
-    acc: Any,
+    acc: _Accumulator,
     units_per_split: Counter[str],
     group_key: str | None,
     max_balance_values: int,
@@ -94,7 +95,7 @@ def build_stats(
     }
 
 
-def _label_balance(acc: Any, group_key: str | None, max_values: int) -> dict[str, dict[str, Any]]:
+def _label_balance(acc: _Accumulator, group_key: str | None, max_values: int) -> dict[str, dict[str, Any]]:
     """Per label column, images per value per split; a count only for the group column and many-valued ones."""
     balance: dict[str, dict[str, Any]] = {}
     for col in sorted(acc.label_columns):

@@ -31,6 +31,8 @@ from ..errors import EndpointError
 from .messages import chat_request
 
 if TYPE_CHECKING:
+    from openai import OpenAI
+
     from ..config import EndpointConfig
 
 T = TypeVar("T")
@@ -321,7 +323,7 @@ def iterate_sync(client: ChatClient, pieces: AsyncIterator[T]) -> Iterator[T]:
     try:
         while True:
             try:
-                yield loop.run_until_complete(pieces.__anext__())  # type: ignore[attr-defined]
+                yield loop.run_until_complete(pieces.__anext__())
             except StopAsyncIteration:
                 return
     finally:
@@ -375,7 +377,7 @@ def _parse_completion(response: Any) -> ChatResult:
     )
 
 
-def sync_sdk_client(ep: EndpointConfig, api_key: str | None) -> Any:
+def sync_sdk_client(ep: EndpointConfig, api_key: str | None) -> OpenAI:
     """The SDK's synchronous client for the Batch API's few control calls (it keeps its own retries there)."""
     import openai
 

@@ -9,7 +9,7 @@ _LOCAL_HOSTS = ("://127.0.0.1", "://localhost", "://[::1]", "://0.0.0.0")
 
 def is_local_endpoint(base_url: str | None) -> bool:
     """Local servers (facellm serve, vLLM, llama.cpp) usually need no API key."""
-    return bool(base_url) and any(h in base_url for h in _LOCAL_HOSTS)  # type: ignore[operator]
+    return base_url is not None and any(h in base_url for h in _LOCAL_HOSTS)
 
 
 def chat_messages(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import DataError
@@ -148,7 +149,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _pyplot():
+def _pyplot() -> ModuleType | None:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib (optional) is not installed."""
     try:
         import matplotlib
 

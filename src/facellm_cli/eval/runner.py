@@ -40,6 +40,8 @@ from .scoring import parse_answer
 from .sets import load_jsonl_set
 
 if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
     from ..models.loader import LoadedModel
 
 PREDICTIONS = "predictions.jsonl"
@@ -131,7 +133,7 @@ class Answer:
     scores: list[float] | None = None
 
 
-def _open_all(q: MCQuestion) -> list[Any]:
+def _open_all(q: MCQuestion) -> list[PILImage.Image]:
     return [open_image(p) for p in q.images]
 
 
@@ -277,8 +279,10 @@ def read_cached(path: Path, fingerprint: str, spec: dict[str, Any]) -> dict[str,
 
 def prediction_record(q: MCQuestion, ans: Answer, fingerprint: str, spec: dict[str, Any]) -> dict[str, Any]:
     """The line written to predictions.jsonl for one answered question."""
+    letter: str | None
     if ans.scores is not None:
-        best = max(range(len(ans.scores)), key=lambda i: ans.scores[i])  # type: ignore[index]
+        scores = ans.scores
+        best = max(range(len(scores)), key=lambda i: scores[i])
         letter, how = LETTERS[best], "likelihood"
     else:
         parsed = parse_answer(ans.raw, q.options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import AskConfig
 from ..errors import FacellmError, ImageError
@@ -62,7 +62,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-def _open(path: str, stdin_bytes: bytes | None) -> object:
+def _open(path: str, stdin_bytes: bytes | None) -> PILImage.Image:
     if path == "-":
         return open_image(stdin_bytes or b"", name="<stdin>")
     return open_image(path)
@@ -74,7 +74,7 @@ def ask_stream(
     """Stream the answer for a single image (raises ImageError if it cannot be opened)."""
     check_max_new_tokens(lm, cfg.generation)
     img = _open(image, stdin_bytes)
-    prompt = Prompt(images=[img], text=question, system=cfg.generation.system)  # type: ignore[list-item]
+    prompt = Prompt(images=[img], text=question, system=cfg.generation.system)
     yield from as_engine(lm).stream(prompt, cfg.generation)
 
 
@@ -84,13 +84,13 @@ def ask_many(
     """Answer ``question`` for each image in batches; a bad image yields a result with ``error`` and is skipped."""
     check_max_new_tokens(lm, cfg.generation)
     engine = as_engine(lm)
-    pending: list[tuple[str, object]] = []
+    pending: list[tuple[str, PILImage.Image]] = []
 
     def flush() -> Iterator[AskResult]:
         if not pending:
             return
         t0 = time.perf_counter()
-        prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]  # type: ignore[list-item]
+        prompts = [Prompt(images=[img], text=question, system=cfg.generation.system) for _, img in pending]
         gens = engine.generate(prompts, cfg.generation)
         per = (time.perf_counter() - t0) / len(pending)
         for (path, _), g in zip(pending, gens, strict=True):
@@ -124,7 +124,7 @@ def detect_photo(path: str, cfg: AskConfig, stdin_bytes: bytes | None = None) ->
     """Open a photo and find its faces (raises ImageError for an unreadable photo)."""
     from ..faces import detect_config
 
-    img: Any = _open(path, stdin_bytes)
+    img = _open(path, stdin_bytes)
     return img, detect_config(img, cfg.face_crop, name=path).faces
 
 

@@ -15,7 +15,7 @@ and get it from :func:`load_engine`; library functions that were handed a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from ..config import GenerationConfig, ModelConfig
 from ..errors import ConfigError
@@ -24,7 +24,10 @@ from ..schema import LETTERS
 from .generate import Generation, Prompt
 
 if TYPE_CHECKING:
-    from ..models.loader import LoadedModel
+    import torch
+    from transformers import BatchFeature, PreTrainedTokenizerBase
+
+    from ..models.loader import LoadedModel, Processor
 
 
 @runtime_checkable
@@ -58,7 +61,7 @@ class Engine(Protocol):
         ...
 
 
-def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[list[int]]:
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) -> list[list[int]]:
     """Token ids that start an answer with each letter: "A" and " A" where each is a single token.
 
     A chat model's answer may begin with the bare letter or, after some
@@ -97,11 +100,11 @@ class TransformersEngine:
         self._letter_ids: list[list[int]] | None = None
 
     @property
-    def processor(self) -> Any:
+    def processor(self) -> Processor:
         return self.lm.processor
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.lm.tokenizer
 
     def generate(self, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Generation]:
@@ -143,11 +146,12 @@ class TransformersEngine:
         return None
 
 
-def _last_logits(model: Any, enc: Any, last: Any) -> Any:
+def _last_logits(model: torch.nn.Module, enc: BatchFeature, last: torch.Tensor) -> torch.Tensor:
     """Logits at position ``last[b]`` of each row, through the decoder and LM head only at those positions."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel: score through its base model
+    base = get_base_model() if get_base_model is not None else model
     inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     rows = torch.arange(last.shape[0], device=last.device)
     if inner is not None and head is not None:
@@ -159,8 +163,8 @@ def _last_logits(model: Any, enc: Any, last: Any) -> Any:
 def as_engine(model: LoadedModel | Engine) -> Engine:
     """An engine for ``model``: itself when it is one, else the transformers engine over the loaded model."""
     if isinstance(model, (TransformersEngine,)) or getattr(model, "kind", None) == "vllm":
-        return model  # type: ignore[return-value]
-    return TransformersEngine(model)  # type: ignore[arg-type]
+        return cast(Engine, model)
+    return TransformersEngine(cast("LoadedModel", model))
 
 
 def load_engine(cfg: ModelConfig, reporter: Reporter = SILENT) -> Engine:

@@ -7,17 +7,19 @@ processor, so any ``AutoModelForImageTextToText`` family works unchanged.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image as PILImage
 
     from ..models.loader import LoadedModel
+    from .engine import Engine
 
 
 @dataclass
@@ -56,8 +58,9 @@ def build_messages(prompt: Prompt) -> list[dict[str, Any]]:
     return messages
 
 
-def render_prompt(lm: LoadedModel, prompt: Prompt) -> str:
-    return lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
+def render_prompt(lm: LoadedModel | Engine, prompt: Prompt) -> str:
+    text = lm.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return cast(str, text)  # tokenize=False renders text (the tokenizer's signature also covers token ids)
 
 
 def encode(lm: LoadedModel, texts: list[str], images: list[PILImage.Image], *, padding_side: str = "left") -> Any:
@@ -86,15 +89,15 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def context_length(lm: LoadedModel) -> int | None:
+def context_length(lm: LoadedModel | Engine) -> int | None:
     """Positions the language model was built for (``max_position_embeddings``), or None when not recorded.
 
     An engine may be given too: the vLLM engine's context is its ``max_model_len``."""
     fixed = getattr(lm, "context_length", None)
     if isinstance(fixed, int):
         return fixed
-    lm = getattr(lm, "lm", lm)  # the transformers engine's loaded model
-    conf = getattr(lm.model, "config", None)
+    loaded = cast("LoadedModel", getattr(lm, "lm", lm))  # the transformers engine's loaded model
+    conf = getattr(loaded.model, "config", None)
     for c in (getattr(conf, "text_config", None), conf):
         n = getattr(c, "max_position_embeddings", None) if c is not None else None
         if isinstance(n, int) and n > 0:
@@ -102,7 +105,7 @@ def context_length(lm: LoadedModel) -> int | None:
     return None
 
 
-def check_max_new_tokens(lm: LoadedModel, cfg: GenerationConfig) -> None:
+def check_max_new_tokens(lm: LoadedModel | Engine, cfg: GenerationConfig) -> None:
     """Refuse an answer budget the model's context cannot hold (it would otherwise decode for hours)."""
     n = context_length(lm)
     if n is not None and cfg.max_new_tokens >= n:
@@ -126,7 +129,11 @@ def _generate_kwargs(lm: LoadedModel, cfg: GenerationConfig) -> dict[str, Any]:
 
 
 def generate_batch(
-    lm: LoadedModel, prompts: Sequence[Prompt], cfg: GenerationConfig, *, stopping_criteria: Any = None
+    lm: LoadedModel,
+    prompts: Sequence[Prompt],
+    cfg: GenerationConfig,
+    *,
+    stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Generation]:
     """Answer several prompts in one ``generate`` call.
 
@@ -164,7 +171,7 @@ def generate_batch(
                 finish = "stop"
                 break
             n += 1
-        text = lm.tokenizer.decode(row[:n], skip_special_tokens=True)
+        text = cast(str, lm.tokenizer.decode(row[:n], skip_special_tokens=True))  # one id list: one string
         results.append(
             Generation(text=text.strip(), prompt_tokens=int(sum(mask)), completion_tokens=n, finish_reason=finish)
         )

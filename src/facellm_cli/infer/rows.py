@@ -12,7 +12,7 @@ every row is done.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .generate import eos_ids
 
@@ -24,8 +24,12 @@ class RowSpec(Protocol):
     """What one row of a batch asks for (serve's ``Job``, or ``stream_generate``'s single row)."""
 
     stream: bool
-    max_tokens: int
-    stop: tuple[str, ...]
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    @property
+    def stop(self) -> tuple[str, ...]: ...
 
     def is_cancelled(self) -> bool: ...
 
@@ -84,7 +88,7 @@ class RowControl:
             if len(row.ids) >= spec.max_tokens:
                 row.done, row.reason = True, "length"
             return
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        row.text = cast(str, self.tokenizer.decode(row.ids, skip_special_tokens=True))  # one id list: one string
         cut = min((i for i in (row.text.find(s) for s in spec.stop) if i >= 0), default=-1)
         if cut >= 0:
             row.text = row.text[:cut]
@@ -97,7 +101,7 @@ class RowControl:
         """After generate returns: decode rows that were not decoded step by step, end rows still open."""
         for row in self.rows:
             if not (row.spec.stream or row.spec.stop) and row.reason != "cancelled":
-                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+                row.text = cast(str, self.tokenizer.decode(row.ids, skip_special_tokens=True))
             if not row.done:  # generate stopped on its own length limit before our criterion ended the row
                 row.done = True
                 self._emit(row)

@@ -353,7 +353,7 @@ class VllmEngine:
 
     # -- internals -----------------------------------------------------------------
     def _inputs(self, prompt: Prompt) -> dict[str, Any]:
-        text = render_prompt(self, prompt)  # type: ignore[arg-type]
+        text = render_prompt(self, prompt)
         if prompt.images:
             return {"prompt": text, "multi_modal_data": {"image": list(prompt.images)}}
         return {"prompt": text}

@@ -21,12 +21,25 @@ import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ModelConfig
 from ..errors import AdapterError, MissingDependencyError, ModelLoadError, QuantizationError
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import (
+        BitsAndBytesConfig,
+        PreTrainedTokenizerBase,
+        ProcessorMixin,
+    )
+
+    # What AutoModelForImageTextToText.from_pretrained returns, as transformers itself types it:
+    # a PreTrainedModel with GenerationMixin's generate().
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as GenerativeModel
+
+    # AutoProcessor gives a tokenizer alone for a checkpoint without a processor config.
+    Processor = ProcessorMixin | PreTrainedTokenizerBase
     from ..runtime import ThreadChoice
 
 log = logging.getLogger("facellm.loader")
@@ -43,8 +56,8 @@ SKIP_QUANT_PATTERNS = (*(rf"(.*\.)?{k}" for k in VISION_MODULE_KEYS), r"(.*\.)?l
 class LoadedModel:
     """A ready-to-use model with its processor and what was chosen for it."""
 
-    model: Any
-    processor: Any
+    model: GenerativeModel | PeftModel  # a PeftModel (which forwards generate) when an adapter is loaded unmerged
+    processor: Processor
     config: ModelConfig
     device: str
     dtype: str
@@ -58,8 +71,10 @@ class LoadedModel:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
-    def tokenizer(self) -> Any:
-        return getattr(self.processor, "tokenizer", self.processor)
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if hasattr(self.processor, "tokenizer"):
+            return self.processor.tokenizer
+        return cast("PreTrainedTokenizerBase", self.processor)  # AutoProcessor's fallback: the tokenizer alone
 
 
 def require_model_extras(what: str = "this command") -> None:
@@ -253,14 +268,15 @@ def corrupt_file_error(files: list[Path], err: BaseException, what: str = "model
     return ModelLoadError(f"{what} {name} is corrupt or incomplete ({_first_line(err)}); re-download it")
 
 
-def image_only_class(cls: type) -> type:
+def image_only_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """The processor class with its video sub-processor slot removed (same name, same behaviour for images)."""
 
-    @classmethod  # type: ignore[misc]
     def get_attributes(c: type) -> list[str]:
+        # the parent's classmethod run for the subclass; mypy types a bound classmethod without __func__
         return [a for a in cls.get_attributes.__func__(c) if "video" not in a]  # type: ignore[attr-defined]
 
-    return type(cls.__name__, (cls,), {"get_attributes": get_attributes, "__module__": cls.__module__})
+    attrs = {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__}
+    return type(cls.__name__, (cls,), attrs)
 
 
 def _processor_class_name(source: str, kwargs: dict[str, Any], model_type: str) -> str | None:
@@ -299,7 +315,7 @@ def _lacks_video_config(source: str, kwargs: dict[str, Any], model_type: str) ->
     return lacks
 
 
-def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_type: str) -> tuple[Any, bool]:
+def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_type: str) -> tuple[Processor, bool]:
     """Load the checkpoint's processor; image-only when torchvision is missing. Returns (processor, image_only)."""
     import transformers
     from transformers import AutoProcessor
@@ -324,7 +340,7 @@ def load_processor(source: str, kwargs: dict[str, Any], cfg: ModelConfig, model_
     return proc, True
 
 
-def quantization_config(cfg: ModelConfig, device: str) -> Any:
+def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | None:
     """BitsAndBytesConfig for 4/8-bit, or None. Raises QuantizationError where bitsandbytes cannot run."""
     if cfg.quantization == "none":
         return None
@@ -358,7 +374,7 @@ def quantization_config(cfg: ModelConfig, device: str) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def _apply_adapter(model: Any, cfg: ModelConfig, source: str) -> Any:
+def _apply_adapter(model: GenerativeModel, cfg: ModelConfig, source: str) -> GenerativeModel | PeftModel:
     adapter = Path(cfg.adapter or "").expanduser()
     if not (adapter / "adapter_config.json").is_file():
         raise AdapterError(
@@ -374,7 +390,7 @@ def _apply_adapter(model: Any, cfg: ModelConfig, source: str) -> Any:
     except ValueError:
         base_name = None
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        with_adapter = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as e:
         corrupt = corrupt_file_error(sorted(adapter.glob("*.safetensors")), e, "adapter weights")
         if corrupt is not None:
@@ -388,8 +404,9 @@ def _apply_adapter(model: Any, cfg: ModelConfig, source: str) -> Any:
             "Load the base model the adapter was trained on"
         ) from None
     if cfg.merge_adapter:
-        model = model.merge_and_unload()
-    return model
+        merged: GenerativeModel = with_adapter.merge_and_unload()
+        return merged
+    return with_adapter
 
 
 def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
@@ -458,16 +475,16 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
             ) from None
         raise
     if qconf is None:
-        model.to(device)
-    if cfg.adapter:
-        model = _apply_adapter(model, cfg, source)
-    model.eval()
+        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as an unbound callable
+        model.to(device)  # type: ignore[arg-type]
+    ready: GenerativeModel | PeftModel = _apply_adapter(model, cfg, source) if cfg.adapter else model
+    ready.eval()
     tok = getattr(processor, "tokenizer", None)
-    gen = getattr(model, "generation_config", None)
+    gen = getattr(ready, "generation_config", None)
     if tok is not None and gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return LoadedModel(
-        model=model,
+        model=ready,
         processor=processor,
         config=cfg,
         device=device,

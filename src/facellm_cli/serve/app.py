@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ServeConfig
 from ..errors import FacellmError, MissingDependencyError
@@ -32,7 +32,12 @@ from .messages import ImageLimits, extract_json, to_prompt
 from .protocol import ChatCompletionRequest, ProtocolError, chunk, completion, decode_request, error_body
 
 if TYPE_CHECKING:
-    from ..infer.engine import Engine
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    from ..infer.engine import Engine, TransformersEngine
+    from ..infer.generate import Prompt
+    from ..infer.vllm_engine import VllmEngine
     from ..models.loader import LoadedModel
 
 log = logging.getLogger("facellm.serve")
@@ -135,7 +140,7 @@ def _log_request(fields: dict[str, Any]) -> None:
     log.log(level, "request", extra={"fields": fields})
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: "Request", limit: int) -> bytes:
     """The body, or 413 past ``limit``. The rest of an oversized body is drained (up to a cap) so the
     client reads our 413 instead of a reset connection."""
     chunks: list[bytes] = []
@@ -215,7 +220,7 @@ class PromptCheck:
     (InternVL), so the count is a lower bound for tiled or dynamic-resolution images.
     """
 
-    def __init__(self, lm: Any, context: int | None = None) -> None:
+    def __init__(self, lm: "LoadedModel | Engine", context: int | None = None) -> None:
         import threading
 
         from ..infer.generate import context_length
@@ -227,7 +232,7 @@ class PromptCheck:
         self.context = context or context_length(lm)
         self.per_image = int(getattr(lm.processor, "image_seq_length", 0) or 0)
 
-    def __call__(self, prompt: Any, max_tokens: int) -> None:
+    def __call__(self, prompt: "Prompt", max_tokens: int) -> None:
         from ..infer.generate import render_prompt
 
         try:
@@ -253,7 +258,7 @@ class PromptCheck:
             )
 
 
-async def _watch_disconnect(request: Any, job: Job) -> None:
+async def _watch_disconnect(request: "Request", job: Job) -> None:
     """Cancel the job when its client goes away (frees its place in the queue or its row)."""
     while True:
         if await request.is_disconnected():
@@ -262,7 +267,7 @@ async def _watch_disconnect(request: Any, job: Job) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> Any:
+def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> "FastAPI":
     """The FastAPI app serving ``lm`` (a loaded model or an engine: ``transformers`` requests share the
     dynamic batcher, ``vllm`` requests go to vLLM's continuous batching). ``api_key`` (read by the caller
     from ``cfg.api_key_env``) turns on auth."""
@@ -279,10 +284,11 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
     if engine.kind == "vllm":
         from .vllm_scheduler import VllmScheduler
 
-        batcher = VllmScheduler(engine, cfg.max_queue)  # type: ignore[arg-type]
-        check_prompt = PromptCheck(engine, engine.context_length)  # type: ignore[attr-defined]
+        vllm = cast("VllmEngine", engine)  # as_engine gives kind "vllm" only to a VllmEngine
+        batcher = VllmScheduler(vllm, cfg.max_queue)
+        check_prompt = PromptCheck(vllm, vllm.context_length)
     else:
-        base = engine.lm  # type: ignore[attr-defined]
+        base = cast("TransformersEngine", engine).lm
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
         check_prompt = PromptCheck(base)
     ignored_seen: set[str] = set()
@@ -427,7 +433,7 @@ def _sse_data(obj: dict[str, Any]) -> str:
 
 
 async def _sse(
-    request: Any, job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
+    request: "Request", job: Job, rid: str, name: str, include_usage: bool, finish: Any, done: Any
 ) -> AsyncIterator[str]:
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [usage chunk], ``data: [DONE]``."""
     created = int(time.time())

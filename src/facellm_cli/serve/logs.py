@@ -60,7 +60,7 @@ def configure_logging(log_json: bool = False, stream: IO[str] | None = None) -> 
             logger.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_json else TextFormatter())
-    handler._facellm_serve = True  # type: ignore[attr-defined]
+    handler._facellm_serve = True  # type: ignore[attr-defined]  # marks our handler so a second call replaces it
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

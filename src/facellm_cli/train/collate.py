@@ -13,8 +13,9 @@ this assumption is an error, not silently wrong labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import DataError
 from ..images import fit_within, open_image
@@ -22,6 +23,10 @@ from .data import Sample, placeholder_mismatch_message, to_chat_messages
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image as PILImage
+    from transformers import BatchFeature
+
+    from ..models.loader import Processor
 
 IGNORE_INDEX = -100
 
@@ -51,21 +56,24 @@ class Dropped:
 class ConversationEncoder:
     """Renders, tokenises and masks one :class:`Sample` with a model's processor."""
 
-    processor: Any
+    processor: Processor
     max_length: int
     image_token_ids: frozenset[int]
     max_image_side: int | None = None
     stats: dict[str, int] = field(default_factory=lambda: {"encoded": 0, "truncated": 0, "dropped": 0})
 
     def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        return cast(str, text)  # tokenize=False renders text (the tokenizer's signature also covers token ids)
 
-    def _tokenize(self, text: str, images: list[Any]) -> dict[str, Any]:
+    def _tokenize(self, text: str, images: list[PILImage.Image]) -> BatchFeature:
         batch = self.processor(text=[text], images=images or None, return_tensors="pt")
         batch.pop("token_type_ids", None)
         return batch
 
-    def _prefix_ids(self, text: str, images: list[Any], full_text: str, full_ids: torch.Tensor) -> torch.Tensor:
+    def _prefix_ids(
+        self, text: str, images: list[PILImage.Image], full_text: str, full_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Token ids of a rendered prefix (its images expanded by the processor)."""
         if text == full_text:
             return full_ids
@@ -121,7 +129,7 @@ class ConversationEncoder:
         extra = {k: v for k, v in batch.items() if k != "input_ids" and k not in seq}
         truncated = False
         if len(ids) > self.max_length:
-            image_pos = (
+            image_pos: torch.Tensor | list[int] = (
                 torch.nonzero(torch.isin(ids, torch.tensor(sorted(self.image_token_ids)))).flatten()
                 if self.image_token_ids
                 else []
@@ -174,7 +182,7 @@ class Collator:
 
     pad_token_id: int
     dropped: list[Dropped] = field(default_factory=list)
-    on_drop: Any = None  # called with each Dropped (for logging)
+    on_drop: Callable[[Dropped], None] | None = None  # called with each Dropped (for logging)
 
     def __call__(self, items: list[Encoded | Dropped]) -> dict[str, Any]:
         import torch
@@ -208,7 +216,7 @@ class Collator:
         return batch
 
 
-def image_token_ids(model: Any, processor: Any) -> frozenset[int]:
+def image_token_ids(model: torch.nn.Module, processor: Processor) -> frozenset[int]:
     """Token ids that stand for image features (never cut by truncation)."""
     ids: set[int] = set()
     conf = getattr(model, "config", None)

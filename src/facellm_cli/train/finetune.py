@@ -23,13 +23,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import FinetuneConfig, ModelConfig, config_to_dict, dump_config
 from ..errors import ConfigError, DataError, FacellmError, ModelLoadError, OutputExistsError, QuantizationError
 from ..reporting import SILENT, Reporter
-from .collate import Collator, ConversationDataset, ConversationEncoder, image_token_ids
+from .collate import Collator, ConversationDataset, ConversationEncoder, Dropped, image_token_ids
 from .data import Sample, read_samples
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, Trainer, TrainingArguments
+    from transformers.trainer_utils import TrainOutput
+
+    from ..models.loader import LoadedModel
 
 Log = Callable[[str], None]
 
@@ -286,14 +294,14 @@ def is_vision(name: str) -> bool:
     return any(k in _components(name) for k in VISION_MODULE_KEYS) and not is_projector(name)
 
 
-def _module_name(model: Any, module: Any) -> str | None:
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
     for name, m in model.named_modules():
         if m is module:
             return name
     return None
 
 
-def language_linear_names(model: Any, targets: str | list[str]) -> list[str]:
+def language_linear_names(model: PreTrainedModel | PeftModel, targets: str | list[str]) -> list[str]:
     """Full names of the language model's linear layers (vision tower, projector and lm_head excluded)."""
     import torch
 
@@ -309,7 +317,7 @@ def language_linear_names(model: Any, targets: str | list[str]) -> list[str]:
     return names
 
 
-def language_norm_names(model: Any) -> list[str]:
+def language_norm_names(model: torch.nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         cls = type(module).__name__
@@ -323,7 +331,7 @@ def language_norm_names(model: Any) -> list[str]:
     return names
 
 
-def _vision_roots(model: Any) -> tuple[list[str], list[str]]:
+def _vision_roots(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """Top-most module names of vision towers and projectors."""
     vision, projector = [], []
     for name, _ in model.named_modules():
@@ -337,7 +345,7 @@ def _vision_roots(model: Any) -> tuple[list[str], list[str]]:
     return vision, projector
 
 
-def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
+def prepare_model(model: PreTrainedModel | PeftModel, cfg: FinetuneConfig) -> PreTrainedModel | PeftModel:
     """Freeze/unfreeze for ``full``, or wrap in a LoRA PeftModel for lora/qlora."""
     vision, projector = _vision_roots(model)
     if cfg.method == "full":
@@ -364,9 +372,9 @@ def prepare_model(model: Any, cfg: FinetuneConfig) -> Any:
         save += [p for p in projector if not any(p.startswith(v + ".") for v in save)]
     if cfg.lora.train_embeddings:
         for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
-            name = _module_name(model, mod)
-            if name and name not in save:
-                save.append(name)
+            emb_name = _module_name(model, mod)
+            if emb_name and emb_name not in save:
+                save.append(emb_name)
     if cfg.lora.train_norms:
         save += language_norm_names(model)
     lora = LoraConfig(
@@ -666,7 +674,7 @@ def _prepare_output(cfg: FinetuneConfig, plan: Plan, overwrite: bool, say: Log) 
     say(f"{len(plan.train)} training conversations" + (f", {len(plan.eval)} for eval" if plan.eval else ""))
 
 
-def _load(cfg: FinetuneConfig, say: Log) -> Any:
+def _load(cfg: FinetuneConfig, say: Log) -> LoadedModel:
     """The model, before anything is written: a run that cannot load it leaves no trace to refuse."""
     from ..models.loader import load_model_and_processor
 
@@ -682,7 +690,7 @@ def _load(cfg: FinetuneConfig, say: Log) -> Any:
     return lm
 
 
-def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
+def _trainable(lm: LoadedModel, cfg: FinetuneConfig, say: Log) -> tuple[PreTrainedModel | PeftModel, int, int]:
     """(model prepared for training, trainable parameters, all parameters)."""
     model = prepare_model(lm.model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -693,7 +701,7 @@ def _trainable(lm: Any, cfg: FinetuneConfig, say: Log) -> tuple[Any, int, int]:
     return model, trainable, total
 
 
-def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> Any:
+def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str) -> TrainingArguments:
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -737,7 +745,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, with_eval: bool, device: str)
 class _Data:
     """The encoded datasets and the collator; ``drops`` lists the ids of samples dropped as too long."""
 
-    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: Any, say: Log) -> None:
+    def __init__(self, cfg: FinetuneConfig, plan: Plan, lm: LoadedModel, say: Log) -> None:
         tok = lm.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encoder = ConversationEncoder(
@@ -750,7 +758,7 @@ class _Data:
         self.train = ConversationDataset(plan.train, self.encoder, cache=cache)
         self.eval = ConversationDataset(plan.eval, self.encoder, cache=cache) if plan.eval else None
 
-    def _dropped(self, d: Any) -> None:
+    def _dropped(self, d: Dropped) -> None:
         self.drops.append(d.id)
         self._say(f"dropped '{d.id}': {d.length} tokens > max_seq_length, {d.reason}")
 
@@ -765,7 +773,9 @@ def _step_logs(out: Path, main: bool) -> list[Any]:
         return [JsonlAppender(out / METRICS_NAME), JsonlAppender(out / SAMPLES_NAME)]
 
 
-def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[Any, dict[str, Any], float]:
+def _train(
+    trainer: Trainer, plan: Plan, with_eval: bool, logs: list[Any]
+) -> tuple[TrainOutput, dict[str, float], float]:
     """Run the trainer (and a final evaluation unless the last epoch's just ran); (train output, eval, seconds)."""
     start = time.perf_counter()
     try:
@@ -781,7 +791,7 @@ def _train(trainer: Any, plan: Plan, with_eval: bool, logs: list[Any]) -> tuple[
     return train_out, final_eval, time.perf_counter() - start
 
 
-def _save(trainer: Any, lm: Any, cfg: FinetuneConfig, out: Path, main: bool) -> Path | None:
+def _save(trainer: Trainer, lm: LoadedModel, cfg: FinetuneConfig, out: Path, main: bool) -> Path | None:
     """Weights on every rank (collective under FSDP/DeepSpeed); processor, trainer state and loss plot on the main
     one. Returns the plot's path."""
     from ..models.loader import resolve_source

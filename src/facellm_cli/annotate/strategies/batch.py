@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from ...config import AnnotateConfig
 from ...endpoint.client import sync_sdk_client
@@ -36,8 +36,13 @@ from ..prompts import AspectTemplate, grouped_json_schema, parse_grouped, render
 from ..run import Run, WorkImage
 from ..store import AnnotationWriter, done_pairs
 
+if TYPE_CHECKING:
+    from openai import OpenAI
+
+    from ...schema import Annotation
+
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Final = "/v1/chat/completions"
 
 
 @dataclass
@@ -181,7 +186,7 @@ def write_round(
     return state
 
 
-def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
+def _lines(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if not file_id:
         return []
     text = client.files.content(file_id).text
@@ -191,7 +196,7 @@ def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
 class _Batches:
     """Rounds of submit, poll and merge, with what each unanswered pair last failed with."""
 
-    def __init__(self, run: Run, client: Any) -> None:
+    def __init__(self, run: Run, client: OpenAI) -> None:
         self.run = run
         self.cfg = run.cfg
         self.client = client
@@ -280,6 +285,7 @@ class _Batches:
             for part in bstate.parts:
                 if part.merged or part.status in TERMINAL:
                     continue
+                assert part.batch_id is not None  # _submit gave every part a batch before polling
                 batch = self.client.batches.retrieve(part.batch_id)
                 if batch.status != part.status:
                     part.status = batch.status
@@ -291,7 +297,7 @@ class _Batches:
 
     def _record(
         self, entry: dict[str, Any], key: str, answer: str, error: str | None, usage: tuple[int, int], attempts: int
-    ) -> Any:
+    ) -> Annotation:
         return self.run.answer_record(
             image=entry["image"],
             sha=entry["sha"],
@@ -317,6 +323,7 @@ class _Batches:
         """Append the answers of one finished batch; idempotent (pairs already ok are skipped)."""
         manifest = self._manifest(bstate, part)
         done_ok = done_pairs(self.run.out)
+        assert part.batch_id is not None  # only submitted parts finish and merge
         batch = self.client.batches.retrieve(part.batch_id)
         if batch.status != "completed":
             self.run.problems.append(

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
-from ...endpoint.client import ChatClient, RequestFailed
+from ...endpoint.client import ChatClient, ChatResult, RequestFailed
 from ...endpoint.messages import chat_messages
 from ...errors import ImageError
 from ...images import encode_for_request
@@ -184,7 +183,7 @@ class _Live:
         self._take_grouped(result, g)
         return "asked"
 
-    def _take_grouped(self, result: Any, g: _Grouped) -> None:
+    def _take_grouped(self, result: ChatResult, g: _Grouped) -> None:
         try:
             if result.malformed:
                 raise ValueError(result.malformed)
@@ -231,7 +230,7 @@ class _Live:
 async def _work(live: _Live, run: Run) -> None:
     """Feed every pending job to ``2 x concurrency`` workers (those sleeping in backoff must not starve the endpoint)."""
     n_workers = run.cfg.endpoint.concurrency * 2
-    jobs: asyncio.Queue[Any] = asyncio.Queue(maxsize=n_workers)
+    jobs: asyncio.Queue[tuple[WorkImage, AspectTemplate | None] | None] = asyncio.Queue(maxsize=n_workers)
 
     async def producer() -> None:
         for w in run.plan.work:
@@ -253,8 +252,9 @@ async def _work(live: _Live, run: Run) -> None:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+            exc = t.exception()
+            if exc is not None:
+                raise exc
     finally:
         for t in tasks:
             t.cancel()

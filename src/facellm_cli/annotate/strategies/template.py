@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ...errors import ImageError
 from ...images import open_image
@@ -10,15 +10,18 @@ from ...schema import Annotation
 from ..run import Run, WorkImage, now_iso
 from ..store import AnnotationWriter, done_pairs
 
+if TYPE_CHECKING:
+    from ..template import TemplateQA
 
-def _todo(run: Run) -> tuple[list[tuple[WorkImage, list[Any]]], int]:
+
+def _todo(run: Run) -> tuple[list[tuple[WorkImage, list[TemplateQA]]], int]:
     """(image, its QA pairs not written yet) for every readable image, and how many images have no labels."""
     from ..template import template_qa
 
     done_ok = done_pairs(run.out)
     wanted = set(run.cfg.aspects) if run.cfg.aspects else None
     unlabelled = 0
-    todo: list[tuple[WorkImage, list[Any]]] = []
+    todo: list[tuple[WorkImage, list[TemplateQA]]] = []
     for w in run.plan.work:
         try:
             open_image(w.item.path)
