@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import IO, cast
+
 from PIL import Image
 
 from .paths import ASSETS
@@ -12,7 +14,8 @@ DATA = ASSETS / "faces"
 def hopper() -> Image.Image:
     import matplotlib.cbook
 
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+    sample = cast(IO[bytes], matplotlib.cbook.get_sample_data("grace_hopper.jpg"))  # a file object for a .jpg
+    with sample as f:
         return Image.open(f).convert("RGB")
 
 

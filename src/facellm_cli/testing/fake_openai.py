@@ -439,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -582,14 +582,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _upload(self, raw: bytes) -> None:
         ctype = self.headers.get("Content-Type", "")
         msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
-        content, filename, purpose = None, "upload.jsonl", "batch"
+        content: bytes | None = None
+        filename, purpose = "upload.jsonl", "batch"
         for part in msg.iter_parts():
             name = part.get_param("name", header="content-disposition")
-            if name == "file":
-                content = part.get_payload(decode=True)
+            data = part.get_payload(decode=True)  # bytes for a non-multipart part
+            if name == "file" and isinstance(data, bytes):
+                content = data
                 filename = part.get_filename() or filename
-            elif name == "purpose":
-                purpose = part.get_payload(decode=True).decode()
+            elif name == "purpose" and isinstance(data, bytes):
+                purpose = data.decode()
         if content is None:
             self._error(400, "multipart form has no 'file' part")
             return
