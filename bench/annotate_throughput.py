@@ -1,6 +1,6 @@
 """Benchmark: the paper's sequential annotation loop vs ``facellm annotate`` on the same local endpoint.
 
-Both talk to tests/fake_openai.py (a real HTTP server on 127.0.0.1) with a fixed
+Both talk to facellm_cli.testing.fake_openai (a real HTTP server on 127.0.0.1) with a fixed
 300 ms latency per request, on the same 200 images x 8 aspects (1,600 requests).
 
 * reference: the loop of the paper's released ``fairfacegpt.py`` reimplemented
@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "src"))
+from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, render_aspect
+from facellm_cli.config import EndpointConfig
+from facellm_cli.testing.fake_openai import FakeOpenAI
 
-from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, render_aspect  # noqa: E402
-from facellm_cli.config import EndpointConfig  # noqa: E402
-from fake_openai import FakeOpenAI  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 AGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
 RACES = ["White", "Black", "Indian", "East Asian", "Southeast Asian", "Middle Eastern", "Latino_Hispanic"]

@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 QUESTION = "What is the facial expression of the person?"
 OPTIONS = ["smiling", "neutral", "frowning", "surprised"]
 

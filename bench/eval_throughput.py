@@ -30,18 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from facellm_cli.config import EvalConfig, GenerationConfig, ModelConfig  # noqa: E402
-from facellm_cli.eval.runner import LocalBackend  # noqa: E402
-from facellm_cli.eval.scoring import parse_answer  # noqa: E402
-from facellm_cli.images import open_image  # noqa: E402
-from facellm_cli.infer.generate import Prompt, generate_batch  # noqa: E402
-from facellm_cli.schema import MCQuestion, format_mcq_prompt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from eval_helpers import SUBSET_BENCHMARK, find_facexbench  # noqa: E402
+from facellm_cli.config import EvalConfig, GenerationConfig, ModelConfig
+from facellm_cli.eval.runner import LocalBackend
+from facellm_cli.eval.scoring import parse_answer
+from facellm_cli.images import open_image
+from facellm_cli.infer.generate import Prompt, generate_batch
+from facellm_cli.schema import MCQuestion, format_mcq_prompt
+from facellm_cli.testing.facexbench import SUBSET_BENCHMARK, find_facexbench
 
 # The 48 files from FACEXBENCH_DIR or ../shared/facexbench, else the real subset committed with the tests.
 BENCHMARK = find_facexbench() or SUBSET_BENCHMARK

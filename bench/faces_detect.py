@@ -2,21 +2,17 @@
 
     OMP_NUM_THREADS=1 python bench/faces_detect.py
 
-Photos: matplotlib's Grace Hopper, the two public-domain crops in tests/data/faces, and the four-face group photo
+Photos: matplotlib's Grace Hopper, the two public-domain crops in tests/assets/faces, and the four-face group photo
 the tests build from them. The reference for the large photo is running the detector on every pixel; facellm
 downscales to ``max_side`` (1280) first and maps the boxes back. Prints milliseconds and the ratio.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from facellm_cli import faces  # noqa: E402
-from faces_helpers import astronaut, camera, group_photo, hopper  # noqa: E402
+from facellm_cli import faces
+from facellm_cli.testing.faces import astronaut, camera, group_photo, hopper
 
 
 def best_of(fn, n: int = 5) -> float:

@@ -30,10 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from facellm_cli.testing.shapes import SHAPES, VOCAB  # noqa: E402
+from facellm_cli.testing.shapes import SHAPES, VOCAB
 
 
 def build_model_dir(shape: str, out: Path) -> Path:

@@ -14,7 +14,6 @@ ratios.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -22,8 +21,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def _post(url: str, data: bytes | None = None) -> int:

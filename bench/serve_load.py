@@ -22,13 +22,10 @@ import asyncio
 import base64
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def build_internvl3_1b_shapes(out: Path) -> Path:

@@ -3,7 +3,7 @@
 The faces of ``facellm dev synth-faces`` share one drawing template and plain backgrounds, so many of them are
 near-identical pictures (see the rates in README "Benchmark overlap"); here each face gets its own smooth random
 background, a stand-in for the different backgrounds and lighting of photos. Three FaceXBench question files are
-copied from ``../shared/facexbench`` (or $FACEXBENCH_DIR, else the subsets in tests/data) and each of their images is written as another face;
+copied from ``../shared/facexbench`` (or $FACEXBENCH_DIR, else the subsets in tests/assets) and each of their images is written as another face;
 every 25th FairFace image is instead a training face, cropped by a few pixels, resized to 224 px and re-encoded as
 JPEG quality 70.
 
@@ -42,7 +42,7 @@ def main(dst: Path) -> None:
     bench_src = shared / "benchmark" if (shared / "benchmark").is_dir() else shared
     if not all((bench_src / f).is_file() for f in FILES):
         # A clean clone: the 30-question subsets committed with the tests (the README's numbers are from all questions).
-        bench_src = Path(__file__).resolve().parents[1] / "tests" / "data" / "facexbench" / "benchmark"
+        bench_src = Path(__file__).resolve().parents[1] / "tests" / "assets" / "facexbench" / "benchmark"
     (dst / "faces").mkdir(parents=True)
     train = [face(i) for i in range(400)]
     for i, img in enumerate(train):

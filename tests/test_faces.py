@@ -1,6 +1,6 @@
 """Faces in real photos: detection, chips, manifest, ``faces detect/crop``, ``ask --faces``, ``annotate --faces``.
 
-Real faces only: matplotlib's Grace Hopper and two public-domain crops in tests/data/faces (see its README).
+Real faces only: matplotlib's Grace Hopper and two public-domain crops in tests/assets/faces (see its README).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +19,9 @@ from PIL import Image
 from facellm_cli import faces
 from facellm_cli.errors import OutputExistsError
 from facellm_cli.images import open_image
-from faces_helpers import astronaut, camera, group_photo, hopper
-from fake_openai import FakeOpenAI
-
-SRC = Path(__file__).resolve().parents[1] / "src"
+from facellm_cli.testing.cli import subprocess_env
+from facellm_cli.testing.faces import astronaut, camera, group_photo, hopper
+from facellm_cli.testing.fake_openai import FakeOpenAI
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +370,7 @@ def test_missing_faces_extra_gives_the_install_hint(tmp_path: Path, blocked: str
     )
     code = shim + "from facellm_cli.cli import main\nmain(sys.argv[1:])\n"
     code = "import sys\n" + code
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = subprocess_env()
     r = subprocess.run(
         [sys.executable, "-c", code, "faces", "detect", str(photo)], capture_output=True, text=True, env=env
     )

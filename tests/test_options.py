@@ -15,7 +15,6 @@ from pydantic import Field
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from dataset_helpers import make_corpus
 from facellm_cli._options import ConfigOpt, OptionDeclarationError, Options, SetOpt, config_field, opt, resolve
 from facellm_cli.cli import app
 from facellm_cli.config import (
@@ -32,6 +31,7 @@ from facellm_cli.config import (
     resolve_config,
 )
 from facellm_cli.errors import ConfigDeprecationWarning
+from facellm_cli.testing.corpus import make_corpus
 
 
 class _RenamedGeneration(StrictModel):
@@ -60,7 +60,6 @@ def test_a_command_module_declaring_a_renamed_field_fails_at_import(tmp_path: Pa
         """
         import typer
         from facellm_cli._options import Options
-        from test_options import _RenamedAsk
 
         app = typer.Typer()
         A = Options(_RenamedAsk)
@@ -73,6 +72,7 @@ def test_a_command_module_declaring_a_renamed_field_fails_at_import(tmp_path: Pa
     (tmp_path / "renamed_cli.py").write_text(source)
     spec = importlib.util.spec_from_file_location("renamed_cli", tmp_path / "renamed_cli.py")
     module = importlib.util.module_from_spec(spec)
+    module._RenamedAsk = _RenamedAsk  # the renamed config, handed in (tests are not importable by name)
     sys.modules.pop("renamed_cli", None)
     with pytest.raises(OptionDeclarationError, match="has no field 'max_new_tokens'"):
         spec.loader.exec_module(module)

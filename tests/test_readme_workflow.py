@@ -45,11 +45,11 @@ SKIPPED: dict[str, str] = {
     "export OPENAI_API_KEY": "the template provider needs no key",
     "facellm-8b-qlora-consumer.yaml": "QLoRA needs a GPU and bitsandbytes",
     "accelerate launch": "several GPUs",
-    "git clone": "needs the internet (FaceXBench runs are tested in tests/test_eval.py)",
-    "--data-dir facexbench": "needs the FaceXBench download (tested in tests/test_eval.py)",
+    "git clone": "needs the internet (FaceXBench runs are tested in tests/eval/test_eval.py)",
+    "--data-dir facexbench": "needs the FaceXBench download (tested in tests/eval/test_eval.py)",
     "--quantization 4bit": "4-bit needs bitsandbytes and a GPU",
     "facellm ask fairface/val/1.jpg": "the released FaceLLM-1B from the hub",
-    "FACELLM_KEY=...": "a variant of the serve line before it (keys are tested in tests/test_serve.py)",
+    "FACELLM_KEY=...": "a variant of the serve line before it (keys are tested in tests/serve/test_serve.py)",
     "examples/serve.yaml": "the released FaceLLM-1B from the hub",
 }
 # Synthetic FairFace: images at fairface/{train,val}/N.jpg, labels with FairFace's columns and vocabulary.

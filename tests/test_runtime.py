@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 
 from facellm_cli import runtime
 from facellm_cli.runtime import choose_threads
+from facellm_cli.testing.cli import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,7 @@ warnings.warn("an unrelated FutureWarning stays visible", FutureWarning)
 @pytest.mark.slow  # two fresh interpreters importing torch, transformers and bitsandbytes
 def test_known_harmless_library_warnings_are_silent_unless_debugging() -> None:
     pytest.importorskip("bitsandbytes")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    env.pop("FACELLM_DEBUG", None)
+    env = subprocess_env()
     quiet = subprocess.run([sys.executable, "-c", _TRIGGER], env=env, capture_output=True, text=True)
     debug = subprocess.run(
         [sys.executable, "-c", _TRIGGER], env={**env, "FACELLM_DEBUG": "1"}, capture_output=True, text=True

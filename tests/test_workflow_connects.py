@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from dataset_helpers import annotation, make_corpus, write_jsonl, write_png
 from facellm_cli.config import DatasetConfig, EvalConfig, ModelConfig, validate_config
 from facellm_cli.errors import ConfigError, DataError
+from facellm_cli.testing.corpus import annotation, make_corpus, write_jsonl, write_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -161,7 +161,7 @@ def test_compare_takes_several_folders_after_one_flag() -> None:
 
 @pytest.fixture
 def small_fxb(tmp_path: Path) -> Path:
-    from eval_helpers import make_facexbench
+    from facellm_cli.testing.facexbench import make_facexbench
 
     return make_facexbench(tmp_path / "fxb", files=["lapa_single_mcq.json", "fairface_single_mcq_gender_test.json"])
 
@@ -404,8 +404,8 @@ def test_progress_bar_is_the_clis_reporter() -> None:
 def test_finetune_shows_steps_and_prints_eval_loss_once(tmp_path: Path, tiny_internvl: Path, cli: Any) -> None:
     import re
 
-    from finetune_helpers import describe_records, face_rows
-    from finetune_helpers import write_jsonl as write_messages
+    from facellm_cli.testing.records import describe_records, face_rows
+    from facellm_cli.testing.records import write_jsonl as write_messages
 
     rows = face_rows(tmp_path / "faces", 8)
     train = write_messages(tmp_path / "faces" / "train.jsonl", describe_records(rows[:6]))

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dataset_helpers import EXPRESSIONS, annotation, make_corpus, read_jsonl, write_jsonl, write_png
 from facellm_cli.config import DatasetConfig, load_yaml, resolve_config
 from facellm_cli.data.build import build_dataset
 from facellm_cli.errors import ConfigError, DataError, OutputExistsError
 from facellm_cli.schema import LETTERS, MCQuestion, format_mcq_prompt
+from facellm_cli.testing.corpus import EXPRESSIONS, annotation, make_corpus, read_jsonl, write_jsonl, write_png
+from facellm_cli.testing.paths import REPO_ROOT
 
 SPLITS = ("train", "val", "test")
 
@@ -391,7 +392,7 @@ def test_cli_help(cli) -> None:
 
 
 def test_example_config_loads() -> None:
-    example = Path(__file__).resolve().parents[1] / "examples" / "build-dataset-fairfacegpt.yaml"
+    example = REPO_ROOT / "examples" / "build-dataset-fairfacegpt.yaml"
     cfg = resolve_config(DatasetConfig, example)
     assert cfg.mcq == ["age", "gender", "race"] and cfg.stratify == "race" and cfg.skip_invalid
 

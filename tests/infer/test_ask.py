@@ -1,23 +1,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+
+from facellm_cli.testing.cli import FACELLM, subprocess_env
+from facellm_cli.testing.files import write_image
 
 
 @pytest.fixture
 def faces(tmp_path: Path) -> list[Path]:
-    paths = []
-    for i, colour in enumerate([(200, 150, 120), (90, 60, 40), (240, 210, 190)]):
-        p = tmp_path / f"face{i}.png"
-        Image.new("RGB", (48 + 8 * i, 64), colour).save(p)
-        paths.append(p)
-    return paths
+    colours = [(200, 150, 120), (90, 60, 40), (240, 210, 190)]
+    return [write_image(tmp_path / f"face{i}.png", c, (48 + 8 * i, 64)) for i, c in enumerate(colours)]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_internvl", "tiny_qwen2_vl"])
@@ -76,12 +72,10 @@ def test_ask_missing_image_and_bad_usage(cli, tiny_internvl: Path, tmp_path: Pat
 
 
 def test_ask_stdin_through_the_real_console_script(tiny_internvl: Path, faces: list[Path]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = subprocess_env()
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "facellm_cli",
+            *FACELLM,
             "ask",
             "--model",
             str(tiny_internvl),

@@ -14,15 +14,15 @@ import pytest
 import yaml
 
 from facellm_cli.config import FinetuneConfig, resolve_config
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.records import QUESTION, face_rows, letter_accuracy, mcq_records, write_jsonl
 from facellm_cli.train.recipes import QUICKSTART_TINY, QUICKSTART_TINY_MODEL, quickstart_tiny_config
-from finetune_helpers import QUESTION, face_rows, letter_accuracy, mcq_records, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 3200, 200  # the quickstart's 80% / 5% of 4,000 faces
 
 
 def test_quickstart_example_matches_the_recipe(tmp_path: Path) -> None:
-    example = ROOT / "examples" / "quickstart-tiny.yaml"
+    example = REPO_ROOT / "examples" / "quickstart-tiny.yaml"
     from_yaml = resolve_config(FinetuneConfig, example)
     from_code = quickstart_tiny_config(
         yaml.safe_load(example.read_text())["model"]["model"], from_yaml.data.train or "", from_yaml.out or ""

@@ -5,7 +5,6 @@ with the same global batch (within float tolerance)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_helpers import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.cli import subprocess_env
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -42,7 +41,7 @@ def _config(path: Path, model: Path, data: Path, out: Path, batch_size: int) -> 
 
 
 def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=900)
 

@@ -1,12 +1,10 @@
-"""``facellm annotate`` end to end against a real local HTTP server (tests/fake_openai.py), no client mocks."""
+"""``facellm annotate`` end to end against a real local HTTP server (facellm_cli.testing.fake_openai), no client mocks."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,27 +15,20 @@ from facellm_cli.annotate.pipeline import read_annotations
 from facellm_cli.annotate.prompts import FAIRFACEGPT_V1, load_prompt_set, render_aspect
 from facellm_cli.errors import ConfigError, DataError
 from facellm_cli.refusals import is_refusal
+from facellm_cli.testing.cli import FACELLM, subprocess_env
+from facellm_cli.testing.fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.files import write_image
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.servers import wait_for
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai import Behaviour, FakeOpenAI  # noqa: E402
-from waiting import wait_for  # noqa: E402
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 KEY = "sk-test-DO-NOT-LEAK-4f9a2c"
 ASPECTS = [a.key for a in FAIRFACEGPT_V1.aspects]
 
 
 def make_faces(folder: Path, n: int, size: int = 32) -> list[Path]:
     """n small JPEGs with different pixels (so different sha256)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i:03d}.jpg"
-        Image.new("RGB", (size, size), (i * 7 % 256, 80 + i % 100, 200 - i % 150)).save(p)
-        paths.append(p)
-    return paths
+    colours = [(i * 7 % 256, 80 + i % 100, 200 - i % 150) for i in range(n)]
+    return [write_image(folder / f"{i:03d}.jpg", c, size) for i, c in enumerate(colours)]
 
 
 @pytest.fixture
@@ -686,12 +677,6 @@ def test_rpm_cap_spaces_requests(cli, faces: Path, server: FakeOpenAI, monkeypat
 # ---- crash safety (real processes) -----------------------------------------------------------
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(SRC), **extra)
-    env.pop("FACELLM_DEBUG", None)
-    return env
-
-
 def _wait_lines(path: Path, n: int, proc: subprocess.Popen) -> None:
     wait_for(lambda: path.exists() and path.read_text().count("\n") >= n, proc, f"{path} reached {n} lines")
 
@@ -700,9 +685,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
     make_faces(tmp_path / "faces", 12)
     out = tmp_path / "ann.jsonl"
     cmd = [
-        sys.executable,
-        "-m",
-        "facellm_cli",
+        *FACELLM,
         "annotate",
         str(tmp_path / "faces"),
         "--out",
@@ -715,7 +698,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
         srv.script(*[Behaviour.server_error(500, match="Describe only the face pose")] * 3)
         cmd += ["--base-url", srv.base_url, "--json", "--max-retries", "0"]
         proc = subprocess.Popen(
-            cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, env=subprocess_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         _wait_lines(failures, 3, proc)  # the three failures are in the sidecar...
         _wait_lines(out, 20, proc)  # ...and at least 20 answers in the output
@@ -727,7 +710,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path) -> None:
             f.write('{"image": "faces/011.jpg", "image_sha256": "ab')
         with open(failures, "a") as f:
             f.write('{"image": "faces/011.jpg", "ima')
-        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True)  # until it ends
+        done = subprocess.run(
+            cmd, env=subprocess_env(OPENAI_API_KEY=KEY), capture_output=True, text=True
+        )  # until it ends
         assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["items_done_before"] == partial and summary["written_ok"] == 96 - partial
@@ -788,9 +773,7 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
     out = tmp_path / "b.jsonl"
     with FakeOpenAI(api_key=KEY, batch_polls=10**9) as srv:  # batches never finish while the first run polls
         cmd = [
-            sys.executable,
-            "-m",
-            "facellm_cli",
+            *FACELLM,
             "annotate",
             str(tmp_path / "faces"),
             "--out",
@@ -805,7 +788,7 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
             "batch_poll_s=0.05",
         ]
         proc = subprocess.Popen(
-            cmd, env=_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, env=subprocess_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         state = tmp_path / "b.batch" / "state.json"
         wait_for(
@@ -818,7 +801,9 @@ def test_batch_resumes_by_batch_id(tmp_path: Path) -> None:
         assert srv.count("/v1/batches") == 1
         assert not out.exists() or out.read_text() == ""  # killed before any result came back
         srv.batch_polls = 1
-        done = subprocess.run(cmd, env=_env(OPENAI_API_KEY=KEY), capture_output=True, text=True)  # until it ends
+        done = subprocess.run(
+            cmd, env=subprocess_env(OPENAI_API_KEY=KEY), capture_output=True, text=True
+        )  # until it ends
         assert done.returncode == 0, done.stderr
         assert srv.count("/v1/files") == 1 and srv.count("/v1/batches") == 1  # nothing uploaded or submitted twice
     assert json.loads(done.stdout)["batch_ids"] == [batch_id]
@@ -851,7 +836,7 @@ def test_annotate_help(cli) -> None:
 def test_shipped_examples_load() -> None:
     from facellm_cli.config import AnnotateConfig, resolve_config
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = REPO_ROOT / "examples"
     cfg = resolve_config(AnnotateConfig, examples / "annotate_fairface.yaml")
     assert cfg.labels and cfg.endpoint.model == "gpt-4o-2024-11-20" and cfg.mode == "per-aspect"
     ps = load_prompt_set(str(examples / "annotate_prompts.yaml"))

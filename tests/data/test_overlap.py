@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from dataset_helpers import annotation, write_jsonl
-from eval_helpers import FULL_BENCHMARK_MISSING, SHARED_BENCHMARK, FakeOpenAI, make_facexbench
 from facellm_cli.config import DatasetConfig, EvalConfig, resolve_config
 from facellm_cli.data.build import build_dataset
 from facellm_cli.data.overlap import (
@@ -24,6 +22,9 @@ from facellm_cli.data.overlap import (
 from facellm_cli.eval.runner import evaluate
 from facellm_cli.images import open_image
 from facellm_cli.synth import draw_face, random_attributes
+from facellm_cli.testing.corpus import annotation, write_jsonl
+from facellm_cli.testing.facexbench import FULL_BENCHMARK_MISSING, SHARED_BENCHMARK, make_facexbench
+from facellm_cli.testing.fake_openai import FakeOpenAI
 
 pytest.importorskip("imagehash")
 
@@ -275,7 +276,7 @@ def test_evaluate_reports_unseen_split(tmp_path: Path) -> None:
     train = tmp_path / "train"
     for i in (0, 1, 4):  # q0 (correct), q1 (wrong), q4 (correct) were trained on
         save(jpeg(open_image(imgs[i])), train / f"t{i}.jpg")
-    with FakeOpenAI(default="(A)", delay=0.0) as server:
+    with FakeOpenAI(default="(A)") as server:
         cfg = resolve_config(
             EvalConfig,
             None,
@@ -360,7 +361,7 @@ def test_cli_flags_reach_build_dataset_and_evaluate(tmp_path: Path, cli) -> None
         tmp_path / "set.jsonl",
         [{"id": p.stem, "images": [str(p)], "question": "q?", "options": ["x", "y"], "answer": "A"} for p in imgs],
     )
-    with FakeOpenAI(default="(B)", delay=0.0) as server:
+    with FakeOpenAI(default="(B)") as server:
         r = cli(
             "evaluate", "--data", data, "--base-url", server.base_url, "--model", "m", "--out", tmp_path / "e",
             "--train-data", tmp_path / "ds",

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; CI runs these te
 
 from facellm_cli.config import AskConfig, EvalConfig, GenerationConfig, ModelConfig, ServeConfig  # noqa: E402
 from facellm_cli.infer.engine import Engine, TransformersEngine, load_engine  # noqa: E402
+from facellm_cli.testing.cli import FACELLM, subprocess_env
 
 pytestmark = pytest.mark.slow
 FAMILIES = ("internvl", "qwen2_vl")
@@ -263,8 +262,8 @@ def test_lora_adapter_from_finetune_is_applied(models: dict[str, Path], adapter:
 def test_ask_cli_with_engine_vllm(models: dict[str, Path], images: list[Path]) -> None:
     hf = load_engine(ModelConfig(model=str(models["qwen2_vl"]), device="cpu"))
     expected = _answers(hf, [images[5]], 1)[0]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    cmd = [sys.executable, "-m", "facellm_cli", "ask", "--model", str(models["qwen2_vl"]), "--engine", "vllm"]
+    env = subprocess_env()
+    cmd = [*FACELLM, "ask", "--model", str(models["qwen2_vl"]), "--engine", "vllm"]
     cmd += ["--max-new-tokens", "8", "--set", "model.vllm.cpu_kv_cache_gb=1", str(images[5]), QUESTION]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

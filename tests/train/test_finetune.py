@@ -11,9 +11,8 @@ import yaml
 from facellm_cli.config import FinetuneConfig, resolve_config
 from facellm_cli.errors import ConfigError
 from facellm_cli.models.processor_files import has_video_config
-from finetune_helpers import describe_records, face_rows, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,7 @@ def _write_config(path: Path, model: Path, data: Path, out: Path, **train: objec
     return path
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_lora_trains_adapter_only_and_ask_uses_it(
     family: str,
@@ -123,6 +123,7 @@ def test_lora_trains_adapter_only_and_ask_uses_it(
     assert r2.code == 1 and "adapter folder not found" in r2.err
 
 
+@pytest.mark.slow  # trains
 def test_full_finetune_changes_lm_keeps_vision_frozen(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
     import torch
 
@@ -192,6 +193,7 @@ def test_one_mistake_one_error_fp16_on_cpu(tmp_path: Path, cli) -> None:
     ]
 
 
+@pytest.mark.slow  # trains
 def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Path, tiny_internvl: Path, cli) -> None:
     out = tmp_path / "o"
     out.mkdir()
@@ -211,7 +213,7 @@ def test_refuses_non_empty_output_and_bad_records(tmp_path: Path, face_data: Pat
 
 
 def test_every_example_config_validates() -> None:
-    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    examples = sorted((REPO_ROOT / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
         data = yaml.safe_load(path.read_text())
@@ -222,7 +224,7 @@ def test_every_example_config_validates() -> None:
 
 
 def test_paper_example_is_the_paper_recipe() -> None:
-    cfg = resolve_config(FinetuneConfig, ROOT / "examples" / "facellm-1b-lora.yaml")
+    cfg = resolve_config(FinetuneConfig, REPO_ROOT / "examples" / "facellm-1b-lora.yaml")
     assert cfg.model.model == "OpenGVLab/InternVL3-1B-hf" and cfg.method == "lora"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.0, "all-linear")
     t = cfg.train
@@ -235,10 +237,11 @@ def test_paper_example_is_the_paper_recipe() -> None:
         "bf16",
     )
     assert (t.batch_size, t.grad_accumulation, cfg.data.max_seq_length) == (10, 8, 2048)
-    q = resolve_config(FinetuneConfig, ROOT / "examples" / "facellm-8b-qlora-consumer.yaml")
+    q = resolve_config(FinetuneConfig, REPO_ROOT / "examples" / "facellm-8b-qlora-consumer.yaml")
     assert q.method == "qlora" and q.model.quantization == "4bit" and q.train.gradient_checkpointing
 
 
+@pytest.mark.slow  # trains
 def test_merge_gives_a_standalone_model_with_the_adapter_applied(
     tmp_path: Path,
     face_data: Path,
@@ -286,6 +289,7 @@ def test_config_error_is_raised_before_any_model_loads(tmp_path: Path) -> None:
     assert len(e.value.problems) == 3  # no out folder, no data file, no config.json in the model folder
 
 
+@pytest.mark.slow  # trains
 def test_qlora_trains_on_a_4bit_base_on_cpu(tmp_path: Path, face_data: Path, tiny_internvl: Path) -> None:
     """bitsandbytes 0.50 runs 4-bit on CPU: the language model's linear layers are NF4, LoRA trains on top."""
     import bitsandbytes as bnb

@@ -16,6 +16,10 @@ JSON object is requested (``response_format`` json_schema, or a prompt listing
         server.script(Behaviour.rate_limited(retry_after=1), Behaviour.server_error())
         ...  # point a client at server.base_url
         assert server.count("/v1/chat/completions") == ...
+
+``default`` fixes the answer to every unscripted chat request (evaluate's tests answer "(B)");
+``requests``/``headers`` are the chat bodies and their lower-cased headers, in arrival order, and
+``max_in_flight`` the most chat requests the server held at once.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class RequestLog:
     body: Any
     authorization: str | None
     started: float
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
     finished: float = 0.0
     outcome: str = ""
 
@@ -162,8 +167,12 @@ class FakeOpenAI:
         structured_outputs: bool = True,
         batch_polls: int = 1,
         model: str = "fake-vlm",
+        default: str | None = None,
     ) -> None:
         self.latency = latency
+        self.default = default
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.api_key = api_key
         self.structured_outputs = structured_outputs
         self.batch_polls = batch_polls
@@ -239,6 +248,16 @@ class FakeOpenAI:
         with self._lock:
             return [r for r in self.log if r.path == "/v1/chat/completions"]
 
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The bodies of the chat requests received, in order."""
+        return [r.body for r in self.chat_requests()]
+
+    @property
+    def headers(self) -> list[dict[str, str]]:
+        """The (lower-cased) headers of the chat requests received, in order."""
+        return [r.headers for r in self.chat_requests()]
+
     def images_received(self) -> int:
         """Images in all chat requests answered 200 (retries included), for image-token accounting."""
         return sum(
@@ -252,6 +271,8 @@ class FakeOpenAI:
 
     # ---- answers -----------------------------------------------------------------------------
     def default_answer(self, body: dict[str, Any]) -> str:
+        if self.default is not None:
+            return self.default
         text = _request_text(body)
         keys: list[str] = []
         rf = body.get("response_format")
@@ -418,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -441,7 +462,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self, body: Any) -> RequestLog:
         entry = RequestLog(
-            self.command, self.path.split("?")[0], body, self.headers.get("Authorization"), time.monotonic()
+            self.command,
+            self.path.split("?")[0],
+            body,
+            self.headers.get("Authorization"),
+            time.monotonic(),
+            {k.lower(): v for k, v in self.headers.items()},
         )
         with self.fake._lock:
             self.fake.log.append(entry)
@@ -521,8 +547,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "response_format is not supported by this server")
             return
         behaviour = fake._next_behaviour(_request_text(body))
-        if fake.latency or behaviour.delay:
-            time.sleep(fake.latency + behaviour.delay)
+        with fake._lock:
+            fake.in_flight += 1
+            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+        try:
+            if fake.latency or behaviour.delay:
+                time.sleep(fake.latency + behaviour.delay)
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
         entry.finished = time.monotonic()
         if behaviour.kind == "drop":
             entry.outcome = "drop"
@@ -549,14 +582,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _upload(self, raw: bytes) -> None:
         ctype = self.headers.get("Content-Type", "")
         msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
-        content, filename, purpose = None, "upload.jsonl", "batch"
+        content: bytes | None = None
+        filename, purpose = "upload.jsonl", "batch"
         for part in msg.iter_parts():
             name = part.get_param("name", header="content-disposition")
-            if name == "file":
-                content = part.get_payload(decode=True)
+            data = part.get_payload(decode=True)  # bytes for a non-multipart part
+            if name == "file" and isinstance(data, bytes):
+                content = data
                 filename = part.get_filename() or filename
-            elif name == "purpose":
-                purpose = part.get_payload(decode=True).decode()
+            elif name == "purpose" and isinstance(data, bytes):
+                purpose = data.decode()
         if content is None:
             self._error(400, "multipart form has no 'file' part")
             return

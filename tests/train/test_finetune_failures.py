@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_helpers import describe_records, face_rows, write_jsonl
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,7 @@ def test_write_failures_are_named_with_their_cause_and_the_way_on(tmp_path: Path
     )
 
 
+@pytest.mark.slow  # trains
 def test_a_run_whose_model_does_not_load_leaves_nothing_that_blocks_the_next(
     tmp_path: Path,
     face_data: Path,

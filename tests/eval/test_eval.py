@@ -9,15 +9,6 @@ from typing import Any
 
 import pytest
 
-from eval_helpers import (
-    FULL_BENCHMARK_MISSING,
-    SHARED_BENCHMARK,
-    SUBSET_BENCHMARK,
-    FakeOpenAI,
-    find_facexbench,
-    make_facexbench,
-    png_bytes,
-)
 from facellm_cli.config import EvalConfig, ModelConfig, validate_config
 from facellm_cli.errors import ConfigError, DataError, OutputExistsError
 from facellm_cli.eval.facexbench import CATEGORY_NAMES, category_display, load_facexbench
@@ -25,6 +16,16 @@ from facellm_cli.eval.report import build_results, compare, render_compare
 from facellm_cli.eval.runner import LocalBackend, evaluate, select_questions
 from facellm_cli.eval.sets import load_jsonl_set
 from facellm_cli.schema import format_mcq_prompt
+from facellm_cli.testing.facexbench import (
+    FULL_BENCHMARK_MISSING,
+    SHARED_BENCHMARK,
+    SUBSET_BENCHMARK,
+    find_facexbench,
+    make_facexbench,
+    png_bytes,
+)
+from facellm_cli.testing.fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.paths import ASSETS, REPO_ROOT
 
 README_COUNTS = {
     "bias_fairness": 1500,
@@ -34,7 +35,7 @@ README_COUNTS = {
     "face_localization": 1100,
     "tools_use": 100,
 }
-PAPER = json.loads((Path(__file__).parent / "data" / "facellm_1b_facexbench.json").read_text())
+PAPER = json.loads((ASSETS / "facellm_1b_facexbench.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -492,7 +493,8 @@ def test_build_dataset_mcq_export_folder(tmp_path: Path) -> None:
 
 def test_endpoint_mode_retries_bounded_concurrency_no_key_saved(fxb: Path, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("FAKE_KEY", "sk-secret-123")
-    with FakeOpenAI(script=[500, 429], default="A woman; the answer is (B)", delay=0.05) as server:
+    with FakeOpenAI(default="A woman; the answer is (B)", latency=0.05) as server:
+        server.script(Behaviour.server_error(500), Behaviour.rate_limited(retry_after=None))
         cfg = _cfg(
             fxb,
             tmp_path / "e",
@@ -523,7 +525,8 @@ def test_endpoint_mode_retries_bounded_concurrency_no_key_saved(fxb: Path, tmp_p
 def test_endpoint_gives_up_with_a_clear_error(fxb: Path, tmp_path: Path) -> None:
     from facellm_cli.errors import EndpointError
 
-    with FakeOpenAI(script=[503, 503, 503]) as server:
+    with FakeOpenAI(default="The answer is (B).", latency=0.02) as server:
+        server.script(*[Behaviour.server_error(503)] * 3)
         cfg = _cfg(
             fxb,
             tmp_path / "e",
@@ -577,7 +580,7 @@ def test_cli_evaluate_end_to_end(fxb: Path, tiny_internvl: Path, tmp_path: Path,
 def test_shipped_example_config_loads() -> None:
     from facellm_cli.config import resolve_config
 
-    example = Path(__file__).parents[1] / "examples" / "evaluate_facexbench.yaml"
+    example = REPO_ROOT / "examples" / "evaluate_facexbench.yaml"
     cfg = resolve_config(EvalConfig, example, {"generation.temperature": 0.0}, ["batch_size=4"])
     assert (cfg.benchmark, cfg.mode, cfg.batch_size, cfg.generation.max_new_tokens) == (
         "facexbench",
@@ -593,7 +596,7 @@ def test_named_api_key_variable_must_be_set(tmp_path: Path, cli: Any, monkeypatc
     q = {"id": "q1", "images": ["a.png"], "question": "Which?", "options": ["x", "y"], "answer": "A"}
     (tmp_path / "set.jsonl").write_text(json.dumps(q) + "\n")
     monkeypatch.delenv("FACELLM_TEST_UNSET_KEY", raising=False)
-    with FakeOpenAI() as server:
+    with FakeOpenAI(default="The answer is (B).", latency=0.02) as server:
         args = ["evaluate", "--data", tmp_path / "set.jsonl", "--base-url", server.base_url, "--model", "m"]
         r = cli(*args, "--api-key-env", "FACELLM_TEST_UNSET_KEY", "--out", tmp_path / "e1")
         assert r.code == 1 and server.requests == []  # nothing sent without the key

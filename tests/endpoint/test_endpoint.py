@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.fake_openai import Behaviour, FakeOpenAI
+from facellm_cli.testing.files import write_image
 
 RETRY_AFTER = 1.0  # seconds the server asks for; every backoff below is far shorter
 FAST_BACKOFF = ["--set", "endpoint.backoff_base=0.01", "--set", "endpoint.backoff_max=0.05"]
-
-
-def _png(path: Path, colour: tuple[int, int, int]) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (24, 24), colour).save(path)
-    return path
 
 
 def _gap_after_429(server: FakeOpenAI) -> float:
@@ -31,7 +24,7 @@ def _gap_after_429(server: FakeOpenAI) -> float:
 
 
 def test_annotate_evaluate_and_ask_share_the_client_and_honour_retry_after(cli, tmp_path: Path) -> None:
-    face = _png(tmp_path / "faces" / "a.png", (180, 140, 120))
+    face = write_image(tmp_path / "faces" / "a.png", (180, 140, 120), 24)
     question = {"id": "q1", "images": ["faces/a.png"], "question": "Which?", "options": ["x", "y"], "answer": "B"}
     (tmp_path / "set.jsonl").write_text(json.dumps(question) + "\n")
     with FakeOpenAI() as server:
@@ -76,7 +69,7 @@ def test_annotate_evaluate_and_ask_share_the_client_and_honour_retry_after(cli, 
 
 
 def test_ask_base_url_many_images_in_order(cli, tmp_path: Path) -> None:
-    images = [_png(tmp_path / f"{i}.png", (40 * i, 90, 200 - 40 * i)) for i in range(3)]
+    images = [write_image(tmp_path / f"{i}.png", (40 * i, 90, 200 - 40 * i), 24) for i in range(3)]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     with FakeOpenAI(api_key="sk-remote") as server:
@@ -100,7 +93,7 @@ def test_ask_base_url_many_images_in_order(cli, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["ask", "evaluate"])
 def test_local_model_flags_with_base_url_are_rejected(cli, tmp_path: Path, command: str) -> None:
-    face = _png(tmp_path / "a.png", (10, 20, 30))
+    face = write_image(tmp_path / "a.png", (10, 20, 30), 24)
     target = [face, "q?"] if command == "ask" else ["--data", tmp_path / "set.jsonl", "--out", tmp_path / "e"]
     (tmp_path / "set.jsonl").write_text(
         json.dumps({"id": "q", "images": ["a.png"], "question": "?", "options": ["x", "y"], "answer": "A"}) + "\n"
@@ -140,7 +133,7 @@ def test_flat_endpoint_keys_still_work_with_one_deprecation_line(cli, tmp_path: 
     assert qs.annotate_endpoint is not None and qs.annotate_endpoint.model == "m2"
     assert QuickstartConfig().annotate_endpoint is None
 
-    _png(tmp_path / "faces" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "faces" / "a.png", (1, 2, 3), 24)
     args = ["annotate", tmp_path / "faces", "--out", tmp_path / "d.jsonl", "--dry-run"]
     r = cli(*args, "--set", "timeout=5", "--set", "concurrency=2")
     assert r.code == 0, r.err
@@ -152,7 +145,7 @@ def test_flat_endpoint_keys_still_work_with_one_deprecation_line(cli, tmp_path: 
 
 
 def test_a_rejected_key_stops_evaluate_at_once(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _png(tmp_path / "a.png", (5, 5, 5))
+    write_image(tmp_path / "a.png", (5, 5, 5), 24)
     rows = [
         {"id": f"q{i}", "images": ["a.png"], "question": "?", "options": ["x", "y"], "answer": "A"} for i in range(4)
     ]

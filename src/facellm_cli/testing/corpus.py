@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
+
+from .files import read_jsonl, write_jsonl, write_png
+
+__all__ = ["ASPECTS", "EXPRESSIONS", "GENDERS", "annotation", "make_corpus", "read_jsonl", "write_jsonl", "write_png"]
 
 EXPRESSIONS = ["happy", "sad", "angry", "neutral", "surprised"]
 GENDERS = ["Male", "Female"]
@@ -14,15 +17,6 @@ ASPECTS = {
     "age": "How old does this person look?",
     "pose": "Describe the head pose.",
 }
-
-
-def write_png(path: Path, seed: int, size: int = 8) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (size, size), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
-    img.save(path, format="PNG")
-    return path
 
 
 def annotation(image: str, aspect: str, answer: str, *, root: Path | None = None, **extra: Any) -> dict[str, Any]:
@@ -66,12 +60,3 @@ def make_corpus(
     jsonl = root / "annotations.jsonl"
     write_jsonl(jsonl, records)
     return jsonl, records
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

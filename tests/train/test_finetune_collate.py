@@ -8,6 +8,7 @@ import pytest
 
 from facellm_cli.config import ModelConfig
 from facellm_cli.errors import DataError
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl, write_sharegpt
 from facellm_cli.train.collate import (
     IGNORE_INDEX,
     Collator,
@@ -18,7 +19,6 @@ from facellm_cli.train.collate import (
     image_token_ids,
 )
 from facellm_cli.train.data import read_samples
-from finetune_helpers import describe_records, face_rows, write_jsonl, write_sharegpt
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,18 @@ from typing import Any
 from facellm_cli.schema import LETTERS, MCQuestion, format_mcq_prompt
 from facellm_cli.synth import EXPRESSIONS, default_workers, synth_faces
 
+from .files import write_jsonl
+
+__all__ = [
+    "QUESTION",
+    "describe_records",
+    "face_rows",
+    "letter_accuracy",
+    "mcq_records",
+    "write_jsonl",
+    "write_sharegpt",
+]
+
 QUESTION = "What is the facial expression of the person?"
 
 
@@ -58,11 +70,6 @@ def mcq_records(rows: list[dict[str, str]], prefix: str = "q") -> list[dict[str,
             }
         )
     return out
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def write_sharegpt(path: Path, records: list[dict[str, Any]]) -> Path:

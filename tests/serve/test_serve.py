@@ -5,23 +5,25 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 import pytest
 
-from serve_helpers import image_message, png_data_uri, running_server
-from waiting import wait_for
+from facellm_cli.testing.cli import FACELLM, subprocess_env
+from facellm_cli.testing.files import write_image
+from facellm_cli.testing.paths import REPO_ROOT
+from facellm_cli.testing.servers import image_message, png_data_uri, running_server, wait_for
+
+if TYPE_CHECKING:
+    import openai
 
 KEY = "sk-test-7f3c9a"
 QUESTIONS = ["What is the facial expression?", "Are the eyes open?", "Describe the face.", "Is the head tilted?"]
@@ -76,6 +78,8 @@ def server(lm: Any) -> Any:
 
 @pytest.fixture
 def client(server: dict[str, Any]) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
 
 
@@ -150,6 +154,8 @@ def test_any_model_name_is_served_by_the_one_model(client: openai.OpenAI) -> Non
 
 
 def test_models_endpoint(client: openai.OpenAI) -> None:
+    import openai
+
     assert [m.id for m in client.models.list()] == ["facellm-tiny"]
     assert client.models.retrieve("facellm-tiny").owned_by == "facellm"
     with pytest.raises(openai.NotFoundError) as e:
@@ -217,6 +223,8 @@ def test_stop_sequence_cuts_the_answer_early(client: openai.OpenAI) -> None:
 
 
 def test_response_format_json_is_validated_and_passed_as_instruction(client: openai.OpenAI) -> None:
+    import openai
+
     plain = ask(client, (1, 2, 3), QUESTIONS[0], max_tokens=2)
     schema = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
     r = ask(
@@ -241,6 +249,8 @@ def test_response_format_json_is_validated_and_passed_as_instruction(client: ope
 
 
 def test_401_without_the_key(server: dict[str, Any], client: openai.OpenAI) -> None:
+    import openai
+
     bad = openai.OpenAI(base_url=server["url"], api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         bad.models.list()
@@ -322,6 +332,8 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(client: openai.OpenAI, case: str) -> None:
+    import openai
+
     kwargs, status, code_or_param = BAD_REQUESTS[case]
     kwargs = dict(kwargs)
     with pytest.raises(openai.APIStatusError) as e:
@@ -371,6 +383,8 @@ NEWER_FIELDS: dict[str, Any] = {
 def test_newer_openai_fields_that_cannot_change_the_answer_are_ignored(
     client: openai.OpenAI, server: dict[str, Any]
 ) -> None:
+    import openai
+
     logs: io.StringIO = server["logs"]
     plain = ask(client, (60, 90, 120), QUESTIONS[2], max_tokens=5).choices[0].message.content
     for _ in range(2):
@@ -579,14 +593,14 @@ def test_cli_serve_subprocess_end_to_end(tiny_internvl: Path, tmp_path: Path) ->
     """The real ``facellm serve`` process: starts, answers the openai client, logs JSON lines, stops on SIGINT."""
     import signal
 
-    env = dict(os.environ, FACELLM_SERVE_TEST_KEY=KEY, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    import openai
+
+    env = subprocess_env(FACELLM_SERVE_TEST_KEY=KEY)
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "facellm_cli",
+                *FACELLM,
                 "serve",
                 "--model",
                 str(tiny_internvl),
@@ -630,6 +644,8 @@ def test_seeded_sampling_is_repeatable(client: openai.OpenAI) -> None:
 
 
 def test_qwen2_vl_family_serves_text_image_and_stream(tiny_qwen2_vl: Path) -> None:
+    import openai
+
     from facellm_cli.config import ModelConfig, ServeConfig
     from facellm_cli.models.loader import load_model_and_processor
 
@@ -718,7 +734,7 @@ def test_a_request_that_breaks_its_batch_fails_alone(lm: Any, monkeypatch: pytes
 def test_example_serve_config_loads() -> None:
     from facellm_cli.config import ServeConfig, resolve_config
 
-    path = Path(__file__).parents[1] / "examples" / "serve.yaml"
+    path = REPO_ROOT / "examples" / "serve.yaml"
     cfg = resolve_config(ServeConfig, path, {"port": 9001}, ["max_batch_size=4"])
     assert cfg.served_model_name == "facellm-1b" and cfg.model.subfolder == "model"
     assert (cfg.port, cfg.max_batch_size, cfg.host) == (9001, 4, "127.0.0.1")
@@ -727,6 +743,8 @@ def test_example_serve_config_loads() -> None:
 def test_remote_images_only_when_allowed(lm: Any) -> None:
     """--allow-remote-images fetches http(s) URLs (here a local static server); missing ones are a 400."""
     import http.server
+
+    import openai
 
     from facellm_cli.config import ServeConfig
 
@@ -807,15 +825,7 @@ def open_server(lm: Any) -> Any:
 
 
 def _faces(folder: Path, n: int) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"face{i}.jpg"
-        Image.new("RGB", (96, 96), (70 * i, 120, 200 - 60 * i)).save(p)
-        paths.append(p)
-    return paths
+    return [write_image(folder / f"face{i}.jpg", (70 * i, 120, 200 - 60 * i), 96) for i in range(n)]
 
 
 def test_evaluate_runs_end_to_end_against_the_server(cli: Any, open_server: Any, tmp_path: Path) -> None:

@@ -1,18 +1,21 @@
-"""Real face photos for the face tests: matplotlib's Grace Hopper and two public-domain crops in tests/data/faces."""
+"""Real face photos for the face tests: matplotlib's Grace Hopper and two public-domain crops in tests/assets/faces."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import IO, cast
 
 from PIL import Image
 
-DATA = Path(__file__).parent / "data" / "faces"
+from .paths import ASSETS
+
+DATA = ASSETS / "faces"
 
 
 def hopper() -> Image.Image:
     import matplotlib.cbook
 
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+    sample = cast(IO[bytes], matplotlib.cbook.get_sample_data("grace_hopper.jpg"))  # a file object for a .jpg
+    with sample as f:
         return Image.open(f).convert("RGB")
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from dataset_helpers import annotation, make_corpus, read_jsonl, write_jsonl, write_png
 from facellm_cli.config import DatasetConfig, resolve_config
 from facellm_cli.data.build import plan_splits, scan_records, write_splits
 from facellm_cli.data.mcq import image_questions, label_values
 from facellm_cli.data.readers import open_sources
 from facellm_cli.errors import ConfigError, DataError
 from facellm_cli.schema import IMAGE_PLACEHOLDER, TrainingRecord
+from facellm_cli.testing.corpus import annotation, make_corpus, read_jsonl, write_jsonl, write_png
 from facellm_cli.train.data import read_samples
 
 

@@ -6,17 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from facellm_cli.testing.cli import facellm_cmd, subprocess_env
+from facellm_cli.testing.records import describe_records, face_rows, write_jsonl
 from facellm_cli.testing.reporter import RecordingReporter
-from finetune_helpers import describe_records, face_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "qlora": "adapter_model.safetensors"}
 
@@ -43,14 +42,6 @@ def _config(tmp: Path, model: Path, data: Path, out: Path, method: str = "lora")
     return path
 
 
-def _facellm(*args: object) -> list[str]:
-    return [sys.executable, "-m", "facellm_cli", *(str(a) for a in args)]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def _steps(path: Path) -> list[dict]:
     text = path.read_text()
     try:
@@ -74,7 +65,10 @@ def _kill_after_first_checkpoint(config: Path, out: Path) -> None:
     from facellm_cli.train.finetune import checkpoint_complete
 
     proc = subprocess.Popen(
-        _facellm("finetune", "--config", config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        facellm_cmd("finetune", "--config", config),
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         # no deadline: the wait ends when the checkpoint is complete or the process ends
@@ -139,6 +133,7 @@ def test_killed_run_resumes_to_the_same_end(
         assert max((b[k].float() - base[k].float()).abs().max().item() for k in b) > 1e-3
 
 
+@pytest.mark.slow  # trains
 def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path, tiny_qwen2_vl: Path
 ) -> None:
@@ -164,6 +159,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(
     assert "weight(s) missing" in msg and "--overwrite" in msg
 
 
+@pytest.mark.slow  # trains
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cli) -> None:
     folder = tmp_path / "faces"
     data = write_jsonl(folder / "train.jsonl", describe_records(face_rows(folder, 4)))
@@ -178,6 +174,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_internvl: Path, cl
     assert json.loads(r.out)["global_step"] == 4
 
 
+@pytest.mark.slow  # trains
 def test_a_truncated_checkpoint_is_an_error_naming_its_file(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:
@@ -199,6 +196,7 @@ def test_a_truncated_checkpoint_is_an_error_naming_its_file(
     assert str(e.value).endswith("re-download it, or resume from an earlier checkpoint with --resume-from")
 
 
+@pytest.mark.slow  # trains
 def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:
@@ -217,6 +215,7 @@ def test_a_checkpoint_killed_while_writing_its_state_is_not_resumed_from(
     assert "removing incomplete checkpoint checkpoint-4 (the previous run stopped while saving it)" in logs
 
 
+@pytest.mark.slow  # trains
 def test_an_adapter_checkpoint_that_does_not_fit_is_an_error(
     tmp_path: Path, resume_data: Path, tiny_internvl: Path
 ) -> None:

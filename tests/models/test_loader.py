@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from facellm_cli.config import GenerationConfig, ModelConfig
@@ -16,9 +14,9 @@ from facellm_cli.infer.generate import Prompt, generate_batch
 from facellm_cli.models import loader
 from facellm_cli.models.loader import choose_device, choose_dtype, load_model_and_processor
 from facellm_cli.testing import build_tiny_model
-from loader_helpers import hub_style_internvl, hub_style_qwen2_vl
+from facellm_cli.testing.cli import FACELLM, subprocess_env
+from facellm_cli.testing.hub import hub_style_internvl, hub_style_qwen2_vl
 
-ROOT = Path(__file__).resolve().parents[1]
 IMG = Image.new("RGB", (70, 50), (180, 120, 90))
 
 
@@ -28,6 +26,8 @@ def answer(lm, n: int = 3) -> str:
 
 @pytest.mark.parametrize("fixture", ["tiny_internvl", "tiny_qwen2_vl"])
 def test_tiny_models_load_on_cpu_fp32_and_generate(request: pytest.FixtureRequest, fixture: str) -> None:
+    import torch
+
     path: Path = request.getfixturevalue(fixture)
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 5_000_000
@@ -42,6 +42,8 @@ def test_tiny_models_load_on_cpu_fp32_and_generate(request: pytest.FixtureReques
 
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl"])
 def test_tiny_model_text_init_std_sets_the_language_model_weights(family: str, tmp_path: Path) -> None:
+    import torch
+
     def q_proj_std(std: float) -> tuple[float, float]:
         path = build_tiny_model(tmp_path / f"{family}-{std}", family, text_init_std=std, text_hidden=128)
         lm = load_model_and_processor(ModelConfig(model=str(path)))
@@ -55,6 +57,8 @@ def test_tiny_model_text_init_std_sets_the_language_model_weights(family: str, t
 
 
 def test_dtype_and_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     assert choose_device("auto") == "cpu"  # no CUDA on CI
     assert choose_dtype("auto", "cpu") == "float32"
     assert choose_dtype("float16", "cpu") == "float16"
@@ -69,6 +73,8 @@ def test_dtype_and_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_explicit_dtype_is_applied(tiny_internvl: Path) -> None:
+    import torch
+
     lm = load_model_and_processor(ModelConfig(model=str(tiny_internvl), dtype="bfloat16"))
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     assert answer(lm).completion_tokens >= 1
@@ -151,6 +157,7 @@ def test_quantized_load_keeps_vision_and_head_full_precision(tiny_internvl: Path
 
 
 def _lora_adapter(base: Path, out: Path) -> Path:
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -166,6 +173,8 @@ def _lora_adapter(base: Path, out: Path) -> Path:
 
 
 def test_adapter_load_and_merge(tiny_internvl: Path, tmp_path: Path) -> None:
+    import torch
+
     adapter = _lora_adapter(tiny_internvl, tmp_path / "adapter")
     base = load_model_and_processor(ModelConfig(model=str(tiny_internvl)))
     with_adapter = load_model_and_processor(ModelConfig(model=str(tiny_internvl), adapter=str(adapter)))
@@ -282,13 +291,13 @@ def test_unreachable_hub_fails_fast_and_the_cache_still_serves(tiny_internvl: Pa
     shutil.copytree(tiny_internvl, snapshot)
     (hf_home / "hub" / "models--org--tiny" / "refs").mkdir()
     (hf_home / "hub" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT / "src"))
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}")
     image = tmp_path / "face.png"
     IMG.save(image)
 
     def ask(model: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "facellm_cli", "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
+        cmd = [*FACELLM, "ask", "--model", model, str(image), "q", "--max-new-tokens", "2"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True)  # ends when the command does
 
     r = ask("org/missing")
