@@ -116,24 +116,14 @@ def quickstart(cfg: QuickstartConfig, *, api_key: str | None = None, reporter: R
     annotated, questions evaluated, optimiser steps) and their notes.
     """
     from .data.build import build_dataset
-    from .eval.report import write_compare_chart
     from .eval.runner import evaluate
     from .models.loader import load_model_and_processor
-    from .synth import EXPRESSIONS, default_workers, synth_faces
-    from .train.finetune import finetune
-    from .train.recipes import quickstart_tiny_config
+    from .synth import EXPRESSIONS
 
     out = _start(cfg, reporter)
     stage = _Stages(reporter)
     with stage("synthesize faces") as sub:
-        faces = synth_faces(
-            out / "faces",
-            cfg.faces,
-            seed=cfg.seed,
-            size=cfg.image_size,
-            workers=default_workers(cfg.faces),
-            reporter=sub,
-        )
+        faces = _synthesize(cfg, out, sub)
     endpoint = cfg.annotate_endpoint
     with stage("annotate" if endpoint is None else f"annotate ({endpoint.base_url})") as sub:
         ann_path = _annotate(cfg, out, faces, api_key, sub)
@@ -146,21 +136,12 @@ def quickstart(cfg: QuickstartConfig, *, api_key: str | None = None, reporter: R
     with stage("evaluate before training") as sub:
         before = evaluate(_eval_config(base, mcq_test, faces.out_dir, out / "eval-before"), reporter=sub)
     with stage("finetune") as sub:
-        run_dir = out / "finetuned"
-        ft_cfg = quickstart_tiny_config(
-            base, data_dir / "train.jsonl", run_dir, image_root=faces.out_dir, epochs=cfg.epochs, seed=cfg.seed
-        )
-        finetune(ft_cfg, reporter=sub)
+        run_dir = _finetune(cfg, base, data_dir, faces.out_dir, out / "finetuned", sub)
     with stage("evaluate after training") as sub:
         # Loaded once here and reused by the ask stage below.
         lm = load_model_and_processor(ModelConfig(model=str(run_dir), device="cpu"))
         after = evaluate(_eval_config(run_dir, mcq_test, faces.out_dir, out / "eval-after"), lm=lm, reporter=sub)
-        chart = write_compare_chart(
-            [out / "eval-before", out / "eval-after"],
-            out / "before_after.png",
-            labels=["random weights (before)", "after facellm finetune"],
-            title=f"quickstart: expression accuracy on {after.results['overall']['n']} held-out faces",
-        )
+        chart = _before_after_chart(out, after.results["overall"]["n"])
     with stage("ask"):
         ask = _ask(lm, mcq_test, faces.out_dir, run_dir)
     result = QuickstartResult(
@@ -177,6 +158,46 @@ def quickstart(cfg: QuickstartConfig, *, api_key: str | None = None, reporter: R
     )
     atomic_write_json(out / "quickstart-results.json", result.to_json())
     return result
+
+
+def _synthesize(cfg: QuickstartConfig, out: Path, reporter: Reporter) -> Any:
+    """``cfg.faces`` synthetic labelled faces in ``out/faces``."""
+    from .synth import default_workers, synth_faces
+
+    return synth_faces(
+        out / "faces",
+        cfg.faces,
+        seed=cfg.seed,
+        size=cfg.image_size,
+        workers=default_workers(cfg.faces),
+        reporter=reporter,
+    )
+
+
+def _finetune(
+    cfg: QuickstartConfig, base: Path, data_dir: Path, image_root: Path, run_dir: Path, reporter: Reporter
+) -> Path:
+    """Fine-tune the tiny base on the training split into ``run_dir`` (the quickstart recipe)."""
+    from .train.finetune import finetune
+    from .train.recipes import quickstart_tiny_config
+
+    ft_cfg = quickstart_tiny_config(
+        base, data_dir / "train.jsonl", run_dir, image_root=image_root, epochs=cfg.epochs, seed=cfg.seed
+    )
+    finetune(ft_cfg, reporter=reporter)
+    return run_dir
+
+
+def _before_after_chart(out: Path, n_questions: int) -> Path | None:
+    """The before/after accuracy chart (None without matplotlib)."""
+    from .eval.report import write_compare_chart
+
+    return write_compare_chart(
+        [out / "eval-before", out / "eval-after"],
+        out / "before_after.png",
+        labels=["random weights (before)", "after facellm finetune"],
+        title=f"quickstart: expression accuracy on {n_questions} held-out faces",
+    )
 
 
 def _start(cfg: QuickstartConfig, reporter: Reporter) -> Path:

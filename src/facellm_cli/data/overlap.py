@@ -93,14 +93,7 @@ class Collection:
 def _first_record(path: Path) -> Any:
     """The first JSON value of a .jsonl line or of a .json file's list (None when neither)."""
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        return json.loads(line)
-                    except ValueError:
-                        raise DataError(f"{path}: first line is not valid JSON") from None
-        return None
+        return _first_jsonl_record(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -108,6 +101,17 @@ def _first_record(path: Path) -> Any:
     if isinstance(data, list):
         return data[0] if data else None
     return data
+
+
+def _first_jsonl_record(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        line = next((line for line in f if line.strip()), None)
+    if line is None:
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise DataError(f"{path}: first line is not valid JSON") from None
 
 
 def _is_facexbench(folder: Path) -> bool:

@@ -237,13 +237,7 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{chart_title(results.get('meta', {}))} ({results['overall']['n']} questions)")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_chart(plt, fig, ax, path)
 
 
 def write_compare_chart(
@@ -259,34 +253,55 @@ def write_compare_chart(
     keys = _category_order({c["key"] for r in runs for c in r["categories"]})
     rows = [*keys, "__overall__"] if len(keys) != 1 else keys
     fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(rows) * max(2, len(runs)) / 2 + 2), 4.8))
-    width = 0.8 / len(runs)
-    colors = ["#8C8C8C", "#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860"]
     for ri, r in enumerate(runs):
-        by_key = {c["key"]: c for c in r["categories"]}
-        for gi, key in enumerate(rows):
-            c = r["overall"] if key == "__overall__" else by_key.get(key)
-            if c is None:
-                continue
-            xpos = gi - 0.4 + width * (ri + 0.5)
-            lo, hi = wilson(c["correct"], c["n"])
-            ax.bar(
-                xpos,
-                c["accuracy"],
-                width * 0.92,
-                color=colors[ri % len(colors)],
-                label=names[ri] if gi == 0 else None,
-                yerr=[[c["accuracy"] - lo], [hi - c["accuracy"]]],
-                capsize=2,
-                ecolor="#333333",
-            )
-            ax.text(
-                xpos, hi + 1.5, f"{c['accuracy']:.1f}", ha="center", va="bottom", bbox=_LABEL_BOX, zorder=4, fontsize=7
-            )
+        _run_bars(ax, r, ri, len(runs), rows, names[ri])
+    _compare_chance_lines(ax, runs, rows)
+    ax.set_xticks(range(len(rows)), [("Overall" if k == "__overall__" else category_display(k)) for k in rows])
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("accuracy (%)")
+    sets = {chart_title(r.get("meta", {})).split(" on ", 1)[-1] for r in runs}
+    ax.set_title(title or f"{' vs '.join(names)} on {', '.join(sorted(sets))}", fontsize=11)
+    ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=min(4, len(runs) + 1))
+    return _save_chart(plt, fig, ax, path)
+
+
+_RUN_COLORS = ["#8C8C8C", "#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860"]
+
+
+def _row_result(run: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """A run's result for one chart row: a category by key, or ``__overall__``; None where the run lacks it."""
+    if key == "__overall__":
+        return run["overall"]
+    return next((c for c in run["categories"] if c["key"] == key), None)
+
+
+def _run_bars(ax: Any, run: dict[str, Any], ri: int, n_runs: int, rows: list[str], name: str) -> None:
+    """Run ``ri``'s bar (with its 95% interval and value) in every row it has a result for."""
+    width = 0.8 / n_runs
     for gi, key in enumerate(rows):
-        ref = next(
-            (r["overall"] if key == "__overall__" else next((c for c in r["categories"] if c["key"] == key), None))
-            for r in runs
+        c = _row_result(run, key)
+        if c is None:
+            continue
+        xpos = gi - 0.4 + width * (ri + 0.5)
+        lo, hi = wilson(c["correct"], c["n"])
+        ax.bar(
+            xpos,
+            c["accuracy"],
+            width * 0.92,
+            color=_RUN_COLORS[ri % len(_RUN_COLORS)],
+            label=name if gi == 0 else None,
+            yerr=[[c["accuracy"] - lo], [hi - c["accuracy"]]],
+            capsize=2,
+            ecolor="#333333",
         )
+        ax.text(xpos, hi + 1.5, f"{c['accuracy']:.1f}", ha="center", va="bottom", bbox=_LABEL_BOX, zorder=4, fontsize=7)
+
+
+def _compare_chance_lines(ax: Any, runs: list[dict[str, Any]], rows: list[str]) -> None:
+    """Each row's chance level, as the first run says it, across the row's bars."""
+    for gi, key in enumerate(rows):
+        ref = _row_result(runs[0], key)
         if ref is not None and ref.get("chance") is not None:
             ax.hlines(
                 ref["chance"],
@@ -298,13 +313,10 @@ def write_compare_chart(
                 label="chance" if gi == 0 else None,
                 zorder=3,
             )
-    ax.set_xticks(range(len(rows)), [("Overall" if k == "__overall__" else category_display(k)) for k in rows])
-    ax.set_ylim(0, 118)
-    ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("accuracy (%)")
-    sets = {chart_title(r.get("meta", {})).split(" on ", 1)[-1] for r in runs}
-    ax.set_title(title or f"{' vs '.join(names)} on {', '.join(sorted(sets))}", fontsize=11)
-    ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=min(4, len(runs) + 1))
+
+
+def _save_chart(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """Slanted category names, no top/right frame, saved to ``path`` (its folder made) and closed."""
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()

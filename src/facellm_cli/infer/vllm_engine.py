@@ -156,6 +156,44 @@ class RequestParams:
     stop: tuple[str, ...] = ()
 
 
+def _model_path(cfg: ModelConfig, source: str) -> str:
+    """The folder vLLM loads: ``source``, or its subfolder (which vLLM can read only from a local copy)."""
+    local = Path(source).exists()
+    if cfg.subfolder and not local:
+        raise ModelLoadError(
+            f"--engine vllm cannot read subfolder '{cfg.subfolder}' of hub model {cfg.model}; download it with: "
+            f"hf download {cfg.model} --include '{cfg.subfolder}/*' --local-dir ./{cfg.model.split('/')[-1]} "
+            f"and pass ./{cfg.model.split('/')[-1]}/{cfg.subfolder} as --model"
+        )
+    return str(Path(source) / cfg.subfolder) if (local and cfg.subfolder) else source
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda:") or device == "mps":
+        raise ModelLoadError(
+            f"--engine vllm does not take --device {device}: it uses the GPUs it can see "
+            "(choose them with CUDA_VISIBLE_DEVICES=1, split with --set model.vllm.tensor_parallel_size=N)"
+        )
+
+
+def _lora_args(lora_rank: int | None, max_lora_rank: int) -> dict[str, Any]:
+    """vLLM's LoRA engine arguments for an adapter of ``lora_rank`` (none without an adapter)."""
+    if lora_rank is None:
+        return {}
+    if lora_rank > 512:
+        raise AdapterError(
+            f"adapter rank {lora_rank} is above vLLM's largest LoRA rank (512); use --engine transformers"
+        )
+    if lora_rank > max_lora_rank:
+        raise AdapterError(f"adapter rank {lora_rank} is above vllm.max_lora_rank {max_lora_rank}; raise it")
+    # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds the adapter's
+    return dict(
+        enable_lora=True,
+        max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= lora_rank),
+        max_loras=1,
+    )
+
+
 class VllmEngine:
     """``engine: vllm`` — see the module docstring."""
 
@@ -175,31 +213,30 @@ class VllmEngine:
         self._processor, _ = load_processor(source, kwargs, cfg, model_type)
         self.name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
         self.model_type = model_type
-        local = Path(source).exists()
-        if cfg.subfolder and not local:
-            raise ModelLoadError(
-                f"--engine vllm cannot read subfolder '{cfg.subfolder}' of hub model {cfg.model}; download it with: "
-                f"hf download {cfg.model} --include '{cfg.subfolder}/*' --local-dir ./{cfg.model.split('/')[-1]} "
-                f"and pass ./{cfg.model.split('/')[-1]}/{cfg.subfolder} as --model"
-            )
-        model_path = str(Path(source) / cfg.subfolder) if (local and cfg.subfolder) else source
-        if cfg.device.startswith("cuda:") or cfg.device == "mps":
-            raise ModelLoadError(
-                f"--engine vllm does not take --device {cfg.device}: it uses the GPUs it can see "
-                "(choose them with CUDA_VISIBLE_DEVICES=1, split with --set model.vllm.tensor_parallel_size=N)"
-            )
+        model_path = _model_path(cfg, source)
+        _check_device(cfg.device)
         self.platform = vllm_platform()
         self.device = self.platform
         self.dtype = choose_dtype(cfg.dtype, "cuda" if self.platform != "cpu" else "cpu")
         quant = vllm_quantization(cfg.quantization, self.platform)
         self.lora_request: Any = None
         lora_rank = check_lora_adapter(cfg.adapter) if cfg.adapter else None
-        v = cfg.vllm
-        self.context_length = _context_length(model_path, v.max_model_len)
+        self.context_length = _context_length(model_path, cfg.vllm.max_model_len)
         if self.platform == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(v.cpu_kv_cache_gb))))
-        from vllm.engine.arg_utils import AsyncEngineArgs
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.vllm.cpu_kv_cache_gb))))
+        args = self._engine_args(model_path, quant)
+        args.update(_lora_args(lora_rank, cfg.vllm.max_lora_rank))
+        self._start_engine(args)
+        if cfg.adapter:
+            from vllm.lora.request import LoRARequest
 
+            self.lora_request = LoRARequest("adapter", 1, str(Path(cfg.adapter).expanduser().resolve()))
+        self._letter_ids: list[list[int]] | None = None
+        atexit.register(self.close)  # vLLM's engine process must end before the interpreter does
+
+    def _engine_args(self, model_path: str, quant: str | None) -> dict[str, Any]:
+        """vLLM's ``AsyncEngineArgs`` for this config (LoRA settings are added separately)."""
+        cfg, v = self.config, self.config.vllm
         args: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
@@ -221,19 +258,12 @@ class VllmEngine:
             args["max_num_seqs"] = v.max_num_seqs
         if quant:
             args["quantization"] = quant
-        if lora_rank is not None and lora_rank > 512:
-            raise AdapterError(
-                f"adapter rank {lora_rank} is above vLLM's largest LoRA rank (512); use --engine transformers"
-            )
-        if lora_rank is not None:
-            # vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds the adapter's
-            args.update(
-                enable_lora=True,
-                max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= lora_rank),
-                max_loras=1,
-            )
-            if lora_rank > v.max_lora_rank:
-                raise AdapterError(f"adapter rank {lora_rank} is above vllm.max_lora_rank {v.max_lora_rank}; raise it")
+        return args
+
+    def _start_engine(self, args: dict[str, Any]) -> None:
+        """Start vLLM's engine on a private event loop thread; a failure stops the loop and names the cause."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="facellm-vllm", daemon=True)
         self._thread.start()
@@ -242,13 +272,7 @@ class VllmEngine:
         except Exception as e:
             self._stop_loop()
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"vLLM could not load '{cfg.model}': {first} (see the log above)") from None
-        if cfg.adapter:
-            from vllm.lora.request import LoRARequest
-
-            self.lora_request = LoRARequest("adapter", 1, str(Path(cfg.adapter).expanduser().resolve()))
-        self._letter_ids: list[list[int]] | None = None
-        atexit.register(self.close)  # vLLM's engine process must end before the interpreter does
+            raise ModelLoadError(f"vLLM could not load '{self.config.model}': {first} (see the log above)") from None
 
     # -- engine interface ---------------------------------------------------------
     @property

@@ -412,9 +412,6 @@ def _apply_adapter(model: GenerativeModel, cfg: ModelConfig, source: str) -> Gen
 def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     """Load model + processor as ``cfg`` says; every failure is a ModelLoadError that names the fix."""
     require_model_extras("loading a model")
-    import torch
-    from transformers import AutoModelForImageTextToText
-
     source, kwargs = resolve_source(cfg)
     model_type = read_model_type(source, kwargs, cfg)
     device = choose_device(cfg.device)
@@ -426,6 +423,32 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         threads = configure_threads(cfg.threads)
     qconf = quantization_config(cfg, device)
     processor, image_only = load_processor(source, kwargs, cfg, model_type)
+    load_kwargs = _model_load_kwargs(cfg, kwargs, dtype, qconf, device)
+    model = _load_model(cfg, source, kwargs, load_kwargs, model_type)
+    if qconf is None:
+        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as an unbound callable
+        model.to(device)  # type: ignore[arg-type]
+    ready: GenerativeModel | PeftModel = _apply_adapter(model, cfg, source) if cfg.adapter else model
+    ready.eval()
+    _default_pad_token(ready, processor)
+    return LoadedModel(
+        model=ready,
+        processor=processor,
+        config=cfg,
+        device=device,
+        dtype=dtype,
+        model_type=model_type,
+        name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
+        image_only_processor=image_only,
+        threads=threads,
+    )
+
+
+def _model_load_kwargs(
+    cfg: ModelConfig, kwargs: dict[str, Any], dtype: str, qconf: BitsAndBytesConfig | None, device: str
+) -> dict[str, Any]:
+    """``from_pretrained``'s arguments: dtype, attention, hub options and, when quantizing, its config."""
+    import torch
 
     load_kwargs: dict[str, Any] = dict(
         dtype=getattr(torch, dtype),
@@ -438,9 +461,19 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
     if qconf is not None:
         load_kwargs["quantization_config"] = qconf
         load_kwargs["device_map"] = {"": device}
+    return load_kwargs
+
+
+def _load_model(
+    cfg: ModelConfig, source: str, kwargs: dict[str, Any], load_kwargs: dict[str, Any], model_type: str
+) -> GenerativeModel:
+    """The model from ``source``; transformers' errors become ones that name the fix (sdpa falls back to eager)."""
+    from transformers import AutoModelForImageTextToText
+
+    quantized = "quantization_config" in load_kwargs
     try:
         try:
-            model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+            return AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
         except Exception as e:  # a damaged weights file surfaces as safetensors' own error type
             corrupt = corrupt_file_error(_weight_files(source, kwargs), e)
             if corrupt is not None:
@@ -450,47 +483,39 @@ def load_model_and_processor(cfg: ModelConfig) -> LoadedModel:
         raise _load_error(cfg, source, kwargs, e) from None
     except ValueError as e:
         msg = str(e)
-        if "attn" in msg.lower() or "attention" in msg.lower():
-            if cfg.attn_implementation == "sdpa":
-                log.warning("sdpa attention not supported by %s; using eager", model_type)
-                load_kwargs["attn_implementation"] = "eager"
-                model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
-            else:
-                raise ModelLoadError(
-                    f"attention '{cfg.attn_implementation}' cannot be used for '{cfg.model}': {msg.splitlines()[0]}; "
-                    "use --set model.attn_implementation=sdpa (or eager)"
-                ) from None
-        elif qconf is not None:
-            raise QuantizationError(
-                f"--quantization {cfg.quantization} failed for '{cfg.model}': {msg.splitlines()[0]}; "
-                "use --quantization none"
-            ) from None
-        else:
-            raise ModelLoadError(f"cannot load '{cfg.model}': {msg.splitlines()[0]}") from None
+        is_attention = "attn" in msg.lower() or "attention" in msg.lower()
+        if not (is_attention and cfg.attn_implementation == "sdpa"):
+            raise _value_error(cfg, msg, is_attention, quantized) from None
+        log.warning("sdpa attention not supported by %s; using eager", model_type)
+        load_kwargs["attn_implementation"] = "eager"
+        return AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
     except (RuntimeError, ImportError) as e:
-        if qconf is not None:
+        if quantized:
             raise QuantizationError(
                 f"--quantization {cfg.quantization} cannot run here ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "use --quantization none"
             ) from None
         raise
-    if qconf is None:
-        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as an unbound callable
-        model.to(device)  # type: ignore[arg-type]
-    ready: GenerativeModel | PeftModel = _apply_adapter(model, cfg, source) if cfg.adapter else model
-    ready.eval()
+
+
+def _value_error(cfg: ModelConfig, msg: str, is_attention: bool, quantized: bool) -> ModelLoadError:
+    """The error for a ValueError from ``from_pretrained``: the attention, the quantization, or the model."""
+    if is_attention:
+        return ModelLoadError(
+            f"attention '{cfg.attn_implementation}' cannot be used for '{cfg.model}': {msg.splitlines()[0]}; "
+            "use --set model.attn_implementation=sdpa (or eager)"
+        )
+    if quantized:
+        return QuantizationError(
+            f"--quantization {cfg.quantization} failed for '{cfg.model}': {msg.splitlines()[0]}; "
+            "use --quantization none"
+        )
+    return ModelLoadError(f"cannot load '{cfg.model}': {msg.splitlines()[0]}")
+
+
+def _default_pad_token(model: GenerativeModel | PeftModel, processor: Processor) -> None:
+    """Generation pads with the tokenizer's pad token (else its end token) when the model names none."""
     tok = getattr(processor, "tokenizer", None)
-    gen = getattr(ready, "generation_config", None)
+    gen = getattr(model, "generation_config", None)
     if tok is not None and gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return LoadedModel(
-        model=ready,
-        processor=processor,
-        config=cfg,
-        device=device,
-        dtype=dtype,
-        model_type=model_type,
-        name=Path(cfg.model).name if Path(cfg.model).exists() else cfg.model,
-        image_only_processor=image_only,
-        threads=threads,
-    )

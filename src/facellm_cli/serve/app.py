@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ServeConfig
@@ -267,16 +268,26 @@ async def _watch_disconnect(request: "Request", job: Job) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> "FastAPI":
-    """The FastAPI app serving ``lm`` (a loaded model or an engine: ``transformers`` requests share the
-    dynamic batcher, ``vllm`` requests go to vLLM's continuous batching). ``api_key`` (read by the caller
-    from ``cfg.api_key_env``) turns on auth."""
-    require_serve_extras()
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+@dataclass
+class _Server:
+    """What the endpoints share: the config, the model, its batcher and the per-request limits."""
 
+    cfg: ServeConfig
+    lm: "LoadedModel | Engine"
+    batcher: Any
+    check_prompt: PromptCheck
+    name: str
+    created: int
+    body_limit: int
+    limits: ImageLimits
+    ignored_seen: set[str] = field(default_factory=set)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "facellm"}
+
+
+def _make_server(cfg: ServeConfig, lm: "LoadedModel | Engine") -> _Server:
+    """``transformers`` models share the dynamic batcher; ``vllm`` engines go to vLLM's continuous batching."""
     from ..infer.engine import as_engine
 
     engine = as_engine(lm)
@@ -291,9 +302,6 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         base = cast("TransformersEngine", engine).lm
         batcher = Batcher(base, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, cfg.max_queue)
         check_prompt = PromptCheck(base)
-    ignored_seen: set[str] = set()
-    name = served_name(cfg, lm)
-    created = int(time.time())
     body_limit = int(cfg.max_body_mb * 1_000_000)
     limits = ImageLimits(
         max_images=cfg.max_images_per_request,
@@ -302,18 +310,46 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         remote_max_bytes=body_limit,
         remote_timeout_s=cfg.remote_image_timeout_s,
     )
+    return _Server(cfg, lm, batcher, check_prompt, served_name(cfg, lm), int(time.time()), body_limit, limits)
+
+
+def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | None = None) -> "FastAPI":
+    """The FastAPI app serving ``lm`` (a loaded model or an engine: ``transformers`` requests share the
+    dynamic batcher, ``vllm`` requests go to vLLM's continuous batching). ``api_key`` (read by the caller
+    from ``cfg.api_key_env``) turns on auth."""
+    require_serve_extras()
+    from fastapi import FastAPI, Request
+
+    server = _make_server(cfg, lm)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        batcher.start()
+        server.batcher.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.stop)
+            await asyncio.to_thread(server.batcher.stop)
 
     app = FastAPI(title="facellm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
-    app.state.served_model_name = name
+    app.state.batcher = server.batcher
+    app.state.served_model_name = server.name
+    _add_error_handlers(app)
+    _add_model_routes(app, server)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _chat_completions(request, server)
+
+    app.add_middleware(_AuthAndSize, api_key=api_key, limit=server.body_limit)
+    return app
+
+
+def _add_error_handlers(app: "FastAPI") -> None:
+    """Every refusal, including FastAPI's own 404/405/validation errors, as OpenAI's error JSON."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -332,100 +368,130 @@ def create_app(cfg: ServeConfig, lm: "LoadedModel | Engine", *, api_key: str | N
         log.exception("unexpected error")
         return _error(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
+
+def _add_model_routes(app: "FastAPI", server: _Server) -> None:
+    """``/health`` (with the batcher's counters), ``/v1/models`` and ``/v1/models/{id}``."""
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "device": lm.device, "batcher": batcher.snapshot()}
-
-    def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "facellm"}
+        return {
+            "status": "ok",
+            "model": server.name,
+            "device": server.lm.device,
+            "batcher": server.batcher.snapshot(),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [server.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Any:
-        if model_id != name:
+        if model_id != server.name:
             return _error(
                 404,
-                f"model '{model_id}' is not served here (this server serves '{name}')",
+                f"model '{model_id}' is not served here (this server serves '{server.name}')",
                 param="model",
                 code="model_not_found",
             )
-        return model_card()
+        return server.model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        t0 = time.perf_counter()
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        fields: dict[str, Any] = {"id": rid, "path": "/v1/chat/completions"}
 
-        def done(status: int, **more: Any) -> None:
-            fields.update(status=status, latency_ms=round((time.perf_counter() - t0) * 1000, 1), **more)
-            _log_request(fields)
+class _RequestLog:
+    """One log line per request: its id, status, latency and whatever the steps added."""
 
-        try:
-            _check_content_type(request.headers.get("content-type"))
-            body = await _read_body(request, body_limit)
-            # Parsing and validating a large body takes CPU time: a worker thread keeps /health and streams going.
-            req = await asyncio.to_thread(decode_request, body, cfg.max_content_parts)
-            fields.update(stream=bool(req.stream), images=_count_images(req))
-            if req.model != name:
-                fields["requested_model"] = req.model
-            _log_ignored_once(req, ignored_seen)
-            params = _sampling(req, cfg)
-            prompt = await asyncio.to_thread(to_prompt, req, limits, cfg.generation.system)
-            await asyncio.to_thread(check_prompt, prompt, params.max_tokens)
-        except ProtocolError as e:
-            done(e.status, error=e.message)
-            return _error(e.status, e.message, e.type, e.param, e.code)
+    def __init__(self, rid: str) -> None:
+        self.t0 = time.perf_counter()
+        self.fields: dict[str, Any] = {"id": rid, "path": "/v1/chat/completions"}
 
-        job = Job(id=rid, prompt=prompt, params=params, stream=bool(req.stream), loop=asyncio.get_running_loop())
-        try:
-            batcher.submit(job)
-        except QueueFull as e:
-            done(429, error=str(e))
-            return _error(429, f"server busy: {e}; retry later", type="rate_limit_error", code="server_busy")
-        want_json = req.response_format is not None and req.response_format.type != "text"
+    def done(self, status: int, **more: Any) -> None:
+        self.fields.update(status=status, latency_ms=round((time.perf_counter() - self.t0) * 1000, 1), **more)
+        _log_request(self.fields)
 
-        def finish(result: Result) -> None:
-            done(
-                200,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                batch=result.batch_size,
-                queued_ms=round(result.queued_s * 1000, 1),
-                finish=result.finish_reason,
-            )
+    def finish(self, result: Result) -> None:
+        self.done(
+            200,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            batch=result.batch_size,
+            queued_ms=round(result.queued_s * 1000, 1),
+            finish=result.finish_reason,
+        )
 
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(request, job, rid, name, include_usage, finish, done),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
 
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
-        try:
-            result = await job.result()
-        except Cancelled as e:
-            done(499, error=str(e))
-            return _error(499, "client closed the request", code="client_closed")
-        except FacellmError as e:
-            done(400, error=str(e))
-            return _error(400, str(e))
-        except Exception as e:  # noqa: BLE001 - a failed generation is this request's 500, not the server's end
-            done(500, error=f"{type(e).__name__}: {e}")
-            return _error(500, f"generation failed ({type(e).__name__}); see the server log", type="server_error")
-        finally:
-            watcher.cancel()
-        finish(result)
-        text = extract_json(result.text) if want_json else result.text
-        return completion(rid, name, text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+async def _chat_completions(request: "Request", server: _Server) -> Any:
+    """Read and check the request, queue its job, then stream the answer or wait for it."""
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    rlog = _RequestLog(rid)
+    try:
+        req, prompt, params = await _parse_chat(request, server, rlog.fields)
+    except ProtocolError as e:
+        rlog.done(e.status, error=e.message)
+        return _error(e.status, e.message, e.type, e.param, e.code)
 
-    app.add_middleware(_AuthAndSize, api_key=api_key, limit=body_limit)
-    return app
+    job = Job(id=rid, prompt=prompt, params=params, stream=bool(req.stream), loop=asyncio.get_running_loop())
+    try:
+        server.batcher.submit(job)
+    except QueueFull as e:
+        rlog.done(429, error=str(e))
+        return _error(429, f"server busy: {e}; retry later", type="rate_limit_error", code="server_busy")
+    if req.stream:
+        return _stream_response(request, job, req, server.name, rlog)
+    return await _await_completion(request, job, req, server.name, rlog)
+
+
+async def _parse_chat(
+    request: "Request", server: _Server, fields: dict[str, Any]
+) -> tuple[ChatCompletionRequest, "Prompt", SamplingParams]:
+    """The request, its prompt and sampling parameters; raises ``ProtocolError`` for anything refused."""
+    cfg = server.cfg
+    _check_content_type(request.headers.get("content-type"))
+    body = await _read_body(request, server.body_limit)
+    # Parsing and validating a large body takes CPU time: a worker thread keeps /health and streams going.
+    req = await asyncio.to_thread(decode_request, body, cfg.max_content_parts)
+    fields.update(stream=bool(req.stream), images=_count_images(req))
+    if req.model != server.name:
+        fields["requested_model"] = req.model
+    _log_ignored_once(req, server.ignored_seen)
+    params = _sampling(req, cfg)
+    prompt = await asyncio.to_thread(to_prompt, req, server.limits, cfg.generation.system)
+    await asyncio.to_thread(server.check_prompt, prompt, params.max_tokens)
+    return req, prompt, params
+
+
+def _stream_response(request: "Request", job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog) -> Any:
+    from fastapi.responses import StreamingResponse
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(
+        _sse(request, job, job.id, name, include_usage, rlog.finish, rlog.done),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _await_completion(
+    request: "Request", job: Job, req: ChatCompletionRequest, name: str, rlog: _RequestLog
+) -> Any:
+    """The whole answer as one completion; a client that goes away cancels its job."""
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    try:
+        result = await job.result()
+    except Cancelled as e:
+        rlog.done(499, error=str(e))
+        return _error(499, "client closed the request", code="client_closed")
+    except FacellmError as e:
+        rlog.done(400, error=str(e))
+        return _error(400, str(e))
+    except Exception as e:  # noqa: BLE001 - a failed generation is this request's 500, not the server's end
+        rlog.done(500, error=f"{type(e).__name__}: {e}")
+        return _error(500, f"generation failed ({type(e).__name__}); see the server log", type="server_error")
+    finally:
+        watcher.cancel()
+    rlog.finish(result)
+    want_json = req.response_format is not None and req.response_format.type != "text"
+    text = extract_json(result.text) if want_json else result.text
+    return completion(job.id, name, text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
 
 
 def _sse_data(obj: dict[str, Any]) -> str:

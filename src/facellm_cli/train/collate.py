@@ -80,8 +80,6 @@ class ConversationEncoder:
         return self._tokenize(text, images)["input_ids"][0]
 
     def encode(self, sample: Sample) -> Encoded | Dropped:
-        import torch
-
         if sample.placeholder_count != len(sample.images):
             raise DataError(
                 placeholder_mismatch_message(sample.id, sample.source, sample.placeholder_count, len(sample.images))
@@ -91,6 +89,23 @@ class ConversationEncoder:
         full_text = self.render(messages, generation_prompt=False)
         batch = self._tokenize(full_text, images)
         ids = batch["input_ids"][0]
+        self._check_images_kept(sample, images, ids)
+        labels = self._assistant_labels(sample, messages, images, full_text, ids)
+        seq, extra = _split_tensors(batch)
+        truncated = False
+        if len(ids) > self.max_length:
+            reason = self._drop_reason(ids, labels)
+            if reason is not None:
+                self.stats["dropped"] += 1
+                return Dropped(sample.id, len(ids), reason)
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            seq = {k: v[: self.max_length] for k, v in seq.items()}
+            truncated = True
+            self.stats["truncated"] += 1
+        self.stats["encoded"] += 1
+        return Encoded(sample.id, ids, labels, seq, extra, truncated)
+
+    def _check_images_kept(self, sample: Sample, images: list[PILImage.Image], ids: torch.Tensor) -> None:
         n_image_tokens = int(sum((ids == t).sum() for t in self.image_token_ids)) if self.image_token_ids else 0
         if images and self.image_token_ids and n_image_tokens == 0:
             raise DataError(
@@ -98,56 +113,82 @@ class ConversationEncoder:
                 "check the model's chat template"
             )
 
+    def _assistant_labels(
+        self,
+        sample: Sample,
+        messages: list[dict[str, Any]],
+        images: list[PILImage.Image],
+        full_text: str,
+        ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """``ids`` at the assistant turns' positions, IGNORE_INDEX elsewhere."""
+        import torch
+
         labels = torch.full_like(ids, IGNORE_INDEX)
         images_before = 0
         for k, msg in enumerate(messages):
-            n_imgs = sum(1 for part in msg["content"] if part.get("type") == "image")
             if msg["role"] == "assistant":
-                start_text = self.render(messages[:k], generation_prompt=True)
-                end_text = self.render(messages[: k + 1], generation_prompt=False)
-                if not (full_text.startswith(start_text) and full_text.startswith(end_text)):
-                    raise DataError(
-                        f"record '{sample.id}': the chat template does not render turn {k} as a prefix of the whole "
-                        "conversation, so assistant tokens cannot be located; use a template without history rewriting"
-                    )
-                start_ids = self._prefix_ids(start_text, images[:images_before], full_text, ids)
-                end_ids = self._prefix_ids(end_text, images[:images_before], full_text, ids)
-                start, end = len(start_ids), len(end_ids)
-                if end > len(ids) or not (torch.equal(end_ids, ids[:end]) and torch.equal(start_ids, ids[:start])):
-                    raise DataError(
-                        f"record '{sample.id}': tokenising the conversation up to assistant turn {k} does not give a "
-                        "prefix of the full token sequence (tokenizer merges across turns); cannot mask labels safely"
-                    )
+                start, end = self._turn_span(sample, messages, k, images[:images_before], full_text, ids)
                 labels[start:end] = ids[start:end]
-            images_before += n_imgs
+            images_before += sum(1 for part in msg["content"] if part.get("type") == "image")
+        return labels
 
-        seq = {
-            k: v[0]
-            for k, v in batch.items()
-            if k != "input_ids" and hasattr(v, "dim") and v.dim() == 2 and v.shape == batch["input_ids"].shape
-        }
-        extra = {k: v for k, v in batch.items() if k != "input_ids" and k not in seq}
-        truncated = False
-        if len(ids) > self.max_length:
-            image_pos: torch.Tensor | list[int] = (
-                torch.nonzero(torch.isin(ids, torch.tensor(sorted(self.image_token_ids)))).flatten()
-                if self.image_token_ids
-                else []
+    def _turn_span(
+        self,
+        sample: Sample,
+        messages: list[dict[str, Any]],
+        k: int,
+        images: list[PILImage.Image],
+        full_text: str,
+        ids: torch.Tensor,
+    ) -> tuple[int, int]:
+        """Where assistant turn ``k`` starts and ends in ``ids``, from the token ids of the rendered prefixes."""
+        import torch
+
+        start_text = self.render(messages[:k], generation_prompt=True)
+        end_text = self.render(messages[: k + 1], generation_prompt=False)
+        if not (full_text.startswith(start_text) and full_text.startswith(end_text)):
+            raise DataError(
+                f"record '{sample.id}': the chat template does not render turn {k} as a prefix of the whole "
+                "conversation, so assistant tokens cannot be located; use a template without history rewriting"
             )
-            last_image = int(image_pos[-1]) if len(image_pos) else -1
-            if last_image >= self.max_length:
-                self.stats["dropped"] += 1
-                return Dropped(sample.id, len(ids), f"its image tokens end at position {last_image + 1}")
-            # position i predicts label i+1, so a kept answer token needs a kept position before it
-            if not bool((labels[1 : self.max_length] != IGNORE_INDEX).any()):
-                self.stats["dropped"] += 1
-                return Dropped(sample.id, len(ids), "no answer token would remain")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            seq = {k: v[: self.max_length] for k, v in seq.items()}
-            truncated = True
-            self.stats["truncated"] += 1
-        self.stats["encoded"] += 1
-        return Encoded(sample.id, ids, labels, seq, extra, truncated)
+        start_ids = self._prefix_ids(start_text, images, full_text, ids)
+        end_ids = self._prefix_ids(end_text, images, full_text, ids)
+        start, end = len(start_ids), len(end_ids)
+        if end > len(ids) or not (torch.equal(end_ids, ids[:end]) and torch.equal(start_ids, ids[:start])):
+            raise DataError(
+                f"record '{sample.id}': tokenising the conversation up to assistant turn {k} does not give a "
+                "prefix of the full token sequence (tokenizer merges across turns); cannot mask labels safely"
+            )
+        return start, end
+
+    def _drop_reason(self, ids: torch.Tensor, labels: torch.Tensor) -> str | None:
+        """Why a sample longer than ``max_length`` cannot be truncated to it (None when it can)."""
+        import torch
+
+        image_pos: torch.Tensor | list[int] = (
+            torch.nonzero(torch.isin(ids, torch.tensor(sorted(self.image_token_ids)))).flatten()
+            if self.image_token_ids
+            else []
+        )
+        last_image = int(image_pos[-1]) if len(image_pos) else -1
+        if last_image >= self.max_length:
+            return f"its image tokens end at position {last_image + 1}"
+        # position i predicts label i+1, so a kept answer token needs a kept position before it
+        if not bool((labels[1 : self.max_length] != IGNORE_INDEX).any()):
+            return "no answer token would remain"
+        return None
+
+
+def _split_tensors(batch: BatchFeature) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The processor's outputs besides input_ids: per-token (L,) tensors, and the rest (pixel values...)."""
+    seq = {
+        k: v[0]
+        for k, v in batch.items()
+        if k != "input_ids" and hasattr(v, "dim") and v.dim() == 2 and v.shape == batch["input_ids"].shape
+    }
+    extra = {k: v for k, v in batch.items() if k != "input_ids" and k not in seq}
+    return seq, extra
 
 
 class ConversationDataset:

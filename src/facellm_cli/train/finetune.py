@@ -463,6 +463,57 @@ class _NullLog:
         pass
 
 
+def _assistant_targets(labels: Any) -> tuple[Any, Any]:
+    """The supervised next tokens, and the mask of the positions whose logits predict them."""
+    import torch
+
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != -100
+    return targets[targets != -100], keep
+
+
+def _per_counted_token(loss: Any, num_items_in_batch: Any, devices: int) -> Any:
+    """A summed loss divided by Trainer's label count across accumulation steps (and devices, when it averages
+    over them: each process's gradient is then averaged by DDP, so the loss is scaled back up)."""
+    loss = loss / num_items_in_batch
+    return loss * devices if devices > 1 else loss
+
+
+def _ids_per_rank(ids: list[Any], num_processes: int) -> list[list[Any]]:
+    """Every rank's ids, this one's alone in a single process (else gathered: a collective call)."""
+    if num_processes <= 1:
+        return [ids]
+    from accelerate.utils import gather_object
+
+    gathered: list[list[Any]] = gather_object([ids])
+    return gathered
+
+
+def _samples_record(step: int, per_rank: list[list[Any]]) -> dict[str, Any]:
+    """One samples.jsonl line: the step and its ids (per rank too when there are several)."""
+    record: dict[str, Any] = {"step": step, "ids": [i for r in per_rank for i in r]}
+    if len(per_rank) > 1:
+        record["rank_ids"] = per_rank
+    return record
+
+
+def _logits_at_kept(
+    model: Any, inputs: dict[str, Any], keep: torch.Tensor, keep_mask_ok: bool | None
+) -> tuple[torch.Tensor, bool]:
+    """The logits at the ``keep`` positions, and whether the model computed only those (a boolean
+    ``logits_to_keep``). ``keep_mask_ok`` is the previous call's answer: a model that failed it is not asked again."""
+    if keep_mask_ok is not False:
+        try:
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+                return logits, True
+        except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
+            pass
+    # fallback for models without boolean logits_to_keep: full logits, then select
+    return model(**inputs, use_cache=False).logits[keep], False
+
+
 def make_trainer_class() -> type:
     import torch
     from transformers import Trainer
@@ -479,30 +530,14 @@ def make_trainer_class() -> type:
             self._keep_mask_ok: bool | None = None
 
         def _logits_at(self, model: Any, inputs: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
-            if self._keep_mask_ok is not False:
-                try:
-                    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-                    if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
-                        self._keep_mask_ok = True
-                        return logits
-                    self._keep_mask_ok = False
-                except (TypeError, IndexError):  # transformers < 5.20 slices with it: IndexError
-                    self._keep_mask_ok = False
-            # fallback for models without boolean logits_to_keep: full logits, then select
-            return model(**inputs, use_cache=False).logits[keep]
+            logits, self._keep_mask_ok = _logits_at_kept(model, inputs, keep, self._keep_mask_ok)
+            return logits
 
         def _log_samples(self, ids: list[Any]) -> None:
             """The step's sample ids; with several processes, every rank's (gathered: a collective call)."""
-            per_rank = [ids]
-            if self.accelerator.num_processes > 1:
-                from accelerate.utils import gather_object
-
-                per_rank = gather_object(per_rank)
+            per_rank = _ids_per_rank(ids, self.accelerator.num_processes)
             if self.samples_log is not None and self.is_world_process_zero():
-                record: dict[str, Any] = {"step": self.state.global_step + 1, "ids": [i for r in per_rank for i in r]}
-                if len(per_rank) > 1:
-                    record["rank_ids"] = per_rank
-                self.samples_log.write(record)
+                self.samples_log.write(_samples_record(self.state.global_step + 1, per_rank))
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -512,18 +547,18 @@ def make_trainer_class() -> type:
             labels = inputs.pop("labels")
             if model.training and ids is not None:
                 self._log_samples(list(ids))
-            targets = labels[:, 1:]
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = targets != -100
+            targets, keep = _assistant_targets(labels)
             logits = self._logits_at(model, inputs, keep)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                    loss = loss * self.accelerator.num_processes
-            else:
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            if num_items_in_batch is None:
                 loss = loss / keep.sum().clamp(min=1)
+            else:
+                loss = _per_counted_token(loss, num_items_in_batch, self._loss_devices())
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def _loss_devices(self) -> int:
+            """How many processes' token counts ``num_items_in_batch`` sums (1 unless Trainer averages them)."""
+            return self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded formats
