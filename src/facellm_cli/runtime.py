@@ -48,6 +48,12 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def worker_processes(n: int, per_process: int, most: int = 8) -> int:
+    """Processes worth starting for ``n`` items when one process pays for itself at ``per_process`` items:
+    at least 1, at most the usable CPUs or ``most``."""
+    return max(1, min(most, usable_cores(), n // per_process))
+
+
 def _cpu_times() -> dict[int, tuple[int, int]]:
     """Per-CPU (idle, total) jiffies from /proc/stat."""
     out = {}

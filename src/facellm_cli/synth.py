@@ -161,13 +161,9 @@ def _draw_chunk(job: tuple[str, int, list[tuple[str, str, int]]]) -> list[dict[s
 
 def default_workers(n: int) -> int:
     """Processes worth using to draw ``n`` faces: the usable CPUs, at most 8, one per ~100 faces."""
-    import os
+    from .runtime import worker_processes
 
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus, n // 100))
+    return worker_processes(n, per_process=100)
 
 
 def synth_faces(

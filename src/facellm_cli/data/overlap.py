@@ -419,11 +419,9 @@ def signatures_from(values: Sequence[bytes | str], paths: Sequence[str], hashed:
 def default_workers(n: int) -> int:
     """Processes worth starting to decode ``n`` images: one per 2,000 (a process takes ~1 s to start), at most the
     usable CPUs or 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus, n // 2000))
+    from ..runtime import worker_processes
+
+    return worker_processes(n, per_process=2000)
 
 
 def _gather(

@@ -12,6 +12,7 @@ every row is done.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .generate import eos_ids
@@ -114,3 +115,22 @@ class RowControl:
             if not row.done:
                 self._step(row, int(token))
         return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (already merged with the server's defaults): serve's batcher and the vLLM engine."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def group_key(self, job_id: str) -> tuple[Any, ...]:
+        """Requests with equal keys can share one generate call."""
+        if self.temperature == 0:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", job_id)
+        return ("sample", self.temperature, self.top_p)

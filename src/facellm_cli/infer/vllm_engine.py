@@ -30,7 +30,6 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..errors import AdapterError, FacellmError, MissingDependencyError, ModelLoadError, QuantizationError
 from .engine import letter_token_ids
 from .generate import Generation, Prompt, render_prompt
+from .rows import SamplingParams
 
 INSTALL_HINT = (
     "--engine vllm needs vLLM: pip install 'facellm[vllm]' on a CUDA machine, or on CPU "
@@ -143,17 +143,6 @@ def _module_of(tensor_name: str) -> str:
     while parts and parts[0] in ("base_model", "model"):
         parts = parts[1:]
     return ".".join(parts)
-
-
-@dataclass
-class RequestParams:
-    """Per-request decoding settings, as ``serve`` merges them (the batcher's SamplingParams fields)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 def _model_path(cfg: ModelConfig, source: str) -> str:
@@ -284,7 +273,7 @@ class VllmEngine:
         return getattr(self._processor, "tokenizer", self._processor)
 
     def generate(self, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Generation]:
-        params = RequestParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
 
         async def all_of() -> list[Generation]:
             return list(await asyncio.gather(*(self._final(p, params) for p in prompts)))
@@ -292,7 +281,7 @@ class VllmEngine:
         return self._call(all_of()) if prompts else []
 
     def stream(self, prompt: Prompt, cfg: GenerationConfig) -> Iterator[str]:
-        params = RequestParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
 
         async def run() -> None:
@@ -325,10 +314,10 @@ class VllmEngine:
         ids = self._letter_ids
 
         async def one(prompt: Prompt, n: int) -> list[float]:
-            from vllm import SamplingParams
+            from vllm import SamplingParams as VllmSamplingParams
 
             wanted = [i for letter in ids[:n] for i in letter]
-            sp = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=wanted)
+            sp = VllmSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=wanted)
             out = await self._last_output(prompt, sp, f"score-{uuid.uuid4().hex}")
             lp = out.outputs[0].logprobs[0]
             return [_logsumexp([lp[i].logprob for i in letter]) for letter in ids[:n]]
@@ -347,13 +336,13 @@ class VllmEngine:
 
     # -- for serve: one request, streamed, on the engine's loop -----------------------
     async def agenerate(
-        self, prompt: Prompt, params: RequestParams, request_id: str
+        self, prompt: Prompt, params: SamplingParams, request_id: str
     ) -> AsyncIterator[tuple[str, Generation | None]]:
         """Yield (new text, None) while generating, then ("", final Generation). Runs on the engine's loop."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        sp = _sampling(params, SamplingParams, output_kind=RequestOutputKind.DELTA)
+        sp = _sampling(params, VllmSamplingParams, output_kind=RequestOutputKind.DELTA)
         prompt_tokens = 0
         completion = 0
         reason = "length"
@@ -390,11 +379,11 @@ class VllmEngine:
             raise FacellmError(f"vLLM returned nothing for request {request_id}")
         return final
 
-    async def _final(self, prompt: Prompt, params: RequestParams) -> Generation:
-        from vllm import SamplingParams
+    async def _final(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        sp = _sampling(params, SamplingParams, output_kind=RequestOutputKind.FINAL_ONLY)
+        sp = _sampling(params, VllmSamplingParams, output_kind=RequestOutputKind.FINAL_ONLY)
         out = await self._last_output(prompt, sp, f"gen-{uuid.uuid4().hex}")
         o = out.outputs[0]
         return Generation(
@@ -431,7 +420,7 @@ async def _start(args: Any) -> Any:
     return AsyncLLM.from_engine_args(args)
 
 
-def _sampling(params: RequestParams, sampling_cls: Any, **extra: Any) -> Any:
+def _sampling(params: SamplingParams, sampling_cls: Any, **extra: Any) -> Any:
     if params.temperature > 0:
         return sampling_cls(
             max_tokens=params.max_tokens,

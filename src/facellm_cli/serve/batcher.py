@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
 from ..infer.generate import Prompt, generate_batch
-from ..infer.rows import RowControl
+from ..infer.rows import RowControl, SamplingParams
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -45,25 +45,6 @@ class Cancelled(Exception):
 
 class QueueFull(Exception):
     """More requests are waiting than the server is configured to queue."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings (already merged with the server's defaults)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def group_key(self, job_id: str) -> tuple[Any, ...]:
-        """Requests with equal keys can share one generate call."""
-        if self.temperature == 0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", job_id)
-        return ("sample", self.temperature, self.top_p)
 
 
 @dataclass

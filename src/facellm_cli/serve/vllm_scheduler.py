@@ -81,10 +81,7 @@ class VllmScheduler:
 
     async def _run(self, job: Job, running: int) -> None:
         """Generate one job on the engine's loop, posting its deltas and result; abort it if the client left."""
-        from ..infer.vllm_engine import RequestParams
-
-        p = job.params
-        params = RequestParams(p.max_tokens, p.temperature, p.top_p, p.seed, tuple(p.stop))
+        params = job.params
         started = time.monotonic()
         state: dict[str, Any] = {"text": "", "sent": 0, "final": None}
 
