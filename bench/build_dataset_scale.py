@@ -27,6 +27,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10_954)
     ap.add_argument("--aspects", type=int, default=8, choices=range(1, len(ASPECTS) + 1))
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/facellm-bench-build-dataset"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "facellm-bench-build-dataset")
     ap.add_argument("--worker", choices=["ours", "naive"])
     ap.add_argument("--jsonl", default="annotations.jsonl")
     ap.add_argument("--out", type=Path)
