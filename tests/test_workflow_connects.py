@@ -352,10 +352,9 @@ def test_steady_or_short_runs_do_not_warn() -> None:
     assert all(w.update(i * 3.0 if i < 20 else 60 + i * 0.1, float(i)) is None for i in range(1, 30))  # < a minute
 
 
-def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
-    from rich.console import Console
-
-    from facellm_cli._progress import ProgressBar, ThroughputWatch
+def _ticking_clock() -> type:
+    """A ThroughputWatch whose clock advances one second per update, shared by every instance of the class returned."""
+    from facellm_cli._progress import ThroughputWatch
 
     class Clock(ThroughputWatch):
         now = 0.0
@@ -363,6 +362,16 @@ def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
         def update(self, done: float, now: float | None = None):
             Clock.now += 1
             return super().update(done, Clock.now)
+
+    return Clock
+
+
+def test_progress_bar_prints_the_warning_once_with_the_fix() -> None:
+    from rich.console import Console
+
+    from facellm_cli._progress import ProgressBar
+
+    Clock = _ticking_clock()
 
     console = Console(record=True, width=200, force_terminal=False)
     done = 0
@@ -427,14 +436,9 @@ def test_finetune_shows_steps_and_prints_eval_loss_once(tmp_path: Path, tiny_int
 def test_new_stages_and_remote_work_do_not_warn() -> None:
     from rich.console import Console
 
-    from facellm_cli._progress import ProgressBar, ThroughputWatch
+    from facellm_cli._progress import ProgressBar
 
-    class Clock(ThroughputWatch):
-        now = 0.0
-
-        def update(self, done: float, now: float | None = None):
-            Clock.now += 1
-            return super().update(done, Clock.now)
+    Clock = _ticking_clock()
 
     console = Console(record=True, width=200, force_terminal=False)
     with ProgressBar(console, "quickstart", watch=Clock()) as bar:
